@@ -1,0 +1,29 @@
+# One entry point for local runs and CI. `make demo` and `make test` work on a fresh machine:
+# they create .venv, install the project with its extras, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench,backends]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/lalora-curv quickstart --out runs/quickstart
+
+test: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

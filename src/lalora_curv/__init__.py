@@ -1,0 +1,56 @@
+"""lalora-curv: Laplace curvature penalties for LoRA fine-tuning without forgetting (LALoRA).
+
+Stage 1 fits a precision (curvature) of the LoRA parameters on source data::
+
+    prec = lalora_curv.fit_precision(model, batches, structure="kfac")
+
+stage 2 adds ``lam * prec.penalty(model)`` to the target loss. See Sliwa, Schneider, Hennig,
+Hernandez-Lobato, "Mitigating Forgetting in Low Rank Adaptation", ICML 2025.
+"""
+
+from __future__ import annotations
+
+from lalora_curv._version import __version__
+from lalora_curv.artifact import load_precision, save_precision
+from lalora_curv.errors import (
+    AdapterMismatchError,
+    ArtifactError,
+    BatchError,
+    CurvatureError,
+    IncompatiblePrecisionError,
+    LaloraError,
+)
+from lalora_curv.fit import fit_precision
+from lalora_curv.precision import (
+    STRUCTURE_CLASSES,
+    DiagPrecision,
+    KFACPrecision,
+    KroneckerPrecision,
+    MergedDiagPrecision,
+    MergedKFACPrecision,
+    Precision,
+    TriKFACPrecision,
+)
+
+STRUCTURES = tuple(STRUCTURE_CLASSES)
+
+__all__ = [
+    "STRUCTURES",
+    "AdapterMismatchError",
+    "ArtifactError",
+    "BatchError",
+    "CurvatureError",
+    "DiagPrecision",
+    "IncompatiblePrecisionError",
+    "KFACPrecision",
+    "KroneckerPrecision",
+    "LaloraError",
+    "MergedDiagPrecision",
+    "MergedKFACPrecision",
+    "Precision",
+    "TriKFACPrecision",
+    "__version__",
+    "fit_precision",
+    "load_precision",
+    "save_precision",
+]

@@ -1,0 +1,190 @@
+"""Discovery of the LoRA modules of a peft model, and their mode (the adapter's init).
+
+Notation (peft's shapes), for one adapted linear layer and one token::
+
+    h = W0 x + s * B (A x),   A = lora_A.weight (r x D_in),  B = lora_B.weight (D_out x r)
+
+with ``s = scaling[adapter]`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` under rsLoRA).
+Parameter names follow peft's saved-adapter keys (``get_peft_model_state_dict``): the model's
+parameter name with the adapter name removed, e.g. ``...q_proj.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lalora_curv.errors import AdapterMismatchError, LaloraError
+
+
+@dataclass(frozen=True)
+class LoraModuleSpec:
+    """Shapes and scaling of one LoRA-adapted linear module."""
+
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    scaling: float
+
+    @property
+    def lora_A_name(self) -> str:
+        return f"{self.name}.lora_A.weight"
+
+    @property
+    def lora_B_name(self) -> str:
+        return f"{self.name}.lora_B.weight"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "scaling": self.scaling,
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> LoraModuleSpec:
+        return cls(
+            name, int(d["in_features"]), int(d["out_features"]), int(d["rank"]), float(d["scaling"])
+        )
+
+
+@dataclass(frozen=True)
+class LoraHandle:
+    """A live LoRA module of a model for one adapter: its spec and its modules/parameters."""
+
+    spec: LoraModuleSpec
+    layer: nn.Module
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+
+
+def _is_lora_linear(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # pragma: no cover - peft is a hard dependency
+        return False
+    return isinstance(module, LoraLinear)
+
+
+def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraHandle]:
+    """Return the peft LoRA ``Linear`` modules of ``model`` that carry ``adapter_name``.
+
+    Raises:
+        AdapterMismatchError: no LoRA module carries the adapter.
+        LaloraError: an unsupported LoRA variant (DoRA and other variants, LoRA bias,
+            merged adapters) is found.
+    """
+    found: dict[str, LoraHandle] = {}
+    other_adapters: set[str] = set()
+    for name, module in model.named_modules():
+        if not _is_lora_linear(module):
+            continue
+        if adapter_name not in module.lora_A:
+            other_adapters.update(module.lora_A.keys())
+            continue
+        if adapter_name in getattr(module, "lora_variant", {}):
+            raise LaloraError(
+                f"module {name!r}: adapter {adapter_name!r} is a LoRA variant "
+                f"({type(module.lora_variant[adapter_name]).__name__}, e.g. DoRA); only vanilla "
+                "LoRA is supported"
+            )
+        lora_A, lora_B = module.lora_A[adapter_name], module.lora_B[adapter_name]
+        if lora_B.bias is not None or lora_A.bias is not None:
+            raise LaloraError(f"module {name!r}: LoRA bias (lora_bias=True) is not supported")
+        if getattr(module, "merged", False):
+            raise LaloraError(
+                f"module {name!r}: the adapter is merged into the base weight; unmerge it first"
+            )
+        r, d_in = lora_A.weight.shape
+        d_out = lora_B.weight.shape[0]
+        spec = LoraModuleSpec(name, d_in, d_out, r, float(module.scaling[adapter_name]))
+        found[name] = LoraHandle(spec, module, lora_A, lora_B)
+    if not found:
+        hint = f" (adapters present: {sorted(other_adapters)})" if other_adapters else ""
+        raise AdapterMismatchError(
+            f"no peft LoRA Linear module with adapter {adapter_name!r} in the model{hint}"
+        )
+    return found
+
+
+def adapter_mode(handles: dict[str, LoraHandle], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The adapter's current weights, detached, on the CPU in ``dtype``: the mode ``mu``."""
+    mode: dict[str, Tensor] = {}
+    for h in handles.values():
+        mode[h.spec.lora_A_name] = h.lora_A.weight.detach().to("cpu", dtype).clone()
+        mode[h.spec.lora_B_name] = h.lora_B.weight.detach().to("cpu", dtype).clone()
+    return mode
+
+
+def adapter_config(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """JSON-able summary of the peft LoRA config of ``adapter_name`` (empty if unavailable)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or adapter_name not in configs:
+        return {"name": adapter_name}
+    c = configs[adapter_name]
+    targets = getattr(c, "target_modules", None)
+    if isinstance(targets, set | list | tuple):
+        targets = sorted(targets)
+    init = getattr(c, "init_lora_weights", True)
+    return {
+        "name": adapter_name,
+        "r": getattr(c, "r", None),
+        "lora_alpha": getattr(c, "lora_alpha", None),
+        "use_rslora": getattr(c, "use_rslora", False),
+        "lora_dropout": getattr(c, "lora_dropout", None),
+        "target_modules": targets,
+        "init_lora_weights": init if isinstance(init, bool | str) else str(init),
+        "peft_version": getattr(c, "peft_version", None),
+    }
+
+
+def base_model_info(model: nn.Module) -> dict[str, Any]:
+    """Name/revision/type of the underlying Hugging Face model when they are known."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    info = {
+        "name_or_path": getattr(config, "name_or_path", None) or None,
+        "revision": getattr(config, "_commit_hash", None),
+        "model_type": getattr(config, "model_type", None),
+    }
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def match_modules(
+    expected: dict[str, LoraModuleSpec], handles: dict[str, LoraHandle], *, what: str
+) -> None:
+    """Check that the model's LoRA modules are exactly ``expected``; raise on the first mismatch.
+
+    Args:
+        expected: module specs of the precision.
+        handles: the model's LoRA modules for the adapter.
+        what: a short description of the precision, used in error messages.
+    """
+    for name in sorted(set(expected) | set(handles)):
+        if name not in handles:
+            raise AdapterMismatchError(
+                f"{what}: module {name!r} has no LoRA adapter in the model "
+                f"(the model adapts {len(handles)} modules, the precision {len(expected)})"
+            )
+        if name not in expected:
+            raise AdapterMismatchError(
+                f"{what}: the model adapts module {name!r}, which the precision does not cover"
+            )
+        want, got = expected[name], handles[name].spec
+        if (want.in_features, want.out_features) != (got.in_features, got.out_features):
+            raise AdapterMismatchError(
+                f"{what}: module {name!r} is {got.out_features}x{got.in_features} in the model "
+                f"but {want.out_features}x{want.in_features} in the precision"
+            )
+        if want.rank != got.rank or want.scaling != got.scaling:
+            raise AdapterMismatchError(
+                f"{what}: module {name!r} has rank {got.rank}, scaling {got.scaling:g} in the model "
+                f"but rank {want.rank}, scaling {want.scaling:g} in the precision; a K-FAC "
+                "precision can be re-based onto this adapter with prec.rebase(model)"
+            )

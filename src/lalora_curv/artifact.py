@@ -1,0 +1,220 @@
+"""The precision artifact: ``precision.safetensors`` + ``precision.json`` in one directory.
+
+* ``precision.safetensors``: every tensor (contiguous, no pickle, sorted by name); its header
+  metadata carries ``format = lalora-curv/precision/<format version>``, so a foreign file is
+  recognised.
+* ``precision.json``: sorted, indented metadata: kind, format and library versions, structure,
+  backend, estimator, counts, modules with shapes, adapter config, base model, sources, date,
+  and the SHA-256 of the tensor file (a torn or mixed-up pair is detected).
+
+Saving is atomic: both files are written into a fresh sibling directory which then replaces
+``path`` by renames, so an interrupted save leaves the old artifact or none, never a half.
+Loading validates everything and raises :class:`~lalora_curv.errors.ArtifactError` naming
+the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from lalora_curv._version import __version__
+from lalora_curv.adapter import LoraModuleSpec
+from lalora_curv.errors import ArtifactError, LaloraError
+from lalora_curv.precision import STRUCTURE_CLASSES, Precision
+
+KIND = "lalora-curv/precision"
+FORMAT_VERSION = 1
+TENSORS_FILE = "precision.safetensors"
+METADATA_FILE = "precision.json"
+
+#: metadata keys this format version defines; others (from newer versions) are dropped.
+KNOWN_KEYS = frozenset(
+    {
+        "kind",
+        "format_version",
+        "library_version",
+        "structure",
+        "backend",
+        "estimator",
+        "mc_samples",
+        "seed",
+        "counts",
+        "adapter",
+        "base_model",
+        "sources",
+        "created",
+        "lora_B_init_zero",
+        "stats_dtype",
+        "scale",
+        "component_weights",
+        "modules",
+        "tensors_sha256",
+        "rebased",
+    }
+)
+
+
+def _dumps(meta: dict[str, Any]) -> bytes:
+    return (json.dumps(meta, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_precision(prec: Precision, path: str | Path) -> Path:
+    """Save ``prec`` as the directory ``path`` (created or atomically replaced)."""
+    path = Path(path)
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in sorted(prec.all_tensors().items())}
+    # one header key: safetensors does not keep the order of several, and saves must be stable
+    blob = st_save(tensors, metadata={"format": f"{KIND}/{FORMAT_VERSION}"})
+    meta = prec.metadata
+    meta.update(
+        {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "library_version": meta.get("library_version", __version__),
+            "modules": [{"name": n, **s.to_json()} for n, s in prec.modules.items()],  # model order
+            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not (path / METADATA_FILE).exists():
+        if not path.is_dir() or any(path.iterdir()):
+            raise ArtifactError(f"{path} exists and is not a precision artifact; not overwriting")
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _write(staging / TENSORS_FILE, blob)
+        _write(staging / METADATA_FILE, _dumps(meta))
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.rmdir(old)
+            os.rename(path, old)
+            os.rename(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def load_precision(path: str | Path) -> Precision:
+    """Load and validate a precision saved by :func:`save_precision`.
+
+    Raises:
+        ArtifactError: missing, truncated, corrupt or foreign files, unknown format version,
+            non-finite tensors, tensors that do not match the metadata.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: no such precision directory")
+    meta_path, tensor_path = path / METADATA_FILE, path / TENSORS_FILE
+    for f in (meta_path, tensor_path):
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{meta_path}: corrupt JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise ArtifactError(
+            f"{meta_path}: not a lalora-curv precision (kind "
+            f"{meta.get('kind') if isinstance(meta, dict) else None!r})"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{meta_path}: unknown format version {version!r} (this is "
+            f"lalora-curv {__version__}, format {FORMAT_VERSION})"
+        )
+    unknown = sorted(set(meta) - KNOWN_KEYS)
+    if unknown:
+        warnings.warn(
+            f"{meta_path}: dropping unknown metadata keys {unknown} (written by a "
+            "newer lalora-curv?)",
+            stacklevel=2,
+        )
+        meta = {k: v for k, v in meta.items() if k in KNOWN_KEYS}
+
+    blob = tensor_path.read_bytes()
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{tensor_path}: corrupt or truncated safetensors file ({e})") from None
+    header = _safetensors_header(blob)
+    if not str(header.get("format", "")).startswith(f"{KIND}/"):
+        raise ArtifactError(
+            f"{tensor_path}: a safetensors file not written by lalora-curv "
+            f"(header format {header.get('format')!r})"
+        )
+    if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+        raise ArtifactError(
+            f"{tensor_path}: does not match {METADATA_FILE} (SHA-256 differs: "
+            "corrupt, or files from different saves)"
+        )
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(f"{tensor_path}: tensor {name!r} has NaN/inf entries")
+
+    structure = meta.get("structure")
+    if structure not in STRUCTURE_CLASSES:
+        raise ArtifactError(f"{meta_path}: unknown structure {structure!r}")
+    try:
+        modules = {d["name"]: LoraModuleSpec.from_json(d["name"], d) for d in meta["modules"]}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{meta_path}: malformed 'modules' entry ({e!r})") from None
+    mode = {}
+    for spec in modules.values():
+        for name, shape in (
+            (spec.lora_A_name, (spec.rank, spec.in_features)),
+            (spec.lora_B_name, (spec.out_features, spec.rank)),
+        ):
+            key = f"mode.{name}"
+            if key not in tensors:
+                raise ArtifactError(f"{tensor_path}: tensor {key!r} is missing")
+            if tuple(tensors[key].shape) != shape:
+                raise ArtifactError(
+                    f"{tensor_path}: tensor {key!r} has shape "
+                    f"{tuple(tensors[key].shape)}, expected {shape}"
+                )
+            mode[name] = tensors[key]
+    meta.pop("tensors_sha256", None)
+    meta.pop("modules", None)
+    meta.pop("kind", None)
+    meta.pop("format_version", None)
+    try:
+        prec = STRUCTURE_CLASSES[structure].from_tensors(modules, mode, tensors, meta)
+    except ArtifactError as e:
+        raise ArtifactError(f"{tensor_path}: {e}") from None
+    except LaloraError as e:
+        raise ArtifactError(f"{path}: inconsistent artifact ({e})") from None
+    expected = set(prec.all_tensors())
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise ArtifactError(
+            f"{tensor_path}: unexpected tensor {extra[0]!r} for structure {structure!r}"
+        )
+    return prec
+
+
+def _safetensors_header(blob: bytes) -> dict[str, str]:
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    return header.get("__metadata__", {}) or {}

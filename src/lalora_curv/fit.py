@@ -1,0 +1,180 @@
+"""``fit_precision``: stage 1 of LALoRA, a Laplace precision of the LoRA parameters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lalora_curv._version import __version__
+from lalora_curv.adapter import (
+    adapter_config,
+    adapter_mode,
+    base_model_info,
+    find_lora_modules,
+)
+from lalora_curv.errors import CurvatureError, LaloraError
+from lalora_curv.hooks import ESTIMATORS, collect_statistics, needed_sums
+from lalora_curv.precision import STRUCTURE_CLASSES, Precision
+from lalora_curv.precision.base import _now
+from lalora_curv.statistics import KFAC_STRUCTURES, LoraStatistics
+
+logger = logging.getLogger("lalora_curv")
+
+#: backend name -> statistics collector; the second-order tools of the field come later.
+BACKENDS = {"hooks": collect_statistics}
+
+
+def fit_precision(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    structure: str = "kfac",
+    backend: str = "hooks",
+    estimator: str = "empirical",
+    mc_samples: int = 1,
+    adapter_name: str = "default",
+    max_batches: int | None = None,
+    progress: bool = True,
+    *,
+    seed: int = 0,
+    stats_dtype: torch.dtype = torch.float32,
+    sources: Sequence[str] | str | None = None,
+) -> Precision:
+    """Fit a Laplace precision of the LoRA parameters of ``model`` on source ``batches``.
+
+    The mode ``mu`` is the adapter's current weights (its init). The loss behind the curvature
+    is the sum of per-token negative log-likelihoods over supervised tokens; the precision is
+    its token-level Fisher divided by the number of supervised tokens ``N`` (see
+    :mod:`lalora_curv.precision`).
+
+    Args:
+        model: a Hugging Face causal LM with a peft LoRA adapter (any module whose forward
+            takes ``input_ids``/``attention_mask`` and returns logits works).
+        batches: iterable of dicts with ``input_ids``, optional ``attention_mask``, ``labels``
+            (-100 = no loss).
+        structure: ``"diag"``, ``"kfac"``, ``"tri-kfac"``, ``"merged-kfac"`` or
+            ``"merged-diag"``.
+        backend: statistics backend; ``"hooks"``.
+        estimator: ``"empirical"`` (true labels), ``"mc"`` (labels drawn from the model,
+            ``mc_samples`` draws) or, for ``structure="diag"`` only, ``"batch-grad-squared"``
+            (the paper's squared mini-batch gradients).
+        mc_samples: label draws per supervised token for ``estimator="mc"``.
+        adapter_name: the peft adapter to fit.
+        max_batches: stop after this many batches.
+        progress: show a progress bar.
+        seed: seed of the Monte-Carlo label draws.
+        stats_dtype: accumulation dtype (float32 or float64), whatever the model's dtype.
+        sources: names of the source data, recorded in the metadata.
+
+    Returns:
+        A :class:`~lalora_curv.precision.Precision` of the requested structure.
+    """
+    if structure not in STRUCTURE_CLASSES:
+        raise LaloraError(f"unknown structure {structure!r}; valid: {sorted(STRUCTURE_CLASSES)}")
+    if backend not in BACKENDS:
+        raise LaloraError(f"unknown backend {backend!r}; valid: {sorted(BACKENDS)}")
+    if estimator not in ESTIMATORS:
+        raise LaloraError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
+    if estimator == "batch-grad-squared" and structure != "diag":
+        raise LaloraError(
+            "estimator 'batch-grad-squared' (squared mini-batch gradients) only "
+            f"defines a diagonal; use structure='diag', not {structure!r}"
+        )
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise LaloraError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    if mc_samples != 1 and estimator != "mc":
+        raise LaloraError(f"mc_samples={mc_samples} applies only to estimator='mc'")
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise LaloraError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
+    if max_batches is not None and max_batches < 1:
+        raise LaloraError(f"max_batches must be >= 1 or None, got {max_batches}")
+
+    handles = find_lora_modules(model, adapter_name)
+    mode = adapter_mode(handles, stats_dtype)
+    b0_zero = all(not bool(t.any()) for n, t in mode.items() if n.endswith("lora_B.weight"))
+    if b0_zero and structure != "merged-diag":
+        logger.info(
+            "lora_B is zero at the mode (default LoRA init): the lora_A and cross "
+            "blocks of the precision are exactly zero; only lora_B carries curvature"
+        )
+
+    collect = BACKENDS[backend]
+    stats = collect(
+        model,
+        handles,
+        batches,
+        needs=needed_sums(structure, estimator),
+        estimator=estimator,
+        mc_samples=mc_samples,
+        seed=seed,
+        max_batches=max_batches,
+        progress=progress,
+        dtype=stats_dtype,
+    )
+    if stats.supervised_tokens == 0:
+        raise CurvatureError(
+            f"no supervised token in {stats.batches} batches (all labels -100 "
+            "or padding): nothing to fit"
+        )
+    stats.check_finite()
+
+    if isinstance(sources, str):
+        sources = [sources]
+    metadata: dict[str, Any] = {
+        "backend": backend,
+        "estimator": estimator,
+        "mc_samples": mc_samples,
+        "seed": seed,
+        "counts": stats.counts(),
+        "adapter": adapter_config(model, adapter_name),
+        "base_model": base_model_info(model),
+        "sources": list(sources or []),
+        "created": _now(),
+        "library_version": __version__,
+        "lora_B_init_zero": b0_zero,
+        "stats_dtype": str(stats_dtype).removeprefix("torch."),
+        "scale": 1.0,
+    }
+    specs = {name: h.spec for name, h in handles.items()}
+    return precision_from_statistics(structure, stats, specs, mode, metadata)
+
+
+def precision_from_statistics(
+    structure: str, stats: LoraStatistics, specs, mode, metadata: dict[str, Any]
+) -> Precision:
+    """Normalise the token sums (see :mod:`lalora_curv.precision`) into a precision."""
+    n, positions = stats.supervised_tokens, stats.positions
+    cls = STRUCTURE_CLASSES[structure]
+    dtype = next(iter(mode.values())).dtype
+
+    def mean(t: Tensor | None, shape: tuple[int, ...], count: int) -> Tensor:
+        # A module whose output never reaches the loss has no gradient sums: zero curvature.
+        return torch.zeros(shape, dtype=dtype) if t is None else (t / count).cpu()
+
+    tensors: dict[str, Tensor] = {}
+    for name, spec in specs.items():
+        sums = stats.modules[name]
+        if structure in KFAC_STRUCTURES:
+            tensors[f"input_cov.{name}"] = mean(
+                sums.input_cov, (spec.in_features,) * 2, positions
+            ).unsqueeze(0)
+            tensors[f"grad_cov.{name}"] = mean(
+                sums.grad_cov, (spec.out_features,) * 2, n
+            ).unsqueeze(0)
+        elif structure == "diag":
+            tensors[f"diag.{spec.lora_A_name}"] = mean(
+                sums.lora_A_diag, (spec.rank, spec.in_features), n
+            )
+            tensors[f"diag.{spec.lora_B_name}"] = mean(
+                sums.lora_B_diag, (spec.out_features, spec.rank), n
+            )
+        else:
+            tensors[f"weight_diag.{name}"] = mean(
+                sums.weight_diag, (spec.out_features, spec.in_features), n
+            )
+    if structure in KFAC_STRUCTURES:
+        metadata["component_weights"] = [1.0]
+    return cls.from_tensors(specs, mode, tensors, metadata)

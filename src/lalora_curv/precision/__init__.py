@@ -1,0 +1,36 @@
+"""Precision structures: diag, kfac, tri-kfac, merged-kfac, merged-diag.
+
+The one normalisation every structure shares: a precision is the *mean* over supervised source
+tokens of the token-level ("expand") Fisher of the summed NLL. K-FAC input factors are means
+over counted (non-padding) positions, gradient factors and diagonals are sums divided by the
+number of supervised tokens ``N``; ``metadata['counts']`` keeps ``N`` and the other counts.
+"""
+
+from __future__ import annotations
+
+from lalora_curv.precision.base import Precision
+from lalora_curv.precision.diag import DiagPrecision, MergedDiagPrecision
+from lalora_curv.precision.kfac import (
+    KFAC_CLASSES,
+    KFACPrecision,
+    KroneckerPrecision,
+    MergedKFACPrecision,
+    TriKFACPrecision,
+)
+
+STRUCTURE_CLASSES: dict[str, type[Precision]] = {
+    "diag": DiagPrecision,
+    **KFAC_CLASSES,
+    "merged-diag": MergedDiagPrecision,
+}
+
+__all__ = [
+    "STRUCTURE_CLASSES",
+    "DiagPrecision",
+    "KFACPrecision",
+    "KroneckerPrecision",
+    "MergedDiagPrecision",
+    "MergedKFACPrecision",
+    "Precision",
+    "TriKFACPrecision",
+]

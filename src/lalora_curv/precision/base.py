@@ -1,0 +1,329 @@
+"""The :class:`Precision` base class: a Laplace precision over the LoRA parameters.
+
+A precision ``P`` of the LoRA parameters ``theta = {A, B}`` of every adapted module, with mode
+``mu`` (the adapter's init ``A0, B0``), defines the penalty (Sliwa et al., "Mitigating Forgetting
+in Low Rank Adaptation", ICML 2025)
+
+.. math::
+
+    r(\\theta) = (\\theta - \\mu)^\\top P\\, (\\theta - \\mu),
+
+added to the target loss as ``loss = nll + lam * r``. ``P`` is stored as the *mean* Fisher per
+supervised source token (see :mod:`lalora_curv.statistics`), together with the counts; the
+Laplace posterior precision of ``N`` source tokens is ``N P`` (plus a prior), so a target loss
+averaged over ``M`` tokens pairs with ``lam = N / (2 M)`` in the Laplace view, and a ``lam``
+tuned on one data size carries over to another.
+
+Parameter order (``param_names``, ``to_dense``): modules in model order, per module lora_A then
+lora_B, each flattened row-major (``tensor.flatten()``).
+
+Subclasses implement a structure: the per-module quadratic form, its dense block, and the
+tensors <-> metadata pair; this class derives the rest (penalty, sums, scaling, saving).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lalora_curv.adapter import LoraModuleSpec, find_lora_modules, match_modules
+from lalora_curv.errors import IncompatiblePrecisionError, LaloraError
+
+
+class Precision(ABC):
+    """A precision (curvature) of LoRA parameters with its mode, penalty and artifact.
+
+    Attributes:
+        modules: the adapted modules, in model order.
+        mode: ``{param name: tensor}``, the mode ``mu`` (adapter weights at fitting time).
+    """
+
+    structure: ClassVar[str]
+    #: the penalty is a quadratic form in ``theta - mu`` (False for the merged-update forms)
+    quadratic: ClassVar[bool] = True
+    #: the statistics live on the base layer, so the precision serves any adapter of the base
+    rebasable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        modules: Mapping[str, LoraModuleSpec],
+        mode: Mapping[str, Tensor],
+        metadata: Mapping[str, Any],
+    ) -> None:
+        self.modules = dict(modules)
+        self.mode = dict(mode)
+        self._metadata = copy.deepcopy(dict(metadata))
+        self._metadata["structure"] = self.structure
+        self._on_device: dict[torch.device, Precision] = {}
+        self._resolved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        missing = [n for n in self.param_names if n not in self.mode]
+        if missing:
+            raise LaloraError(f"the mode lacks parameter {missing[0]!r}")
+
+    # ------------------------------------------------------------------ subclass surface
+    @abstractmethod
+    def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
+        """Penalty of one module at displacement ``(dA, dB)`` from the mode."""
+
+    def _module_dense(self, spec: LoraModuleSpec) -> Tensor:
+        """Dense precision block of one module (lora_A then lora_B, row-major)."""
+        raise LaloraError(
+            f"structure {self.structure!r} has a penalty of degree 4 in (A, B): no dense "
+            "precision matrix exists; evaluate it with quad() or penalty()"
+        )
+
+    @abstractmethod
+    def structure_tensors(self) -> dict[str, Tensor]:
+        """The structure's tensors, keyed as in the artifact (mode tensors excluded)."""
+
+    @classmethod
+    @abstractmethod
+    def from_tensors(
+        cls,
+        modules: Mapping[str, LoraModuleSpec],
+        mode: Mapping[str, Tensor],
+        tensors: Mapping[str, Tensor],
+        metadata: Mapping[str, Any],
+    ) -> Precision:
+        """Inverse of :meth:`structure_tensors` (validates names and shapes)."""
+
+    @abstractmethod
+    def _weighted_sum(self, others: list[Precision], weights: list[float]) -> Precision:
+        """``sum_i weights[i] * P_i`` over ``[self, *others]`` (compatibility checked)."""
+
+    # ------------------------------------------------------------------ derived API
+    @property
+    def param_names(self) -> list[str]:
+        """LoRA parameter names (peft's saved-adapter keys), in the order of ``to_dense``."""
+        return [n for s in self.modules.values() for n in (s.lora_A_name, s.lora_B_name)]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the artifact metadata (structure, estimator, counts, adapter, ...)."""
+        return copy.deepcopy(self._metadata)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._metadata.get("counts", {}))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.mode.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.mode.values())).device
+
+    @property
+    def num_params(self) -> int:
+        return sum(s.rank * (s.in_features + s.out_features) for s in self.modules.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(structure={self.structure!r}, modules={len(self.modules)}, "
+            f"params={self.num_params}, estimator={self._metadata.get('estimator')!r}, "
+            f"supervised_tokens={self.counts.get('supervised_tokens')})"
+        )
+
+    def all_tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the artifact: the structure's plus ``mode.<param name>``."""
+        tensors = {f"mode.{n}": t for n, t in self.mode.items()}
+        tensors.update(self.structure_tensors())
+        return tensors
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Precision:
+        """A copy with every tensor on ``device`` and/or in ``dtype``."""
+
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        meta = self.metadata
+        if dtype is not None:
+            meta["stats_dtype"] = str(dtype).removeprefix("torch.")
+        return type(self).from_tensors(
+            self.modules,
+            {n: move(t) for n, t in self.mode.items()},
+            {n: move(t) for n, t in self.structure_tensors().items()},
+            meta,
+        )
+
+    def _for_device(self, device: torch.device) -> Precision:
+        if device == self.device:
+            return self
+        if device not in self._on_device:
+            self._on_device[device] = self.to(device)
+        return self._on_device[device]
+
+    def quad(self, delta: Mapping[str, Tensor]) -> Tensor:
+        """The penalty at ``theta = mu + delta``; for quadratic structures ``delta^T P delta``.
+
+        Args:
+            delta: ``{param name: displacement}`` for every name in :attr:`param_names`.
+        """
+        missing = [n for n in self.param_names if n not in delta]
+        if missing:
+            raise LaloraError(f"delta lacks parameter {missing[0]!r} ({len(missing)} missing)")
+        extra = sorted(set(delta) - set(self.param_names))
+        if extra:
+            raise LaloraError(
+                f"delta has parameter {extra[0]!r}, which the precision does not cover"
+            )
+        first = delta[self.param_names[0]]
+        target = self._for_device(first.device)
+        total: Tensor | None = None
+        for spec in target.modules.values():
+            dA, dB = delta[spec.lora_A_name], delta[spec.lora_B_name]
+            for name, d in ((spec.lora_A_name, dA), (spec.lora_B_name, dB)):
+                if d.shape != target.mode[name].shape:
+                    raise LaloraError(
+                        f"delta[{name!r}] has shape {tuple(d.shape)}, expected "
+                        f"{tuple(target.mode[name].shape)}"
+                    )
+            term = target._module_quad(spec, dA.to(target.dtype), dB.to(target.dtype))
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def penalty(self, model: nn.Module, adapter_name: str | None = None) -> Tensor:
+        """Differentiable ``(theta - mu)^T P (theta - mu)`` at the model's current adapter.
+
+        Raises:
+            AdapterMismatchError: naming the first module of the model's adapter that does
+                not match the precision (other modules, shapes, rank or scaling).
+        """
+        params = self.adapter_params(model, adapter_name)
+        device = params[self.param_names[0]].device
+        target = self._for_device(device)
+        delta = {n: p.to(target.dtype) - target.mode[n] for n, p in params.items()}
+        return target.quad(delta)
+
+    def adapter_params(
+        self, model: nn.Module, adapter_name: str | None = None
+    ) -> dict[str, Tensor]:
+        """``{param name: parameter}`` of the model's adapter, checked against the precision."""
+        adapter = adapter_name or self._metadata.get("adapter", {}).get("name", "default")
+        cached = self._resolved.get(model)
+        if cached is not None and cached[0] == adapter:
+            return cached[1]
+        handles = find_lora_modules(model, adapter)
+        match_modules(self.modules, handles, what=f"{self.structure} precision")
+        params = {}
+        for spec in self.modules.values():
+            h = handles[spec.name]
+            params[spec.lora_A_name] = h.lora_A.weight
+            params[spec.lora_B_name] = h.lora_B.weight
+        self._resolved[model] = (adapter, params)
+        return params
+
+    def to_dense(self) -> Tensor:
+        """The dense precision matrix (small models, quadratic structures), order param_names."""
+        return torch.block_diag(*[self._module_dense(s) for s in self.modules.values()])
+
+    # ------------------------------------------------------------------ algebra
+    def __add__(self, other: object) -> Precision:
+        """Pooled precision of two source datasets: counts add, and
+
+        .. math:: P_{a+b} = (N_a P_a + N_b P_b) / (N_a + N_b)
+
+        with ``N`` the supervised-token counts, so that ``(N_a + N_b) P_{a+b}`` is the sum of
+        the two (sum-normalised) precisions, the paper's :math:`\\sum_s \\Lambda_s`.
+        """
+        if not isinstance(other, Precision):
+            return NotImplemented
+        self._check_compatible(other)
+        n_a = self.counts.get("supervised_tokens", 0)
+        n_b = other.counts.get("supervised_tokens", 0)
+        if n_a + n_b <= 0:
+            raise IncompatiblePrecisionError("cannot pool precisions without supervised tokens")
+        result = self._weighted_sum([other], [n_a / (n_a + n_b), n_b / (n_a + n_b)])
+        meta = result._metadata
+        meta["counts"] = {
+            k: self.counts.get(k, 0) + other.counts.get(k, 0)
+            for k in set(self.counts) | set(other.counts)
+        }
+        meta["sources"] = list(self._metadata.get("sources", [])) + list(
+            other._metadata.get("sources", [])
+        )
+        meta["created"] = _now()
+        meta["lora_B_init_zero"] = self._metadata.get("lora_B_init_zero")
+        return result
+
+    def __mul__(self, factor: object) -> Precision:
+        """``factor * P`` (counts unchanged; ``metadata['scale']`` records the product)."""
+        if not isinstance(factor, int | float) or isinstance(factor, bool):
+            return NotImplemented
+        if not factor >= 0:
+            raise LaloraError(f"a precision can only be scaled by a factor >= 0, got {factor}")
+        result = self._weighted_sum([], [float(factor)])
+        result._metadata["scale"] = float(self._metadata.get("scale", 1.0)) * float(factor)
+        return result
+
+    __rmul__ = __mul__
+
+    def _check_compatible(self, other: Precision) -> None:
+        if type(other) is not type(self):
+            raise IncompatiblePrecisionError(
+                f"cannot add a {other.structure!r} precision to a {self.structure!r} precision"
+            )
+        for key in ("estimator",):
+            if self._metadata.get(key) != other._metadata.get(key):
+                raise IncompatiblePrecisionError(
+                    f"cannot add precisions with different {key}: "
+                    f"{self._metadata.get(key)!r} vs {other._metadata.get(key)!r}"
+                )
+        names = list(self.modules)
+        if names != list(other.modules):
+            diff = sorted(set(names) ^ set(other.modules)) or names
+            raise IncompatiblePrecisionError(
+                f"cannot add precisions over different modules (first difference: {diff[0]!r})"
+            )
+        for name, spec in self.modules.items():
+            if spec != other.modules[name]:
+                raise IncompatiblePrecisionError(
+                    f"cannot add precisions: module {name!r} differs ({spec} vs "
+                    f"{other.modules[name]})"
+                )
+        for name, t in self.mode.items():
+            if not torch.equal(t, other.mode[name].to(t.device, t.dtype)):
+                hint = (
+                    " (rebase both onto the same adapter first)"
+                    if self.rebasable
+                    else " (refit on the same adapter)"
+                )
+                raise IncompatiblePrecisionError(
+                    f"cannot add precisions with different modes: {name!r} differs{hint}"
+                )
+
+    # ------------------------------------------------------------------ adapters
+    def rebase(self, model: nn.Module, adapter_name: str = "default") -> Precision:
+        """The same curvature for another adapter (rank, alpha, seed or init) of the same base.
+
+        Only structures whose statistics live on the base layer can do this (the K-FAC family
+        and merged-diag); the new mode is the adapter's current weights, so call it right after
+        creating the adapter.
+        """
+        raise LaloraError(
+            f"a {self.structure!r} precision depends on the adapter it was fitted with and "
+            "cannot be re-based; refit it, or fit a K-FAC precision, which can"
+        )
+
+    # ------------------------------------------------------------------ artifact
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/precision.safetensors`` and ``path/precision.json`` atomically."""
+        from lalora_curv.artifact import save_precision
+
+        return save_precision(self, path)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()

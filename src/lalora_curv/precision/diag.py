@@ -1,0 +1,169 @@
+"""Diagonal precisions: on the LoRA parameters (DIAG) and on the merged update (EWC).
+
+``DiagPrecision`` (the paper's DIAG): one precision per LoRA parameter,
+
+.. math:: r = \\langle D_A, (A - A_0)^{\\odot 2} \\rangle + \\langle D_B, (B - B_0)^{\\odot 2} \\rangle.
+
+``MergedDiagPrecision`` (EWC on the merged update ``dW = s (B A - B_0 A_0)``): one precision
+per base-weight entry, fitted on the base layer (so it re-bases onto any adapter),
+
+.. math:: r = \\langle D_W, dW^{\\odot 2} \\rangle,
+
+a degree-4 polynomial in ``(A, B)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lalora_curv.adapter import LoraModuleSpec, adapter_mode, find_lora_modules
+from lalora_curv.errors import LaloraError
+from lalora_curv.precision._util import take
+from lalora_curv.precision.base import Precision
+
+
+class DiagPrecision(Precision):
+    """Per-parameter precision of lora_A and lora_B (the paper's DIAG).
+
+    Attributes:
+        diag: ``{param name: precision}``, each of the parameter's shape.
+    """
+
+    structure = "diag"
+
+    def __init__(
+        self,
+        modules: Mapping[str, LoraModuleSpec],
+        mode: Mapping[str, Tensor],
+        diag: Mapping[str, Tensor],
+        metadata: Mapping[str, Any],
+    ) -> None:
+        super().__init__(modules, mode, metadata)
+        self.diag = dict(diag)
+
+    def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
+        return (self.diag[spec.lora_A_name] * dA.square()).sum() + (
+            self.diag[spec.lora_B_name] * dB.square()
+        ).sum()
+
+    def _module_dense(self, spec: LoraModuleSpec) -> Tensor:
+        return torch.diag(
+            torch.cat(
+                [self.diag[spec.lora_A_name].flatten(), self.diag[spec.lora_B_name].flatten()]
+            )
+        )
+
+    def structure_tensors(self) -> dict[str, Tensor]:
+        return {f"diag.{n}": t for n, t in self.diag.items()}
+
+    @classmethod
+    def from_tensors(cls, modules, mode, tensors, metadata) -> DiagPrecision:
+        diag = {}
+        for spec in modules.values():
+            diag[spec.lora_A_name] = take(
+                tensors, f"diag.{spec.lora_A_name}", (spec.rank, spec.in_features)
+            )
+            diag[spec.lora_B_name] = take(
+                tensors, f"diag.{spec.lora_B_name}", (spec.out_features, spec.rank)
+            )
+        return cls(modules, mode, diag, metadata)
+
+    def _weighted_sum(self, others: list[Precision], weights: list[float]) -> DiagPrecision:
+        parts = [self, *others]
+        diag = {
+            n: sum(w * p.diag[n].to(t) for p, w in zip(parts, weights, strict=True))
+            for n, t in self.diag.items()
+        }
+        return DiagPrecision(self.modules, self.mode, diag, self._metadata)
+
+
+class MergedDiagPrecision(Precision):
+    """Diagonal precision of the merged update ``dW = s (B A - B0 A0)`` (EWC on ``W``).
+
+    Attributes:
+        weight_diag: ``{module name: D_W}``, each ``out_features x in_features``.
+    """
+
+    structure = "merged-diag"
+    quadratic = False
+    rebasable = True
+
+    def __init__(
+        self,
+        modules: Mapping[str, LoraModuleSpec],
+        mode: Mapping[str, Tensor],
+        weight_diag: Mapping[str, Tensor],
+        metadata: Mapping[str, Any],
+    ) -> None:
+        super().__init__(modules, mode, metadata)
+        self.weight_diag = dict(weight_diag)
+
+    def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
+        A0, B0 = self.mode[spec.lora_A_name], self.mode[spec.lora_B_name]
+        dW = spec.scaling * (dB @ (A0 + dA) + B0 @ dA)  # = s (B A - B0 A0), exact at the mode
+        return (self.weight_diag[spec.name] * dW.square()).sum()
+
+    def structure_tensors(self) -> dict[str, Tensor]:
+        return {f"weight_diag.{n}": t for n, t in self.weight_diag.items()}
+
+    @classmethod
+    def from_tensors(cls, modules, mode, tensors, metadata) -> MergedDiagPrecision:
+        weight_diag = {
+            s.name: take(tensors, f"weight_diag.{s.name}", (s.out_features, s.in_features))
+            for s in modules.values()
+        }
+        return cls(modules, mode, weight_diag, metadata)
+
+    def _weighted_sum(self, others: list[Precision], weights: list[float]) -> MergedDiagPrecision:
+        parts = [self, *others]
+        wd = {
+            n: sum(w * p.weight_diag[n].to(t) for p, w in zip(parts, weights, strict=True))
+            for n, t in self.weight_diag.items()
+        }
+        return MergedDiagPrecision(self.modules, self.mode, wd, self._metadata)
+
+    def rebase(self, model: nn.Module, adapter_name: str = "default") -> MergedDiagPrecision:
+        modules, mode = rebased_modules(self, model, adapter_name)
+        return MergedDiagPrecision(
+            modules, mode, self.weight_diag, rebased_metadata(self, model, adapter_name, mode)
+        )
+
+
+def rebased_modules(
+    prec: Precision, model: nn.Module, adapter_name: str
+) -> tuple[dict[str, LoraModuleSpec], dict[str, Tensor]]:
+    """The model adapter's module specs and mode, checked against the base-layer shapes."""
+    handles = find_lora_modules(model, adapter_name)
+    for name in sorted(set(handles) | set(prec.modules)):
+        if name not in handles or name not in prec.modules:
+            where = "the model" if name not in handles else "the precision"
+            raise LaloraError(f"cannot rebase: module {name!r} is missing from {where}")
+        old, new = prec.modules[name], handles[name].spec
+        if (old.in_features, old.out_features) != (new.in_features, new.out_features):
+            raise LaloraError(
+                f"cannot rebase: module {name!r} is {new.out_features}x"
+                f"{new.in_features} in the model, {old.out_features}x"
+                f"{old.in_features} in the precision (another base model?)"
+            )
+    modules = {name: handles[name].spec for name in prec.modules}
+    mode = adapter_mode({n: handles[n] for n in prec.modules}, prec.dtype)
+    mode = {n: t.to(prec.device) for n, t in mode.items()}
+    return modules, mode
+
+
+def rebased_metadata(
+    prec: Precision, model: nn.Module, adapter_name: str, mode: Mapping[str, Tensor]
+) -> dict[str, Any]:
+    from lalora_curv.adapter import adapter_config
+
+    meta = prec.metadata
+    meta["adapter"] = adapter_config(model, adapter_name)
+    meta["lora_B_init_zero"] = all(
+        not bool(t.any()) for n, t in mode.items() if n.endswith("lora_B.weight")
+    )
+    meta["rebased"] = True
+    return meta

@@ -1,0 +1,236 @@
+"""The precision artifact: byte-stable round trips, atomic writes, one clear error per problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lalora_curv as lc
+from conftest import make_batches, make_model
+from lalora_curv import artifact
+
+
+def fit(model, structure="kfac", **kw):
+    return lc.fit_precision(model, make_batches(), structure=structure, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("art") / "prec"
+    fit(make_model(dtype=torch.float32), sources=["toy-a"]).save(path)
+    return path
+
+
+def copy_artifact(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("structure", lc.STRUCTURES)
+def test_round_trip_is_byte_stable_and_exact(tmp_path, structure):
+    model = make_model(dtype=torch.float32)
+    prec = fit(model, structure, sources=["toy"])
+    if structure == "kfac":
+        prec = prec + fit(model, structure, sources=["toy-2"])  # two components
+    prec.save(tmp_path / "a")
+    loaded = lc.load_precision(tmp_path / "a")
+    loaded.save(tmp_path / "b")
+    for name in (artifact.TENSORS_FILE, artifact.METADATA_FILE):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert type(loaded) is type(prec) and loaded.param_names == prec.param_names
+    assert loaded.metadata == prec.metadata
+    d = {n: torch.randn_like(t) for n, t in prec.mode.items()}
+    assert torch.equal(loaded.quad(d), prec.quad(d))
+    assert torch.equal(loaded.penalty(model), prec.penalty(model))
+
+
+def test_metadata_contents(saved):
+    meta = json.loads((saved / artifact.METADATA_FILE).read_text())
+    assert meta["kind"] == artifact.KIND and meta["format_version"] == artifact.FORMAT_VERSION
+    for key in (
+        "library_version",
+        "structure",
+        "backend",
+        "estimator",
+        "mc_samples",
+        "counts",
+        "modules",
+        "adapter",
+        "sources",
+        "created",
+        "lora_B_init_zero",
+        "base_model",
+    ):
+        assert key in meta, key
+    assert meta["adapter"]["r"] == 3 and meta["adapter"]["lora_alpha"] == 6.0
+    assert meta["sources"] == ["toy-a"]
+    assert list(meta) == sorted(meta)  # sorted keys
+    first = meta["modules"][0]
+    assert first == {
+        "name": "base_model.model.model.layers.0.self_attn.q_proj",
+        "in_features": 16,
+        "out_features": 16,
+        "rank": 3,
+        "scaling": 2.0,
+    }
+
+
+def test_loads_in_another_process(saved):
+    code = textwrap.dedent(f"""
+        import lalora_curv as lc
+        p = lc.load_precision({str(saved)!r})
+        print(p.structure, p.counts["supervised_tokens"])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["kfac", str(lc.load_precision(saved).counts["supervised_tokens"])]
+
+
+def test_missing_directory_and_files(tmp_path, saved):
+    with pytest.raises(lc.ArtifactError, match="no such precision directory"):
+        lc.load_precision(tmp_path / "nope")
+    art = copy_artifact(saved, tmp_path / "x")
+    (art / artifact.TENSORS_FILE).unlink()
+    with pytest.raises(lc.ArtifactError, match=r"precision\.safetensors: missing"):
+        lc.load_precision(art)
+
+
+def test_corrupt_json(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    (art / artifact.METADATA_FILE).write_text("{not json")
+    with pytest.raises(lc.ArtifactError, match="corrupt JSON"):
+        lc.load_precision(art)
+
+
+def test_truncated_tensors(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    blob = (art / artifact.TENSORS_FILE).read_bytes()
+    (art / artifact.TENSORS_FILE).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(lc.ArtifactError, match="corrupt or truncated"):
+        lc.load_precision(art)
+
+
+def test_flipped_byte_detected(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    blob = bytearray((art / artifact.TENSORS_FILE).read_bytes())
+    blob[-3] ^= 0xFF
+    (art / artifact.TENSORS_FILE).write_bytes(bytes(blob))
+    with pytest.raises(lc.ArtifactError, match="SHA-256 differs"):
+        lc.load_precision(art)
+
+
+def test_foreign_safetensors(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    save_file({"weight": torch.zeros(2)}, art / artifact.TENSORS_FILE)
+    with pytest.raises(lc.ArtifactError, match="not written by lalora-curv"):
+        lc.load_precision(art)
+
+
+def test_foreign_json(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    (art / artifact.METADATA_FILE).write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    with pytest.raises(lc.ArtifactError, match="not a lalora-curv precision"):
+        lc.load_precision(art)
+
+
+def test_unknown_format_version(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    meta = json.loads((art / artifact.METADATA_FILE).read_text())
+    meta["format_version"] = 99
+    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(lc.ArtifactError, match="unknown format version 99"):
+        lc.load_precision(art)
+
+
+def test_unknown_keys_dropped_with_warning(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    meta = json.loads((art / artifact.METADATA_FILE).read_text())
+    meta["from_the_future"] = 1
+    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="from_the_future"):
+        prec = lc.load_precision(art)
+    assert "from_the_future" not in prec.metadata
+
+
+def test_files_from_different_saves(tmp_path, saved):
+    other = tmp_path / "other"
+    fit(make_model(dtype=torch.float32, seed=4)).save(other)
+    art = copy_artifact(saved, tmp_path / "x")
+    (art / artifact.TENSORS_FILE).write_bytes((other / artifact.TENSORS_FILE).read_bytes())
+    with pytest.raises(lc.ArtifactError, match=r"does not match precision\.json"):
+        lc.load_precision(art)
+
+
+def test_non_finite_tensor(tmp_path):
+    prec = fit(make_model(dtype=torch.float32), "diag")
+    name = prec.param_names[1]
+    prec.diag[name][0, 0] = float("nan")
+    prec.save(tmp_path / "nan")
+    with pytest.raises(lc.ArtifactError, match=f"tensor 'diag.{name}' has NaN/inf"):
+        lc.load_precision(tmp_path / "nan")
+
+
+def test_wrong_shape_in_metadata(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    meta = json.loads((art / artifact.METADATA_FILE).read_text())
+    meta["modules"][0]["rank"] = 7
+    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(lc.ArtifactError, match="has shape"):
+        lc.load_precision(art)
+
+
+def test_interrupted_save_keeps_the_old_artifact(tmp_path, monkeypatch):
+    path = tmp_path / "prec"
+    old = fit(make_model(dtype=torch.float32))
+    old.save(path)
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    new = fit(make_model(dtype=torch.float32, seed=3))
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact, "_write", crash)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(path)
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["prec"]  # no staging directory left behind
+    new.save(path)  # and a later save replaces it
+    assert lc.load_precision(path).counts == new.counts
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("x")
+    with pytest.raises(lc.ArtifactError, match="not a precision artifact"):
+        fit(make_model(dtype=torch.float32)).save(tmp_path / "data")
+    assert (tmp_path / "data" / "keep.txt").read_text() == "x"
+
+
+def test_penalty_on_mismatching_adapter(saved):
+    prec = lc.load_precision(saved)
+    with pytest.raises(
+        lc.AdapterMismatchError, match=r"module '.*k_proj', which the precision does not cover"
+    ):
+        prec.penalty(
+            make_model(dtype=torch.float32, targets=("q_proj", "k_proj", "v_proj", "down_proj"))
+        )
+    with pytest.raises(lc.AdapterMismatchError, match=r"'.*down_proj' has no LoRA adapter"):
+        prec.penalty(make_model(dtype=torch.float32, targets=("q_proj", "v_proj")))
+    with pytest.raises(lc.AdapterMismatchError, match=r"rank 5.*rebase"):
+        prec.penalty(make_model(dtype=torch.float32, r=5))
+    with pytest.raises(
+        lc.AdapterMismatchError, match="no peft LoRA Linear module with adapter 'other'"
+    ):
+        prec.penalty(make_model(dtype=torch.float32), adapter_name="other")
+    rebased = prec.rebase(make_model(dtype=torch.float32, r=5))
+    assert float(rebased.penalty(make_model(dtype=torch.float32, r=5)).detach()) >= 0

@@ -1,0 +1,112 @@
+"""Bad input to fit_precision gets a clear error naming the problem."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import lalora_curv as lc
+from conftest import make_batches, make_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(dtype=torch.float32)
+
+
+def fit(model, batches, **kw):
+    kw.setdefault("progress", False)
+    return lc.fit_precision(model, batches, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"structure": "full"}, "unknown structure 'full'; valid: "),
+        ({"backend": "kronfluence"}, "unknown backend 'kronfluence'; valid: \\['hooks'\\]"),
+        ({"estimator": "type2"}, "unknown estimator 'type2'"),
+        ({"structure": "kfac", "estimator": "batch-grad-squared"}, "only defines a diagonal"),
+        ({"estimator": "empirical", "mc_samples": 4}, "applies only to estimator='mc'"),
+        ({"estimator": "mc", "mc_samples": 0}, "positive integer"),
+        ({"stats_dtype": torch.float16}, "stats_dtype"),
+        ({"max_batches": 0}, "max_batches"),
+        ({"adapter_name": "nope"}, "no peft LoRA Linear module with adapter 'nope'"),
+    ],
+)
+def test_bad_arguments(model, kwargs, message):
+    with pytest.raises(lc.LaloraError, match=message):
+        fit(model, make_batches(1), **kwargs)
+
+
+def good():
+    return make_batches(1)[0]
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({"input_ids": good()["input_ids"]}, "batch 0: missing 'labels' \\(for plain"),
+        ({"labels": good()["labels"]}, "batch 0: missing 'input_ids'"),
+        ({**good(), "labels": good()["labels"][:, :-1]}, "labels shape .* != input_ids shape"),
+        ({**good(), "attention_mask": good()["attention_mask"][:1]}, "attention_mask shape"),
+        ({**good(), "attention_mask": good()["attention_mask"] * 2}, "only 0 and 1"),
+        ({**good(), "input_ids": good()["input_ids"].float()}, "integer tensors"),
+        (
+            {**good(), "input_ids": good()["input_ids"][0], "labels": good()["labels"][0]},
+            "must be \\(batch, seq\\)",
+        ),
+        ({**good(), "labels": good()["labels"].clamp(min=0) + 1000}, "labels outside \\[0, 48\\)"),
+        ([1, 2, 3], "expected a dict"),
+    ],
+)
+def test_bad_batches(model, batch, message):
+    with pytest.raises(lc.BatchError, match=message):
+        fit(model, [batch])
+
+
+def test_all_labels_masked_everywhere_raises(model):
+    b = good()
+    b["labels"] = torch.full_like(b["labels"], -100)
+    with pytest.raises(lc.CurvatureError, match="no supervised token in 2 batches"):
+        fit(model, [b, b])
+
+
+def test_a_masked_batch_is_skipped_with_a_warning(model, caplog):
+    b = good()
+    masked = {**b, "labels": torch.full_like(b["labels"], -100)}
+    with caplog.at_level(logging.WARNING, logger="lalora_curv"):
+        prec = fit(model, [masked, b], structure="diag")
+    assert "batch 0 has no supervised token" in caplog.text
+    ref = fit(model, [b], structure="diag")
+    assert prec.counts["skipped_batches"] == 1 and prec.counts["batches"] == 2
+    for k, t in ref.structure_tensors().items():
+        torch.testing.assert_close(prec.structure_tensors()[k], t)
+
+
+def test_non_finite_model_raises():
+    model = make_model(dtype=torch.float32)
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.weight[:] = float("nan")
+    with pytest.raises(lc.CurvatureError, match="the source loss is nan"):
+        fit(model, make_batches(1))
+
+
+def test_max_batches_and_generators(model):
+    batches = make_batches(3)
+    a = fit(model, (b for b in batches), max_batches=2)
+    b = fit(model, batches[:2])
+    assert a.counts == b.counts
+    for k, t in b.structure_tensors().items():
+        torch.testing.assert_close(a.structure_tensors()[k], t)
+
+
+def test_unsupported_lora_variants_are_rejected():
+    from peft import LoraConfig, get_peft_model
+
+    from lalora_curv.toy import tiny_llama
+
+    dora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(lc.LaloraError, match="LoRA variant"):
+        fit(dora, make_batches(1))
