@@ -234,3 +234,30 @@ def test_penalty_on_mismatching_adapter(saved):
         prec.penalty(make_model(dtype=torch.float32), adapter_name="other")
     rebased = prec.rebase(make_model(dtype=torch.float32, r=5))
     assert float(rebased.penalty(make_model(dtype=torch.float32, r=5)).detach()) >= 0
+
+
+def test_penalty_notices_a_replaced_adapter(saved):
+    prec = lc.load_precision(saved)
+    model = make_model(dtype=torch.float32)
+    prec.penalty(model)  # resolves and caches the adapter's modules
+    model.delete_adapter("default")
+    from peft import LoraConfig
+
+    model.add_adapter("default", LoraConfig(r=5, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with pytest.raises(lc.AdapterMismatchError, match="rank 5"):
+        prec.penalty(model)
+
+
+def test_penalty_on_another_base_model_shape(saved):
+    from lalora_curv.toy import add_lora, tiny_llama
+
+    other = add_lora(
+        tiny_llama(hidden_size=24, intermediate_size=24, num_heads=2, num_kv_heads=1),
+        r=3,
+        alpha=6.0,
+        target_modules=("q_proj", "v_proj", "down_proj"),
+    )
+    with pytest.raises(
+        lc.AdapterMismatchError, match=r"down_proj. is 24x24 in the model but 16x24"
+    ):
+        lc.load_precision(saved).penalty(other)

@@ -134,7 +134,8 @@ class _Recorder:
                 if grad is None:  # the module's output does not reach the loss
                     continue
                 g_B = self._masked(grad, name)  # s * g, per counted position
-                g_A = g_B @ lora_B  # s * B^T g as rows
+                if self.needs & {"lora_A_diag", "lora_A_grad"}:
+                    g_A = g_B @ lora_B  # s * B^T g as rows
                 if "grad_cov" in self.needs:
                     g = g_B / s
                     sums.add("grad_cov", weight * (g.T @ g))

@@ -213,16 +213,26 @@ class Precision(ABC):
         """``{param name: parameter}`` of the model's adapter, checked against the precision."""
         adapter = adapter_name or self._metadata.get("adapter", {}).get("name", "default")
         cached = self._resolved.get(model)
-        if cached is not None and cached[0] == adapter:
-            return cached[1]
-        handles = find_lora_modules(model, adapter)
-        match_modules(self.modules, handles, what=f"{self.structure} precision")
+        if (
+            cached is not None
+            and cached[0] == adapter
+            and all(
+                adapter in h.layer.lora_A
+                and h.layer.lora_A[adapter] is h.lora_A
+                and h.layer.lora_B[adapter] is h.lora_B
+                for h in cached[1].values()
+            )
+        ):  # the same modules still carry the adapter: skip the model traversal
+            handles = cached[1]
+        else:
+            handles = find_lora_modules(model, adapter)
+            match_modules(self.modules, handles, what=f"{self.structure} precision")
+            self._resolved[model] = (adapter, handles)
         params = {}
         for spec in self.modules.values():
             h = handles[spec.name]
             params[spec.lora_A_name] = h.lora_A.weight
             params[spec.lora_B_name] = h.lora_B.weight
-        self._resolved[model] = (adapter, params)
         return params
 
     def to_dense(self) -> Tensor:
