@@ -64,11 +64,15 @@ def per_position_lora(model, adapter="default"):
             del lin.forward
 
 
-def summed_nll(logits: Tensor, batch: dict, labels: Tensor | None = None) -> Tensor:
-    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
-    targets = batch["labels"][:, 1:] if labels is None else labels
-    sup = (batch["labels"][:, 1:] != -100) & mask[:, 1:].bool()
-    return F.cross_entropy(logits[:, :-1][sup], targets[sup], reduction="sum")
+def supervised_mask(batch: dict) -> Tensor:
+    """(batch, seq - 1): label set, target and predicting position both real tokens."""
+    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    return (batch["labels"][:, 1:] != -100) & mask[:, 1:] & mask[:, :-1]
+
+
+def summed_nll(logits: Tensor, batch: dict) -> Tensor:
+    sup = supervised_mask(batch)
+    return F.cross_entropy(logits[:, :-1][sup], batch["labels"][:, 1:][sup], reduction="sum")
 
 
 def token_data(model, batch: dict, adapter="default") -> dict[str, TokenData]:
@@ -102,7 +106,7 @@ def counts(batches) -> tuple[int, int]:
     for b in batches:
         mask = b.get("attention_mask", torch.ones_like(b["input_ids"]))
         pos += int(mask.sum())
-        sup += int(((b["labels"][:, 1:] != -100) & mask[:, 1:].bool()).sum())
+        sup += int(supervised_mask(b).sum())
     return pos, sup
 
 

@@ -179,6 +179,39 @@ def test_non_finite_tensor(tmp_path):
         lc.load_precision(tmp_path / "nan")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("component_weights", [-1.0], "component_weights"),
+        ("component_weights", ["x"], "component_weights"),
+        ("component_weights", [], "component_weights"),
+        ("counts", {"supervised_tokens": -3}, "non-negative integers"),
+        (
+            "modules",
+            [{"name": "m", "in_features": 2, "out_features": 2, "rank": 1, "scaling": -2.0}],
+            "malformed module entry",
+        ),
+    ],
+)
+def test_implausible_metadata_values(tmp_path, saved, key, value, message):
+    art = copy_artifact(saved, tmp_path / "x")
+    meta = json.loads((art / artifact.METADATA_FILE).read_text())
+    meta[key] = value
+    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(lc.ArtifactError, match=message):
+        lc.load_precision(art)
+
+
+def test_nan_in_metadata(tmp_path, saved):
+    art = copy_artifact(saved, tmp_path / "x")
+    text = (art / artifact.METADATA_FILE).read_text()
+    text = text.replace('"component_weights": [\n    1.0\n  ]', '"component_weights": [NaN]')
+    assert "NaN" in text
+    (art / artifact.METADATA_FILE).write_text(text)
+    with pytest.raises(lc.ArtifactError, match="non-finite number NaN"):
+        lc.load_precision(art)
+
+
 def test_wrong_shape_in_metadata(tmp_path, saved):
     art = copy_artifact(saved, tmp_path / "x")
     meta = json.loads((art / artifact.METADATA_FILE).read_text())
@@ -208,6 +241,26 @@ def test_interrupted_save_keeps_the_old_artifact(tmp_path, monkeypatch):
     assert lc.load_precision(path).counts == new.counts
 
 
+def test_crash_between_the_renames_restores_the_old_artifact(tmp_path, monkeypatch):
+    path = tmp_path / "prec"
+    fit(make_model(dtype=torch.float32)).save(path)
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # old -> aside done; staging -> path fails
+            raise OSError("power cut")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(artifact.os, "rename", rename)
+    with pytest.raises(OSError, match="power cut"):
+        fit(make_model(dtype=torch.float32, seed=3)).save(path)
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["prec"]
+
+
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("x")
@@ -232,8 +285,8 @@ def test_penalty_on_mismatching_adapter(saved):
         lc.AdapterMismatchError, match="no peft LoRA Linear module with adapter 'other'"
     ):
         prec.penalty(make_model(dtype=torch.float32), adapter_name="other")
-    rebased = prec.rebase(make_model(dtype=torch.float32, r=5))
-    assert float(rebased.penalty(make_model(dtype=torch.float32, r=5)).detach()) >= 0
+    with pytest.raises(lc.LaloraError, match=r"non-zero lora_B \(B0 != 0\)"):
+        prec.rebase(make_model(dtype=torch.float32, r=5))  # fitted at B0 != 0: not portable
 
 
 def test_penalty_notices_a_replaced_adapter(saved):

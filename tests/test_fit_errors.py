@@ -102,6 +102,28 @@ def test_max_batches_and_generators(model):
         torch.testing.assert_close(a.structure_tensors()[k], t)
 
 
+def test_inactive_adapter_is_named():
+    model = make_model(dtype=torch.float32)
+    with model.disable_adapter(), pytest.raises(lc.LaloraError, match="did not run"):
+        fit(model, make_batches(1))
+
+
+def test_int32_labels_are_accepted(model):
+    b = good()
+    b32 = {k: v.to(torch.int32) for k, v in b.items()}
+    ref, got = fit(model, [b]), fit(model, [b32])
+    for k, t in ref.structure_tensors().items():
+        torch.testing.assert_close(got.structure_tensors()[k], t)
+
+
+def test_embedding_lora_is_rejected_not_skipped():
+    from lalora_curv.toy import add_lora, tiny_llama
+
+    model = add_lora(tiny_llama(), target_modules=("q_proj", "embed_tokens"))
+    with pytest.raises(lc.LaloraError, match="embed_tokens.*not a linear LoRA layer"):
+        fit(model, make_batches(1))
+
+
 def test_unsupported_lora_variants_are_rejected():
     from peft import LoraConfig, get_peft_model
 

@@ -13,7 +13,7 @@ import torch
 import lalora_curv as lc
 from conftest import make_batches, make_model
 from lalora_curv.adapter import find_lora_modules
-from reference import per_position_lora
+from reference import per_position_lora, supervised_mask
 
 #: label draws of the Monte-Carlo fit
 MC_SAMPLES = 3000
@@ -26,7 +26,7 @@ def exact_fisher(model, batch):
     """Exact expected G_h and per-token lora_B diagonal, normalised like the library."""
     handles = find_lora_modules(model)
     mask = batch["attention_mask"].bool()
-    sup = (batch["labels"][:, 1:] != -100) & mask[:, 1:]
+    sup = supervised_mask(batch)
     n_sup = int(sup.sum())
     with per_position_lora(model) as store:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -95,3 +95,20 @@ def test_mc_fisher_converges_to_the_exact_fisher():
         assert rel(diag.diag[spec.lora_B_name], ex["diag_B"]) < MC_RTOL
         # ten draws are far noisier: the tolerance is not loose enough to pass anything
         assert rel(few.grad_cov[name][0], ex["G_h"]) > rel(kfac.grad_cov[name][0], ex["G_h"])
+
+
+#: draws per row in the sampler test; frequencies within SAMPLER_ATOL of the probabilities
+SAMPLER_DRAWS = 20000
+SAMPLER_ATOL = 0.015  # ~4 standard errors of a frequency near 0.5
+
+
+def test_label_sampler_draws_from_the_softmax():
+    from lalora_curv.hooks import sample_labels
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1e4], [3.0, 0.0, 0.0, 0.0]], dtype=torch.float32)
+    draws = sample_labels(logits, SAMPLER_DRAWS, torch.Generator().manual_seed(0))
+    assert draws.shape == (SAMPLER_DRAWS, 2)
+    freq = torch.stack([torch.bincount(draws[:, i], minlength=4) for i in range(2)]).double()
+    freq /= SAMPLER_DRAWS
+    torch.testing.assert_close(freq, torch.softmax(logits.double(), -1), rtol=0, atol=SAMPLER_ATOL)
+    assert freq[0, 3] == 0  # a zero-probability token is never drawn

@@ -179,6 +179,8 @@ def test_scaling_and_pooling(batches):
     P = both.to_dense()
     torch.testing.assert_close(P, (na * a.to_dense() + nb * b.to_dense()) / (na + nb), **EXACT)
     assert (0.5 * a).metadata["scale"] == 0.5
+    assert (0.5 * a + 0.5 * b).metadata["scale"] == 0.5
+    assert (0.5 * a + b).metadata["scale"] is None  # mixed scales have no single factor
 
 
 @pytest.mark.parametrize("structure", ["diag", "merged-diag"])

@@ -83,16 +83,24 @@ def test_batch_grad_squared_matches_autograd(model, batches):
         torch.testing.assert_close(prec.diag[name], value, **EXACT)
 
 
-def test_counts_and_normalisation(model, batches):
-    prec = fit(model, batches, "kfac")
-    mask = torch.cat([b["attention_mask"] for b in batches])
-    labels = torch.cat([b["labels"] for b in batches])
-    sup = (labels[:, 1:] != -100) & mask[:, 1:].bool()
-    c = prec.counts
-    assert c["positions"] == int(mask.sum())
-    assert c["supervised_tokens"] == int(sup.sum())
-    assert c["sequences"] == int(sup.any(1).sum())
-    assert c["batches"] == len(batches) and c["skipped_batches"] == 0
+def test_counts_by_hand():
+    """Right and left padding, masked prompt, labels under padding: counted by hand."""
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]),
+        # row 0: targets 5, 6 supervised (t = 2, 3); 7 and 8 sit on padding.
+        # row 1: 9 on padding, 3 predicted from a pad position; 4, 5, 6 supervised.
+        "labels": torch.tensor([[-100, -100, 5, 6, 7, 8], [9, 9, 3, 4, 5, 6]]),
+    }
+    # float32: transformers' eager attention gives NaN on fully masked rows in float64
+    c = fit(make_model(dtype=torch.float32), [batch, batch], "kfac").counts
+    assert c == {
+        "positions": 16,
+        "supervised_tokens": 10,
+        "sequences": 4,
+        "batches": 2,
+        "skipped_batches": 0,
+    }
 
 
 def test_padding_never_contributes():
@@ -119,7 +127,40 @@ def test_padding_never_contributes():
         assert a.counts == b.counts
 
 
+def test_left_padding_equals_no_padding():
+    """Left padding (the usual batching for decoders) changes no statistic and no count, also
+    when the labels under the padding are set. (float32: transformers' eager attention turns
+    the fully masked rows of left padding into NaN in float64.)"""
+    model = make_model(dtype=torch.float32)
+    batch = make_batches(1, batch_size=1, seq_len=8, seed=4)[0]
+    batch = {k: v[:, :8] for k, v in batch.items()}
+    batch["attention_mask"][:] = 1
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, 1:3] = -100  # the first token keeps its label: after left padding a
+    # pad position would predict it
+    extra = 3
+    left = {
+        "input_ids": torch.cat([torch.full((1, extra), 7), batch["input_ids"]], 1),
+        "attention_mask": torch.cat(
+            [torch.zeros(1, extra, dtype=torch.long), batch["attention_mask"]], 1
+        ),
+        "labels": torch.cat([torch.full((1, extra), 3), batch["labels"]], 1),
+    }
+    for structure in ("kfac", "diag"):
+        a = fit(model, [batch], structure)
+        b = fit(model, [left], structure)
+        assert a.counts == b.counts
+        for key, t in a.structure_tensors().items():
+            torch.testing.assert_close(b.structure_tensors()[key], t, rtol=1e-4, atol=1e-6)
+
+
 def test_mc_samples_share_one_forward_and_are_seeded(model, batches):
+    lora_A = next(iter(find_lora_modules(model).values())).lora_A
+    calls = []
+    hook = lora_A.register_forward_hook(lambda *a: calls.append(1))
+    fit(model, batches, "kfac", estimator="mc", mc_samples=5)
+    hook.remove()
+    assert len(calls) == len(batches)  # one forward per batch for all five label draws
     a = fit(model, batches, "kfac", estimator="mc", mc_samples=3, seed=7)
     b = fit(model, batches, "kfac", estimator="mc", mc_samples=3, seed=7)
     c = fit(model, batches, "kfac", estimator="mc", mc_samples=3, seed=8)

@@ -63,12 +63,13 @@ class LoraHandle:
     lora_B: nn.Linear
 
 
-def _is_lora_linear(module: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # pragma: no cover - peft is a hard dependency
+def _carries(module: nn.Module, adapter_name: str) -> bool:
+    """Whether ``module`` is a peft LoRA layer with ``adapter_name`` (of any kind)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer):
         return False
-    return isinstance(module, LoraLinear)
+    return any(adapter_name in getattr(module, attr, {}) for attr in ("lora_A", "lora_embedding_A"))
 
 
 def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraHandle]:
@@ -79,21 +80,30 @@ def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[s
         LaloraError: an unsupported LoRA variant (DoRA and other variants, LoRA bias,
             merged adapters) is found.
     """
+    from peft.tuners.lora import LoraLayer
+
     found: dict[str, LoraHandle] = {}
     other_adapters: set[str] = set()
     for name, module in model.named_modules():
-        if not _is_lora_linear(module):
+        if not isinstance(module, LoraLayer):
             continue
-        if adapter_name not in module.lora_A:
-            other_adapters.update(module.lora_A.keys())
+        if not _carries(module, adapter_name):
+            other_adapters.update(getattr(module, "lora_A", {}).keys())
             continue
+        lora_A = module.lora_A[adapter_name] if adapter_name in module.lora_A else None
+        lora_B = module.lora_B[adapter_name] if adapter_name in module.lora_B else None
+        if not (isinstance(lora_A, nn.Linear) and isinstance(lora_B, nn.Linear)):
+            raise LaloraError(
+                f"module {name!r} ({type(module).__name__}) carries adapter {adapter_name!r} "
+                "but is not a linear LoRA layer (embedding and convolution LoRA are not "
+                "supported); leave it out of target_modules"
+            )
         if adapter_name in getattr(module, "lora_variant", {}):
             raise LaloraError(
                 f"module {name!r}: adapter {adapter_name!r} is a LoRA variant "
                 f"({type(module.lora_variant[adapter_name]).__name__}, e.g. DoRA); only vanilla "
                 "LoRA is supported"
             )
-        lora_A, lora_B = module.lora_A[adapter_name], module.lora_B[adapter_name]
         if lora_B.bias is not None or lora_A.bias is not None:
             raise LaloraError(f"module {name!r}: LoRA bias (lora_bias=True) is not supported")
         if getattr(module, "merged", False):

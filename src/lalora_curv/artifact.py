@@ -105,7 +105,11 @@ def save_precision(prec: Precision, path: str | Path) -> Path:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)
             os.rename(path, old)
-            os.rename(staging, path)
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                os.rename(old, path)  # put the old artifact back
+                raise
             shutil.rmtree(old)
         else:
             os.rename(staging, path)
@@ -130,8 +134,8 @@ def load_precision(path: str | Path) -> Precision:
         if not f.is_file():
             raise ArtifactError(f"{f}: missing")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(meta_path.read_text(), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"{meta_path}: corrupt JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("kind") != KIND:
         raise ArtifactError(
@@ -173,6 +177,7 @@ def load_precision(path: str | Path) -> Precision:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"{tensor_path}: tensor {name!r} has NaN/inf entries")
 
+    _check_metadata_values(meta, meta_path)
     structure = meta.get("structure")
     if structure not in STRUCTURE_CLASSES:
         raise ArtifactError(f"{meta_path}: unknown structure {structure!r}")
@@ -212,6 +217,41 @@ def load_precision(path: str | Path) -> Precision:
             f"{tensor_path}: unexpected tensor {extra[0]!r} for structure {structure!r}"
         )
     return prec
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} in metadata")
+
+
+def _check_metadata_values(meta: dict[str, Any], where: Path) -> None:
+    """Counts are non-negative integers, component weights finite and >= 0, modules sane."""
+    counts = meta.get("counts", {})
+    if not isinstance(counts, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()
+    ):
+        raise ArtifactError(f"{where}: 'counts' must map names to non-negative integers")
+    weights = meta.get("component_weights", [1.0])
+    if (
+        not isinstance(weights, list)
+        or not weights
+        or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in weights
+        )
+    ):
+        raise ArtifactError(
+            f"{where}: 'component_weights' must be a non-empty list of numbers >= 0"
+        )
+    modules = meta.get("modules")
+    if not isinstance(modules, list) or not modules:
+        raise ArtifactError(f"{where}: 'modules' must be a non-empty list")
+    for m in modules:
+        ok = isinstance(m, dict) and isinstance(m.get("name"), str)
+        ok = ok and all(
+            isinstance(m.get(k), int) and m[k] > 0 for k in ("in_features", "out_features", "rank")
+        )
+        ok = ok and isinstance(m.get("scaling"), int | float) and m["scaling"] > 0
+        if not ok:
+            raise ArtifactError(f"{where}: malformed module entry {m!r}")
 
 
 def _safetensors_header(blob: bytes) -> dict[str, str]:

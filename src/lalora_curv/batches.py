@@ -29,7 +29,8 @@ class PreparedBatch:
         position_mask: (batch, seq) bool, the positions whose activations and output
             gradients enter the statistics (every non-padding position).
         supervised: (batch, seq - 1) bool, the logits positions that carry a loss term:
-            ``labels[:, 1:] != -100`` and the target is not padding.
+            ``labels[:, 1:] != -100`` and neither the target nor the position predicting
+            it is padding.
         targets: (batch, seq - 1) the shifted labels.
     """
 
@@ -90,8 +91,9 @@ def prepare_batch(batch: Mapping[str, Tensor], device: torch.device, index: int)
         )
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise BatchError(f"{where}: attention_mask must hold only 0 and 1")
-    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    ids, labels, mask = ids.to(device), labels.to(device, torch.long), mask.to(device)
     position_mask = mask.bool()
     targets = labels[:, 1:]
-    supervised = (targets != IGNORE_INDEX) & position_mask[:, 1:]
+    # a loss term needs a real target *and* a real predicting position (left padding)
+    supervised = (targets != IGNORE_INDEX) & position_mask[:, 1:] & position_mask[:, :-1]
     return PreparedBatch(ids, mask, position_mask, supervised, targets)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from lalora_curv.adapter import LoraHandle
 from lalora_curv.batches import PreparedBatch, prepare_batch
-from lalora_curv.errors import BatchError, CurvatureError
+from lalora_curv.errors import BatchError, CurvatureError, LaloraError
 from lalora_curv.statistics import LoraStatistics, ModuleSums
 
 logger = logging.getLogger("lalora_curv")
@@ -249,15 +249,18 @@ def collect_statistics(
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             vocab = logits.shape[-1]
             if estimator == "mc":
-                with torch.no_grad():
-                    probs = torch.softmax(logits.detach(), dim=-1)
-                    labels = torch.multinomial(
-                        probs, samples, replacement=True, generator=generator
-                    ).T
+                labels = sample_labels(logits.detach(), samples, generator)
             else:
                 labels = batch.targets[batch.supervised].unsqueeze(0)
                 if bool((labels < 0).any()) or bool((labels >= vocab).any()):
                     raise BatchError(f"batch {index}: labels outside [0, {vocab}) other than -100")
+            idle = [name for name in handles if not recorder.calls[name].outputs]
+            if idle:
+                raise LaloraError(
+                    f"batch {index}: the LoRA adapter of module {idle[0]!r} did not run in the "
+                    f"forward pass ({len(idle)} of {len(handles)} modules idle): is the adapter "
+                    "active (model.set_adapter) and are adapters enabled?"
+                )
             outputs = [out for name in handles for out in recorder.calls[name].outputs]
             for k in range(samples):
                 loss = F.cross_entropy(logits, labels[k], reduction="sum")
@@ -281,6 +284,22 @@ def collect_statistics(
         stats.modules = recorder.sums
     bar.close()
     return stats
+
+
+@torch.no_grad()
+def sample_labels(logits: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+    """``samples`` draws from ``softmax(logits)`` per row, as a (samples, rows) tensor.
+
+    Inverse-CDF sampling: ``y = min{i : F_i > U F_V}``, ``U ~ Uniform[0, 1)``, with ``F`` the
+    cumulative probabilities. Exact, and ~35x faster on the CPU than ``torch.multinomial`` for
+    one draw per row (whose single-sample path is slow: 85 ms vs 2.3 ms for 700 x 8192).
+    """
+    cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
+    u = torch.rand(
+        logits.shape[0], samples, generator=generator, device=logits.device, dtype=cdf.dtype
+    )
+    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return draws.clamp_(max=logits.shape[-1] - 1).T.contiguous()
 
 
 def _len_or_none(batches: Iterable) -> int | None:

@@ -265,7 +265,8 @@ class Precision(ABC):
             other._metadata.get("sources", [])
         )
         meta["created"] = _now()
-        meta["lora_B_init_zero"] = self._metadata.get("lora_B_init_zero")
+        scales = {self._metadata.get("scale", 1.0), other._metadata.get("scale", 1.0)}
+        meta["scale"] = scales.pop() if len(scales) == 1 else None  # mixed: no single factor
         return result
 
     def __mul__(self, factor: object) -> Precision:

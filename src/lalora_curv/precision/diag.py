@@ -136,7 +136,17 @@ class MergedDiagPrecision(Precision):
 def rebased_modules(
     prec: Precision, model: nn.Module, adapter_name: str
 ) -> tuple[dict[str, LoraModuleSpec], dict[str, Tensor]]:
-    """The model adapter's module specs and mode, checked against the base-layer shapes."""
+    """The model adapter's module specs and mode, checked against the base-layer shapes.
+
+    The base-layer statistics are those of the model *with* the fitted adapter; they describe
+    the base model alone only when that adapter was a no-op (``B0 = 0``, the default init).
+    """
+    if prec.metadata.get("lora_B_init_zero") is False:
+        raise LaloraError(
+            "cannot rebase: this precision was fitted with a non-zero lora_B (B0 != 0), so its "
+            "statistics include that adapter's update s B0 A0; refit on the new adapter, or "
+            "fit at a zero-B init to get a portable precision"
+        )
     handles = find_lora_modules(model, adapter_name)
     for name in sorted(set(handles) | set(prec.modules)):
         if name not in handles or name not in prec.modules:
