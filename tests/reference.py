@@ -27,6 +27,7 @@ class TokenData:
     g_A: Tensor  # (n, r) dL/d(lora_A output) = s B^T g
     grad_A: Tensor  # (n, r, D_in) per-token gradient of lora_A
     grad_B: Tensor  # (n, D_out, r) per-token gradient of lora_B
+    row: Tensor  # (n,) the sequence each token belongs to
 
 
 @contextlib.contextmanager
@@ -96,6 +97,7 @@ def token_data(model, batch: dict, adapter="default") -> dict[str, TokenData]:
             g_A=gA[mask],
             grad_A=wA[mask],
             grad_B=wB[mask],
+            row=mask.nonzero()[:, 0],
         )
     return out
 
@@ -132,11 +134,19 @@ def brute_force(model, batches, adapter="default") -> dict[str, dict[str, Tensor
                 "weight_diag": torch.einsum("no,ni->oi", g.square(), d.x.square()) / n_sup,
                 "grad_A_sum": d.grad_A.sum(0),
                 "grad_B_sum": d.grad_B.sum(0),
+                "seq_diag_A": per_sequence(d.grad_A, d.row).square().sum(0) / n_sup,
+                "seq_diag_B": per_sequence(d.grad_B, d.row).square().sum(0) / n_sup,
             }
             m = acc.setdefault(name, {})
             for k, v in parts.items():
                 m[k] = v if k not in m else m[k] + v
     return acc
+
+
+def per_sequence(per_token: Tensor, row: Tensor) -> Tensor:
+    """Sum per-token gradients (n, ...) into per-sequence gradients (sequences, ...)."""
+    out = torch.zeros(int(row.max()) + 1, *per_token.shape[1:], dtype=per_token.dtype)
+    return out.index_add_(0, row, per_token)
 
 
 def batch_grad_squared(model, batches, adapter="default") -> dict[str, Tensor]:

@@ -25,8 +25,17 @@ def fit(model, batches, **kw):
     ("kwargs", "message"),
     [
         ({"structure": "full"}, "unknown structure 'full'; valid: "),
-        ({"backend": "kronfluence"}, "unknown backend 'kronfluence'; valid: \\['hooks'\\]"),
-        ({"estimator": "type2"}, "unknown estimator 'type2'"),
+        ({"backend": "kronfluence"}, "unknown backend 'kronfluence'; valid: \\['backpack', "),
+        ({"estimator": "type2"}, "type-2 Fisher needs one backward pass per vocabulary entry"),
+        ({"structure": "kfac", "granularity": "sequence"}, "only defined for structure='diag'"),
+        ({"granularity": "chunk"}, "unknown granularity 'chunk'"),
+        ({"backend": "backpack", "structure": "kfac"}, "backend 'backpack' supports structures"),
+        ({"backend": "curvlinops", "structure": "diag"}, "backend 'curvlinops' supports"),
+        (
+            {"backend": "backpack", "structure": "diag", "granularity": "token"},
+            "granularity 'token' is not available here",
+        ),
+        ({"estimator": "fisher"}, "unknown estimator 'fisher'"),
         ({"structure": "kfac", "estimator": "batch-grad-squared"}, "only defines a diagonal"),
         ({"estimator": "empirical", "mc_samples": 4}, "applies only to estimator='mc'"),
         ({"estimator": "mc", "mc_samples": 0}, "positive integer"),
@@ -120,7 +129,7 @@ def test_embedding_lora_is_rejected_not_skipped():
     from lalora_curv.toy import add_lora, tiny_llama
 
     model = add_lora(tiny_llama(), target_modules=("q_proj", "embed_tokens"))
-    with pytest.raises(lc.LaloraError, match="embed_tokens.*not a linear LoRA layer"):
+    with pytest.raises(lc.LaloraError, match=r"embed_tokens.*not a linear LoRA layer"):
         fit(model, make_batches(1))
 
 

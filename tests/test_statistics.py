@@ -69,6 +69,18 @@ def test_per_token_diag_matches_brute_force(model, batches):
         assert ref[name]["diag_A"].max() > 0
 
 
+def test_per_sequence_diag_matches_brute_force(model, batches):
+    prec = fit(model, batches, "diag", granularity="sequence")
+    ref = brute_force(model, batches)
+    for name, spec in prec.modules.items():
+        torch.testing.assert_close(prec.diag[spec.lora_A_name], ref[name]["seq_diag_A"], **EXACT)
+        torch.testing.assert_close(prec.diag[spec.lora_B_name], ref[name]["seq_diag_B"], **EXACT)
+    assert prec.metadata["granularity"] == "sequence"
+    token = fit(model, batches, "diag")
+    name = prec.param_names[1]
+    assert not torch.allclose(prec.diag[name], token.diag[name])  # a different statistic
+
+
 def test_merged_diag_matches_brute_force(model, batches):
     prec = fit(model, batches, "merged-diag")
     ref = brute_force(model, batches)

@@ -62,6 +62,7 @@ KNOWN_KEYS = frozenset(
         "modules",
         "tensors_sha256",
         "rebased",
+        "granularity",
     }
 )
 

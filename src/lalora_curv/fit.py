@@ -16,16 +16,13 @@ from lalora_curv.adapter import (
     base_model_info,
     find_lora_modules,
 )
+from lalora_curv.backends import needed_sums, resolve_backend
 from lalora_curv.errors import CurvatureError, LaloraError
-from lalora_curv.hooks import ESTIMATORS, collect_statistics, needed_sums
 from lalora_curv.precision import STRUCTURE_CLASSES, Precision
 from lalora_curv.precision.base import _now
 from lalora_curv.statistics import KFAC_STRUCTURES, LoraStatistics
 
 logger = logging.getLogger("lalora_curv")
-
-#: backend name -> statistics collector; the second-order tools of the field come later.
-BACKENDS = {"hooks": collect_statistics}
 
 
 def fit_precision(
@@ -42,6 +39,7 @@ def fit_precision(
     seed: int = 0,
     stats_dtype: torch.dtype = torch.float32,
     sources: Sequence[str] | str | None = None,
+    granularity: str | None = None,
 ) -> Precision:
     """Fit a Laplace precision of the LoRA parameters of ``model`` on source ``batches``.
 
@@ -57,7 +55,8 @@ def fit_precision(
             (-100 = no loss).
         structure: ``"diag"``, ``"kfac"``, ``"tri-kfac"``, ``"merged-kfac"`` or
             ``"merged-diag"``.
-        backend: statistics backend; ``"hooks"``.
+        backend: statistics backend: ``"hooks"`` (ours), ``"curvlinops"``, ``"backpack"`` or
+            ``"laplace"`` (see :mod:`lalora_curv.backends` for what each supports).
         estimator: ``"empirical"`` (true labels), ``"mc"`` (labels drawn from the model,
             ``mc_samples`` draws) or, for ``structure="diag"`` only, ``"batch-grad-squared"``
             (the paper's squared mini-batch gradients).
@@ -68,21 +67,14 @@ def fit_precision(
         seed: seed of the Monte-Carlo label draws.
         stats_dtype: accumulation dtype (float32 or float64), whatever the model's dtype.
         sources: names of the source data, recorded in the metadata.
+        granularity: ``"token"`` (per-token, "expand" statistics) or, for diagonals,
+            ``"sequence"`` (squares of per-sequence gradients); ``None`` takes the backend's
+            own (``"sequence"`` for BackPACK, ``"token"`` otherwise).
 
     Returns:
         A :class:`~lalora_curv.precision.Precision` of the requested structure.
     """
-    if structure not in STRUCTURE_CLASSES:
-        raise LaloraError(f"unknown structure {structure!r}; valid: {sorted(STRUCTURE_CLASSES)}")
-    if backend not in BACKENDS:
-        raise LaloraError(f"unknown backend {backend!r}; valid: {sorted(BACKENDS)}")
-    if estimator not in ESTIMATORS:
-        raise LaloraError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
-    if estimator == "batch-grad-squared" and structure != "diag":
-        raise LaloraError(
-            "estimator 'batch-grad-squared' (squared mini-batch gradients) only "
-            f"defines a diagonal; use structure='diag', not {structure!r}"
-        )
+    spec, granularity = resolve_backend(backend, structure, estimator, granularity)
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise LaloraError(f"mc_samples must be a positive integer, got {mc_samples!r}")
     if mc_samples != 1 and estimator != "mc":
@@ -101,18 +93,19 @@ def fit_precision(
             "blocks of the precision are exactly zero; only lora_B carries curvature"
         )
 
-    collect = BACKENDS[backend]
+    collect = spec.collector()
     stats = collect(
         model,
         handles,
         batches,
-        needs=needed_sums(structure, estimator),
+        needs=needed_sums(structure, estimator, granularity),
         estimator=estimator,
         mc_samples=mc_samples,
         seed=seed,
         max_batches=max_batches,
         progress=progress,
         dtype=stats_dtype,
+        granularity=granularity,
     )
     if stats.supervised_tokens == 0:
         raise CurvatureError(
@@ -126,6 +119,7 @@ def fit_precision(
     metadata: dict[str, Any] = {
         "backend": backend,
         "estimator": estimator,
+        "granularity": granularity,
         "mc_samples": mc_samples,
         "seed": seed,
         "counts": stats.counts(),

@@ -328,6 +328,15 @@ class Precision(ABC):
             "cannot be re-based; refit it, or fit a K-FAC precision, which can"
         )
 
+    def to_laplace(
+        self, model: nn.Module, adapter_name: str | None = None, prior_precision: float = 1.0
+    ):
+        """A laplace-torch posterior with this precision (see
+        :func:`lalora_curv.backends.laplace.to_laplace`)."""
+        from lalora_curv.backends.laplace import to_laplace
+
+        return to_laplace(self, model, adapter_name, prior_precision)
+
     # ------------------------------------------------------------------ artifact
     def save(self, path: str | Path) -> Path:
         """Write ``path/precision.safetensors`` and ``path/precision.json`` atomically."""

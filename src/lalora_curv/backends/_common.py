@@ -1,0 +1,142 @@
+"""What every backend shares: model state during a fit, the batch loop, the label sampler.
+
+A backend supplies one function, ``process(batch, index) -> None``, that runs the model on a
+validated batch and adds its sums to the :class:`~lalora_curv.statistics.LoraStatistics`;
+:func:`fit_loop` validates batches, skips those without a supervised token, counts tokens and
+shows the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lalora_curv.adapter import LoraHandle
+from lalora_curv.batches import PreparedBatch, prepare_batch
+from lalora_curv.errors import BatchError, CurvatureError
+from lalora_curv.statistics import LoraStatistics
+
+logger = logging.getLogger("lalora_curv")
+
+
+@contextlib.contextmanager
+def fitting_state(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[None]:
+    """Eval mode and differentiable LoRA weights for the fit; everything restored afterwards."""
+    training = {m: m.training for m in model.modules()}
+    lora_params = [p for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)]
+    requires_grad = [p.requires_grad for p in lora_params]
+    try:
+        model.eval()
+        for p in lora_params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+        for p, flag in zip(lora_params, requires_grad, strict=True):
+            p.requires_grad_(flag)
+
+
+def model_logits(model: nn.Module, batch: PreparedBatch) -> Tensor:
+    """The model's logits (batch, seq, vocab) for a prepared batch."""
+    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def supervised_logits(logits: Tensor, batch: PreparedBatch) -> Tensor:
+    """Logits of the supervised positions (M, vocab), in at least float32."""
+    logits = logits[:, :-1][batch.supervised]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+@torch.no_grad()
+def sample_labels(logits: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+    """``samples`` draws from ``softmax(logits)`` per row, as a (samples, rows) tensor.
+
+    Inverse-CDF sampling: ``y = min{i : F_i > U F_V}``, ``U ~ Uniform[0, 1)``, with ``F`` the
+    cumulative probabilities. Exact, and ~35x faster on the CPU than ``torch.multinomial`` for
+    one draw per row (whose single-sample path is slow: 85 ms vs 2.3 ms for 700 x 8192).
+    """
+    cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
+    u = torch.rand(
+        logits.shape[0], samples, generator=generator, device=logits.device, dtype=cdf.dtype
+    )
+    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return draws.clamp_(max=logits.shape[-1] - 1).T.contiguous()
+
+
+def loss_labels(
+    logits: Tensor,
+    batch: PreparedBatch,
+    index: int,
+    estimator: str,
+    samples: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """Labels of the supervised positions, (samples, M): true ones or drawn from the model."""
+    if estimator == "mc":
+        return sample_labels(logits.detach(), samples, generator)
+    labels = batch.targets[batch.supervised].unsqueeze(0)
+    vocab = logits.shape[-1]
+    if bool((labels < 0).any()) or bool((labels >= vocab).any()):
+        raise BatchError(f"batch {index}: labels outside [0, {vocab}) other than -100")
+    return labels
+
+
+def check_finite_loss(loss: Tensor, index: int) -> None:
+    if not bool(torch.isfinite(loss)):
+        raise CurvatureError(f"batch {index}: the source loss is {loss.item()}")
+
+
+def fit_loop(
+    batches: Iterable[Mapping[str, Tensor]],
+    process: Callable[[PreparedBatch, int], None],
+    *,
+    device: torch.device,
+    max_batches: int | None,
+    progress: bool,
+    desc: str,
+) -> LoraStatistics:
+    """Validate, count and feed every batch to ``process``; return the counts.
+
+    The caller stores its sums into the returned statistics' ``modules``.
+    """
+    stats = LoraStatistics()
+    total = max_batches if max_batches is not None else _len_or_none(batches)
+    bar = tqdm(total=total, disable=not progress, unit="batch", desc=desc)
+    try:
+        for index, raw in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            batch = prepare_batch(raw, device, index)
+            stats.batches += 1
+            if batch.num_supervised == 0:
+                stats.skipped_batches += 1
+                logger.warning(
+                    "batch %d has no supervised token (all labels -100 or padding); skipped",
+                    index,
+                )
+            else:
+                process(batch, index)
+                stats.positions += batch.num_positions
+                stats.supervised_tokens += batch.num_supervised
+                stats.sequences += batch.num_sequences
+            bar.update(1)
+            bar.set_postfix(tokens=stats.supervised_tokens)
+    finally:
+        bar.close()
+    return stats
+
+
+def _len_or_none(batches: Iterable) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,144 @@
+"""The ``curvlinops`` backend: K-FAC factors from curvlinops' ``KFACLinearOperator``.
+
+curvlinops (Dangel et al.) computes token-level ("expand") K-FAC factors for the ``lora_A``
+and ``lora_B`` Linear layers. It has no label masking and no padding mask, so:
+
+* a wrapper module returns only the logits of supervised positions, ``(M, vocab)``, with the
+  matching labels ``(M,)``; the loss is ``CrossEntropyLoss(reduction="sum")``, our summed NLL;
+* a batch with padding is split into its sequences, each cropped to its real tokens (one
+  operator per piece), so padding never reaches an input factor.
+
+Its factors are read through the public ``state_dict()`` (curvlinops 3.0.x) and converted into
+our raw sums: the lora_A input covariance (a mean over the piece's positions) times the number
+of positions is ``sum_t x_t x_t^T``; the lora_B gradient covariance (``reduction="sum"``,
+already averaged over MC samples) divided by ``s^2`` is ``sum_t g_t g_t^T``.
+Every K-FAC structure then follows from these two base factors. The type-2 Fisher is not
+offered (one backward per vocabulary entry; biased for causal LMs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from lalora_curv.adapter import LoraHandle
+from lalora_curv.backends._common import fit_loop, fitting_state
+from lalora_curv.batches import PreparedBatch
+from lalora_curv.errors import LaloraError
+from lalora_curv.statistics import LoraStatistics, ModuleSums
+
+
+class SupervisedLogits(nn.Module):
+    """``X -> logits[:, :-1][X["supervised"]]``: the model's logits at supervised positions."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, X: Mapping[str, Tensor]) -> Tensor:
+        kwargs = {"use_cache": False} if hasattr(self.model, "config") else {}
+        out = self.model(input_ids=X["input_ids"], attention_mask=X["attention_mask"], **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        logits = logits[:, :-1][X["supervised"]]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def unpadded_pieces(batch: PreparedBatch) -> Iterator[tuple[dict[str, Tensor], Tensor, int]]:
+    """``(X, y, positions)`` without padding: the batch itself, or each sequence cropped."""
+    if bool(batch.position_mask.all()):
+        X = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "supervised": batch.supervised,
+        }
+        yield X, batch.targets[batch.supervised], batch.num_positions
+        return
+    for i in range(batch.input_ids.shape[0]):
+        real = batch.position_mask[i].nonzero().flatten()
+        if real.numel() == 0:
+            continue
+        start, end = int(real[0]), int(real[-1]) + 1
+        if real.numel() != end - start:
+            raise LaloraError(
+                "padding inside a sequence (not only at its start or end) is "
+                "not supported by backend 'curvlinops'; use backend='hooks'"
+            )
+        sup = batch.supervised[i : i + 1, start : end - 1]
+        if not bool(sup.any()):
+            continue
+        X = {
+            "input_ids": batch.input_ids[i : i + 1, start:end],
+            "attention_mask": batch.attention_mask[i : i + 1, start:end],
+            "supervised": sup,
+        }
+        yield X, batch.targets[i : i + 1, start : end - 1][sup], end - start
+
+
+def collect_statistics(
+    model: nn.Module,
+    handles: dict[str, LoraHandle],
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    needs: frozenset[str],
+    estimator: str,
+    mc_samples: int,
+    seed: int,
+    max_batches: int | None,
+    progress: bool,
+    dtype: torch.dtype,
+    granularity: str,
+) -> LoraStatistics:
+    """Base K-FAC sums (``input_cov``, ``grad_cov``) computed by curvlinops."""
+    from curvlinops import KFACLinearOperator
+    from curvlinops.kfac import FisherType, KFACType
+
+    wrapper = SupervisedLogits(model)
+    names = {id(m): n for n, m in wrapper.named_modules()}
+    params = [p for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)]
+    fisher_type = {"empirical": FisherType.EMPIRICAL, "mc": FisherType.MC}[estimator]
+    sums = {name: ModuleSums() for name in handles}
+    device = params[0].device
+    pieces_seen = [0]
+
+    def process(batch: PreparedBatch, index: int) -> None:
+        for X, y, positions in unpadded_pieces(batch):
+            size = X["input_ids"].shape[0]
+            operator = KFACLinearOperator(
+                wrapper,
+                nn.CrossEntropyLoss(reduction="sum"),
+                params,
+                [(X, y)],
+                fisher_type=fisher_type,
+                mc_samples=mc_samples if estimator == "mc" else 1,
+                kfac_approx=KFACType.EXPAND,
+                seed=seed + pieces_seen[0],
+                num_data=size,
+                num_per_example_loss_terms=max(1, y.numel() // size),
+                batch_size_fn=lambda X: X["input_ids"].shape[0],
+                check_deterministic=False,
+            )
+            pieces_seen[0] += 1
+            operator.compute_kronecker_factors()
+            state = operator.state_dict()
+            input_covs, grad_covs = state["input_covariances"], state["gradient_covariances"]
+            for name, h in handles.items():
+                s = h.spec.scaling
+                # curvlinops divides the input covariance by num_data * sequence length
+                x_cov = input_covs[names[id(h.lora_A)]].to(dtype) * positions
+                g_cov = grad_covs[names[id(h.lora_B)]].to(dtype) / s**2
+                sums[name].add("input_cov", x_cov)
+                sums[name].add("grad_cov", g_cov)
+
+    with fitting_state(model, handles):
+        stats = fit_loop(
+            batches,
+            process,
+            device=device,
+            max_batches=max_batches,
+            progress=progress,
+            desc=f"fitting LoRA curvature (curvlinops, {estimator})",
+        )
+    stats.modules = sums
+    return stats

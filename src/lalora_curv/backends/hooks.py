@@ -1,0 +1,270 @@
+"""The ``hooks`` backend: LoRA curvature statistics from forward hooks and one backward pass.
+
+Forward hooks on the ``lora_A`` / ``lora_B`` sub-modules of every adapted layer record the
+lora_A input ``x``, the lora_B input ``u`` and the lora_B output. One ``torch.autograd.grad`` of
+the summed per-token NLL with respect to the recorded lora_B outputs then yields
+``s * g = dL/d(lora_B output)`` for every module at once, without touching any parameter's
+``.grad``. With ``mc_samples = k`` the forward pass is shared by the ``k`` label draws (one
+backward each). The sums of :mod:`lalora_curv.statistics` are accumulated from these tensors.
+
+Correctness notes:
+
+* fitting runs in eval mode (LoRA and model dropout off), restored afterwards;
+* forward hooks record only during the model's own forward call, so activation recomputation
+  under non-reentrant gradient checkpointing (forward hooks firing again inside backward) is
+  ignored rather than counted twice;
+* padding positions (attention_mask 0) never contribute; the input of a lora_A shared by
+  several modules (q, k, v see the same tensor) is reduced once per forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lalora_curv.adapter import LoraHandle
+from lalora_curv.backends._common import (
+    check_finite_loss,
+    fit_loop,
+    fitting_state,
+    loss_labels,
+    model_logits,
+    supervised_logits,
+)
+from lalora_curv.batches import PreparedBatch
+from lalora_curv.errors import BatchError, LaloraError
+from lalora_curv.statistics import LoraStatistics, ModuleSums
+
+#: sums that square a gradient summed over a group (a sequence or a whole batch)
+GROUPED = frozenset({"lora_A_grad", "lora_B_grad"})
+
+
+@dataclass
+class _Calls:
+    """Tensors recorded in one forward pass for one module (a module may run several times)."""
+
+    inputs: list[Tensor] = field(default_factory=list)  # x, lora_A input
+    lora_B_inputs: list[Tensor] = field(default_factory=list)  # u = A x
+    outputs: list[Tensor] = field(default_factory=list)  # lora_B output (carries the graph)
+
+
+class _Recorder:
+    """Forward hooks on the LoRA sub-modules; accumulates :class:`ModuleSums`.
+
+    Token sums record inputs flattened to the counted positions, (n, features); grouped sums
+    record them as (batch, seq, features) with padding zeroed.
+    """
+
+    def __init__(
+        self,
+        handles: dict[str, LoraHandle],
+        needs: frozenset[str],
+        dtype: torch.dtype,
+        group: str | None,
+    ):
+        self.handles = handles
+        self.needs = needs
+        self.dtype = dtype
+        self.group = group  # "sequence" or "batch" for grouped sums
+        self.sums = {name: ModuleSums() for name in handles}
+        self.recording = False
+        self.position_mask: Tensor | None = None
+        self.calls: dict[str, _Calls] = {name: _Calls() for name in handles}
+        self._shared_input_cov: list[tuple[Tensor, Tensor]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[_Recorder]:
+        try:
+            for name, h in self.handles.items():
+                self._handles.append(h.lora_A.register_forward_hook(self._lora_A_hook(name)))
+                self._handles.append(h.lora_B.register_forward_hook(self._lora_B_hook(name)))
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self.reset()
+
+    def reset(self) -> None:
+        self.calls = {name: _Calls() for name in self.handles}
+        self._shared_input_cov.clear()
+        self.position_mask = None
+
+    def _check(self, t: Tensor, name: str) -> Tensor:
+        mask = self.position_mask
+        assert mask is not None
+        if t.shape[:-1] != mask.shape:
+            raise BatchError(
+                f"module {name!r} received an input of shape {tuple(t.shape)}; lalora-curv "
+                f"expects (batch, seq, features) matching input_ids {tuple(mask.shape)}"
+            )
+        return mask
+
+    def _masked(self, t: Tensor, name: str) -> Tensor:
+        """(n, features): the counted positions of ``t``, in the statistics dtype."""
+        return t.detach()[self._check(t, name)].to(self.dtype)
+
+    def _zeroed(self, t: Tensor, name: str) -> Tensor:
+        """(batch, seq, features): ``t`` with padding positions zeroed, in the statistics dtype."""
+        mask = self._check(t, name)
+        return t.detach().to(self.dtype) * mask.unsqueeze(-1).to(self.dtype)
+
+    def _record(self, t: Tensor, name: str) -> Tensor:
+        return self._zeroed(t, name) if self.needs & GROUPED else self._masked(t, name)
+
+    def _lora_A_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self.recording:
+                return
+            x = args[0]
+            if "input_cov" in self.needs:
+                self.sums[name].add("input_cov", self._input_cov(x, name))
+            if self.needs & {"lora_A_diag", "weight_diag", "lora_A_grad"}:
+                self.calls[name].inputs.append(self._record(x, name))
+
+        return hook
+
+    def _lora_B_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self.recording:
+                return
+            if self.needs & {"lora_B_diag", "lora_B_grad"}:
+                self.calls[name].lora_B_inputs.append(self._record(args[0], name))
+            self.calls[name].outputs.append(output)
+
+        return hook
+
+    def _input_cov(self, x: Tensor, name: str) -> Tensor:
+        """``sum_t x_t x_t^T`` over counted positions, shared between modules fed the same tensor."""
+        for seen, cov in self._shared_input_cov:
+            if seen is x:
+                return cov
+        xm = self._masked(x, name)
+        cov = xm.T @ xm
+        self._shared_input_cov.append((x, cov))  # keeps x alive, so identity stays unambiguous
+        return cov
+
+    def accumulate_gradients(self, grads: dict[str, list[Tensor | None]], weight: float) -> None:
+        """Add one label sample's gradient statistics, weighted by ``weight`` (1 / samples)."""
+        for name, handle in self.handles.items():
+            if self.needs & GROUPED:
+                self._accumulate_grouped(name, handle, grads[name], weight)
+            else:
+                self._accumulate_tokens(name, handle, grads[name], weight)
+
+    def _accumulate_tokens(self, name: str, handle: LoraHandle, grads, weight: float) -> None:
+        s = handle.spec.scaling
+        calls, sums = self.calls[name], self.sums[name]
+        lora_B = handle.lora_B.weight.detach().to(self.dtype)
+        for c, grad in enumerate(grads):
+            if grad is None:  # the module's output does not reach the loss
+                continue
+            g_B = self._masked(grad, name)  # s * g, per counted position
+            if "grad_cov" in self.needs:
+                g = g_B / s
+                sums.add("grad_cov", weight * (g.T @ g))
+            if "weight_diag" in self.needs:
+                g2 = (g_B / s).square()
+                sums.add("weight_diag", weight * (g2.T @ calls.inputs[c].square()))
+            if "lora_B_diag" in self.needs:
+                u2 = calls.lora_B_inputs[c].square()
+                sums.add("lora_B_diag", weight * (g_B.square().T @ u2))
+            if "lora_A_diag" in self.needs:
+                g_A = g_B @ lora_B  # s * B^T g as rows
+                sums.add("lora_A_diag", weight * (g_A.square().T @ calls.inputs[c].square()))
+
+    def _accumulate_grouped(self, name: str, handle: LoraHandle, grads, weight: float) -> None:
+        """Squares of gradients summed over each sequence (or over the whole batch)."""
+        calls, sums = self.calls[name], self.sums[name]
+        lora_B = handle.lora_B.weight.detach().to(self.dtype)
+        grad_A = grad_B = None
+        for c, grad in enumerate(grads):
+            if grad is None:
+                continue
+            g_B = self._zeroed(grad, name)  # (batch, seq, D_out)
+            part_B = torch.einsum("bto,btr->bor", g_B, calls.lora_B_inputs[c])
+            part_A = torch.einsum("btr,bti->bri", g_B @ lora_B, calls.inputs[c])
+            grad_B = part_B if grad_B is None else grad_B + part_B
+            grad_A = part_A if grad_A is None else grad_A + part_A
+        if grad_B is None or grad_A is None:
+            return
+        if self.group == "batch":
+            grad_B, grad_A = grad_B.sum(0, keepdim=True), grad_A.sum(0, keepdim=True)
+        sums.add("lora_B_diag", weight * grad_B.square().sum(0))
+        sums.add("lora_A_diag", weight * grad_A.square().sum(0))
+
+
+def collect_statistics(
+    model: nn.Module,
+    handles: dict[str, LoraHandle],
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    needs: frozenset[str],
+    estimator: str,
+    mc_samples: int,
+    seed: int,
+    max_batches: int | None,
+    progress: bool,
+    dtype: torch.dtype,
+    granularity: str,
+) -> LoraStatistics:
+    """Run the hooks backend over ``batches`` and return the raw token sums.
+
+    The loss behind every gradient is ``L = sum_{supervised t} -log p(y_t | y_<t)``, with
+    ``y_t`` the true label (``empirical``, ``batch-grad-squared``) or a draw from the model's
+    predictive (``mc``, ``mc_samples`` draws sharing one forward pass, seeded by ``seed``).
+    """
+    group = "batch" if estimator == "batch-grad-squared" else granularity
+    recorder = _Recorder(handles, needs, dtype, group if needs & GROUPED else None)
+    device = next(iter(handles.values())).lora_A.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    samples = mc_samples if estimator == "mc" else 1
+
+    def process(batch: PreparedBatch, index: int) -> None:
+        recorder.position_mask = batch.position_mask
+        recorder.recording = True
+        try:
+            logits = model_logits(model, batch)
+        finally:
+            recorder.recording = False
+        logits = supervised_logits(logits, batch)
+        labels = loss_labels(logits, batch, index, estimator, samples, generator)
+        idle = [name for name in handles if not recorder.calls[name].outputs]
+        if idle:
+            raise LaloraError(
+                f"batch {index}: the LoRA adapter of module {idle[0]!r} did not run in the "
+                f"forward pass ({len(idle)} of {len(handles)} modules idle): is the adapter "
+                "active (model.set_adapter) and are adapters enabled?"
+            )
+        outputs = [out for name in handles for out in recorder.calls[name].outputs]
+        for k in range(samples):
+            loss = F.cross_entropy(logits, labels[k], reduction="sum")
+            check_finite_loss(loss, index)
+            flat = torch.autograd.grad(
+                loss, outputs, retain_graph=k < samples - 1, allow_unused=True
+            )
+            grads, pos = {}, 0
+            for name in handles:
+                n = len(recorder.calls[name].outputs)
+                grads[name] = list(flat[pos : pos + n])
+                pos += n
+            recorder.accumulate_gradients(grads, 1.0 / samples)
+        recorder.reset()
+
+    with fitting_state(model, handles), recorder.attached():
+        stats = fit_loop(
+            batches,
+            process,
+            device=device,
+            max_batches=max_batches,
+            progress=progress,
+            desc=f"fitting LoRA curvature (hooks, {estimator})",
+        )
+    stats.modules = recorder.sums
+    return stats

@@ -1,0 +1,207 @@
+"""The ``laplace`` backend (laplace-torch) and the export of a precision to laplace-torch.
+
+laplace-torch (Daxberger et al., NeurIPS 2021) is the reference library for Laplace
+approximations. Fitting: its ``KronLaplace`` on the LoRA parameters (only those require a
+gradient during the fit), with curvlinops as its curvature backend (``CurvlinopsEF`` for the
+empirical Fisher, ``CurvlinopsGGN(stochastic=True)`` for the MC Fisher), on dict batches whose
+model wrapper returns the supervised logits. Each unpadded piece of a batch (see
+:func:`lalora_curv.backends.curvlinops.unpadded_pieces`) is fitted as a data set of one item,
+and its Kronecker factors, read from the public ``H_facs``, are converted into our raw sums.
+
+Known limitations of laplace-torch in this setting, handled here and worth knowing when using
+it directly on language models:
+
+* it rescales the input factor of every mini-batch by ``len(y) / len(dataset)``, mixing token
+  counts (``y``) with sequence counts (the data set), so for token-level language modelling
+  its ``H`` is off by the number of supervised tokens per sequence;
+* its ``Kron + Kron`` adds factors (a product of sums, not a sum of products);
+* its model output must be 2-D, so prompt tokens and padding count unless the model masks them
+  (our wrapper does), and its GGN default is the type-2 Fisher (one backward per vocabulary
+  entry, biased for causal LMs), which is why ``mc`` maps to ``CurvlinopsGGN(stochastic=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lalora_curv.adapter import LoraHandle
+from lalora_curv.backends._common import fit_loop, fitting_state
+from lalora_curv.backends.curvlinops import SupervisedLogits, unpadded_pieces
+from lalora_curv.batches import PreparedBatch
+from lalora_curv.errors import LaloraError
+from lalora_curv.statistics import LoraStatistics, ModuleSums
+
+
+@contextlib.contextmanager
+def only_lora_trainable(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[None]:
+    """laplace-torch takes every parameter that requires a gradient: make that the LoRA ones."""
+    lora = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in saved_grads:
+        p.grad = None  # a backward would accumulate into them in place
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in lora)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p, g in saved_grads:
+            p.grad = g
+
+
+def _lora_module_order(wrapper: nn.Module, handles: dict[str, LoraHandle]) -> list[tuple[str, str]]:
+    """(module name, "A"/"B") in laplace-torch's factor order (the model's module order)."""
+    which = {}
+    for name, h in handles.items():
+        which[id(h.lora_A)] = (name, "A")
+        which[id(h.lora_B)] = (name, "B")
+    return [which[id(m)] for _, m in wrapper.named_modules() if id(m) in which]
+
+
+def collect_statistics(
+    model: nn.Module,
+    handles: dict[str, LoraHandle],
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    needs: frozenset[str],
+    estimator: str,
+    mc_samples: int,
+    seed: int,
+    max_batches: int | None,
+    progress: bool,
+    dtype: torch.dtype,
+    granularity: str,
+) -> LoraStatistics:
+    """Base K-FAC sums computed by laplace-torch's ``KronLaplace``."""
+    from laplace import KronLaplace
+    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+
+    wrapper = SupervisedLogits(model)
+    order = _lora_module_order(wrapper, handles)
+    sums = {name: ModuleSums() for name in handles}
+    device = next(iter(handles.values())).lora_A.weight.device
+    pieces_seen = [0]
+
+    def process(batch: PreparedBatch, index: int) -> None:
+        for X, y, positions in unpadded_pieces(batch):
+            size = X["input_ids"].shape[0]
+            kwargs: dict[str, Any] = {
+                "seed": seed + pieces_seen[0],
+                "num_per_example_loss_terms": max(1, y.numel() // size),
+            }
+            if estimator == "mc":
+                backend, backend_kwargs = CurvlinopsGGN, {"stochastic": True}
+                kwargs["mc_samples"] = mc_samples
+            else:
+                backend, backend_kwargs = CurvlinopsEF, {}
+            pieces_seen[0] += 1
+            la = KronLaplace(
+                wrapper,
+                "classification",
+                backend=backend,
+                backend_kwargs=backend_kwargs,
+                asdl_fisher_kwargs=kwargs,
+            )
+            la.fit(torch.utils.data.DataLoader([{**X, "labels": y}], batch_size=None))
+            kfacs = la.H_facs.kfacs
+            if len(kfacs) != len(order):
+                raise LaloraError(
+                    f"laplace-torch returned {len(kfacs)} factor pairs for {len(order)} LoRA layers"
+                )
+            for (name, which), (grad_f, input_f) in zip(order, kfacs, strict=True):
+                s = handles[name].spec.scaling
+                if which == "A":  # input factor: mean over positions, times len(y) / 1
+                    sums[name].add("input_cov", input_f.to(dtype) / y.numel() * positions)
+                else:  # gradient factor of lora_B: sum over tokens of (s g)(s g)^T
+                    sums[name].add("grad_cov", grad_f.to(dtype) / s**2)
+
+    with fitting_state(model, handles), only_lora_trainable(model, handles):
+        stats = fit_loop(
+            batches,
+            process,
+            device=device,
+            max_batches=max_batches,
+            progress=progress,
+            desc=f"fitting LoRA curvature (laplace, {estimator})",
+        )
+    stats.modules = sums
+    return stats
+
+
+def to_laplace(
+    prec, model: nn.Module, adapter_name: str | None = None, prior_precision: float = 1.0
+):
+    """A laplace-torch posterior for the model's adapter with our precision as its curvature.
+
+    The log-likelihood Hessian is the whole source data set's, ``H = N P`` (``N`` supervised
+    tokens); the mean is the adapter's current weights. ``kfac`` becomes a ``KronLaplace``
+    (one component only), ``diag`` a ``DiagLaplace``, ``tri-kfac`` a ``FullLaplace`` (dense:
+    small models). The model is wrapped in :class:`SupervisedLogits`: call the returned object
+    with dict inputs that carry ``input_ids``, ``attention_mask`` and a ``supervised`` mask.
+    The merged-update structures have no representation in laplace-torch.
+    """
+    from laplace import DiagLaplace, FullLaplace, KronLaplace
+
+    from lalora_curv.adapter import find_lora_modules
+
+    structure = prec.structure
+    if structure not in ("kfac", "diag", "tri-kfac"):
+        raise LaloraError(
+            f"a {structure!r} precision has no laplace-torch counterpart; "
+            "export kfac, diag or tri-kfac"
+        )
+    adapter = adapter_name or prec.metadata.get("adapter", {}).get("name", "default")
+    params = prec.adapter_params(model, adapter)  # checks the match
+    handles = find_lora_modules(model, adapter)
+    n = prec.counts.get("supervised_tokens", 0)
+    wrapper = SupervisedLogits(model)
+    with only_lora_trainable(model, handles):
+        cls = {"kfac": KronLaplace, "diag": DiagLaplace, "tri-kfac": FullLaplace}[structure]
+        la = cls(wrapper, "classification", prior_precision=prior_precision)
+    order = [p for p in model.parameters() if id(p) in {id(q) for q in params.values()}]
+    names = {id(p): name for name, p in params.items()}
+    mean = torch.cat([p.detach().flatten() for p in order])
+    if structure == "kfac":
+        if len(prec.weights) != 1:
+            raise LaloraError(
+                "a pooled K-FAC precision (several components) is a sum of "
+                "Kronecker products, which laplace-torch's Kron cannot hold"
+            )
+        H: Any = []
+        for p in order:
+            spec = prec.modules[names[id(p)].rsplit(".lora_", 1)[0]]
+            b = prec.blocks(spec.name)
+            if names[id(p)] == spec.lora_A_name:
+                H.append([n * b.lora_A_grad_cov[0], b.input_cov[0]])
+            else:
+                H.append([n * b.lora_B_grad_cov[0], b.lora_B_input_cov[0]])
+    elif structure == "diag":
+        H = n * torch.cat([prec.diag[names[id(p)]].flatten() for p in order])
+    else:
+        if [names[id(p)] for p in order] != prec.param_names:
+            raise LaloraError("the model's parameter order differs from the precision's")
+        H = n * prec.to_dense()
+    la.load_state_dict(
+        {
+            "mean": mean,
+            "H": H,
+            "loss": 0.0,
+            "prior_mean": 0.0,
+            "prior_precision": torch.as_tensor(prior_precision, dtype=mean.dtype),
+            "sigma_noise": torch.as_tensor(1.0),
+            "n_data": prec.counts.get("sequences", 0),
+            "n_outputs": model.config.vocab_size if hasattr(model, "config") else None,
+            "likelihood": "classification",
+            "temperature": 1.0,
+            "enable_backprop": False,
+            "cls_name": cls.__name__,
+        }
+    )
+    return la

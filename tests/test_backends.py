@@ -1,0 +1,171 @@
+"""Backends agree with each other, and with laplace-torch's exact FullLaplace (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lalora_curv as lc
+from conftest import make_batches, make_model
+from lalora_curv.adapter import find_lora_modules
+from lalora_curv.backends.curvlinops import SupervisedLogits
+from lalora_curv.backends.laplace import only_lora_trainable
+from reference import supervised_mask
+
+pytest.importorskip("curvlinops")
+pytest.importorskip("backpack")
+pytest.importorskip("laplace")
+
+#: agreement between backends computing the same statistic
+AGREE = 1e-6
+#: label draws and tolerance where a Monte-Carlo estimate meets an exact reference
+MC_SAMPLES = 2000
+MC_RTOL = 0.12  # observed: K-FAC grad factor 0.046-0.047, per-sequence diag 0.015-0.040
+
+
+def fit(model, batches, **kw):
+    return lc.fit_precision(model, batches, progress=False, stats_dtype=torch.float64, **kw)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("backend", ["curvlinops", "laplace"])
+def test_kfac_backends_equal_hooks_on_the_empirical_fisher(model, batches, backend):
+    """Padding, masked prompts and a non-zero B0 included."""
+    ref = fit(model, batches, structure="kfac")
+    got = fit(model, batches, structure="kfac", backend=backend)
+    assert got.counts == ref.counts and got.metadata["backend"] == backend
+    for name in ref.modules:
+        assert rel(got.input_cov[name], ref.input_cov[name]) < AGREE
+        assert rel(got.grad_cov[name], ref.grad_cov[name]) < AGREE
+    d = {n: torch.randn_like(t) for n, t in ref.mode.items()}
+    for structure in ("tri-kfac", "merged-kfac"):
+        q_ref = ref.with_structure(structure).quad(d)
+        assert abs(float(got.with_structure(structure).quad(d) - q_ref)) < AGREE * abs(float(q_ref))
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "mc"])
+def test_backpack_equals_hooks_per_sequence_diag(model, batches, estimator):
+    kw = {"estimator": estimator, "mc_samples": 3 if estimator == "mc" else 1, "seed": 5}
+    ref = fit(model, batches, structure="diag", granularity="sequence", **kw)
+    got = fit(model, batches, structure="diag", backend="backpack", **kw)
+    assert got.metadata["granularity"] == "sequence"
+    for name in ref.param_names:
+        assert rel(got.diag[name], ref.diag[name]) < AGREE
+
+
+def test_backpack_leaves_no_trace(model, batches):
+    handles = find_lora_modules(model)
+    first = next(iter(handles.values()))
+    first.lora_B.weight.grad = torch.ones_like(first.lora_B.weight)
+    fit(model, batches, structure="diag", backend="backpack")
+    for h in handles.values():
+        for m in (h.lora_A, h.lora_B):
+            assert not m._forward_hooks and not m._backward_hooks
+            assert not hasattr(m, "_backpack_extend") and not hasattr(m, "output")
+            assert not hasattr(m.weight, "sum_grad_squared")
+    assert torch.equal(first.lora_B.weight.grad, torch.ones_like(first.lora_B.weight))
+
+
+@pytest.mark.parametrize("backend", ["curvlinops", "laplace"])
+def test_mc_backends_converge_to_the_exact_fisher(backend):
+    from test_mc import exact_fisher
+
+    model = make_model()
+    batch = make_batches(1, batch_size=1, seq_len=7, seed=5)[0]
+    exact = exact_fisher(model, batch)
+    got = fit(
+        model, [batch], structure="kfac", backend=backend, estimator="mc", mc_samples=MC_SAMPLES
+    )
+    for name, ex in exact.items():
+        assert rel(got.grad_cov[name][0], ex["G_h"]) < MC_RTOL
+
+
+def full_laplace(model, batches, backend_name):
+    """laplace-torch's FullLaplace H on the LoRA parameters, per supervised token."""
+    from laplace import FullLaplace
+    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+
+    backend = {"ef": CurvlinopsEF, "ggn": CurvlinopsGGN}[backend_name]
+    handles = find_lora_modules(model)
+    data = []
+    for b in batches:
+        sup = supervised_mask(b)
+        data.append(
+            {
+                "input_ids": b["input_ids"],
+                "attention_mask": b["attention_mask"],
+                "supervised": sup,
+                "labels": b["labels"][:, 1:][sup],
+            }
+        )
+    n = sum(int(d["labels"].numel()) for d in data)
+    with only_lora_trainable(model, handles):
+        la = FullLaplace(SupervisedLogits(model), "classification", backend=backend)
+        la.fit(torch.utils.data.DataLoader(data, batch_size=None))
+    return la.H / n
+
+
+def one_supervised_token_per_sequence(seed):
+    batches = make_batches(2, batch_size=3, seq_len=8, seed=seed)
+    for b in batches:
+        keep = torch.zeros_like(b["labels"], dtype=torch.bool)
+        keep[:, 5] = True
+        b["labels"] = b["labels"].masked_fill(~keep, -100)
+        b["attention_mask"][:] = 1
+    return batches
+
+
+def test_per_sequence_diag_is_the_diagonal_of_laplace_torch_full_ef(model):
+    """With one supervised token per sequence, a sequence's gradient is its token's, so the
+    per-sequence diagonal is exactly the diagonal of the (token) empirical Fisher."""
+    batches = one_supervised_token_per_sequence(seed=2)
+    H = full_laplace(model, batches, "ef")
+    prec = fit(model, batches, structure="diag", granularity="sequence")
+    diag = torch.cat([prec.diag[n].flatten() for n in prec.param_names])
+    torch.testing.assert_close(diag, torch.diagonal(H), rtol=AGREE, atol=1e-14)
+
+
+def test_mc_per_sequence_diag_converges_to_laplace_torch_exact_ggn(model):
+    """E[(sum_t grad l_t(y ~ p))^2] = diag(GGN): cross-token terms vanish in expectation."""
+    batches = make_batches(1, batch_size=2, seq_len=6, seed=3)
+    H = full_laplace(model, batches, "ggn")
+    prec = fit(
+        model,
+        batches,
+        structure="diag",
+        granularity="sequence",
+        estimator="mc",
+        mc_samples=MC_SAMPLES,
+    )
+    diag = torch.cat([prec.diag[n].flatten() for n in prec.param_names])
+    assert rel(diag, torch.diagonal(H)) < MC_RTOL
+    empirical = fit(model, batches, structure="diag", granularity="sequence")
+    emp = torch.cat([empirical.diag[n].flatten() for n in empirical.param_names])
+    assert rel(emp, torch.diagonal(H)) > 2 * MC_RTOL  # the check can tell estimators apart
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag", "tri-kfac"])
+def test_export_to_laplace_torch(model, batches, structure):
+    prec = fit(model, batches, structure=structure)
+    la = prec.to_laplace(model, prior_precision=0.5)
+    n = prec.counts["supervised_tokens"]
+    expected = n * prec.to_dense() + 0.5 * torch.eye(prec.num_params, dtype=torch.float64)
+    P = la.posterior_precision
+    P = P.to_matrix() if hasattr(P, "to_matrix") else (torch.diag(P) if P.ndim == 1 else P)
+    torch.testing.assert_close(P, expected, rtol=1e-8, atol=1e-10)
+    params = prec.adapter_params(model)
+    torch.testing.assert_close(
+        la.mean, torch.cat([params[k].detach().flatten() for k in prec.param_names])
+    )
+    assert all(p.requires_grad for p in params.values())
+
+
+def test_export_refuses_what_laplace_cannot_hold(model, batches):
+    k = fit(model, batches, structure="kfac")
+    with pytest.raises(lc.LaloraError, match="no laplace-torch counterpart"):
+        k.with_structure("merged-kfac").to_laplace(model)
+    with pytest.raises(lc.LaloraError, match="sum of Kronecker products"):
+        (k + k).to_laplace(model)
