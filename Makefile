@@ -24,6 +24,8 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_backends.py
+	$(PY) benchmarks/bench_approx.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

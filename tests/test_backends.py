@@ -8,9 +8,7 @@ import torch
 import lalora_curv as lc
 from conftest import make_batches, make_model
 from lalora_curv.adapter import find_lora_modules
-from lalora_curv.backends.curvlinops import SupervisedLogits
-from lalora_curv.backends.laplace import only_lora_trainable
-from reference import supervised_mask
+from lalora_curv.backends.laplace import exact_curvature
 
 pytest.importorskip("curvlinops")
 pytest.importorskip("backpack")
@@ -83,31 +81,6 @@ def test_mc_backends_converge_to_the_exact_fisher(backend):
         assert rel(got.grad_cov[name][0], ex["G_h"]) < MC_RTOL
 
 
-def full_laplace(model, batches, backend_name):
-    """laplace-torch's FullLaplace H on the LoRA parameters, per supervised token."""
-    from laplace import FullLaplace
-    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
-
-    backend = {"ef": CurvlinopsEF, "ggn": CurvlinopsGGN}[backend_name]
-    handles = find_lora_modules(model)
-    data = []
-    for b in batches:
-        sup = supervised_mask(b)
-        data.append(
-            {
-                "input_ids": b["input_ids"],
-                "attention_mask": b["attention_mask"],
-                "supervised": sup,
-                "labels": b["labels"][:, 1:][sup],
-            }
-        )
-    n = sum(int(d["labels"].numel()) for d in data)
-    with only_lora_trainable(model, handles):
-        la = FullLaplace(SupervisedLogits(model), "classification", backend=backend)
-        la.fit(torch.utils.data.DataLoader(data, batch_size=None))
-    return la.H / n
-
-
 def one_supervised_token_per_sequence(seed):
     batches = make_batches(2, batch_size=3, seq_len=8, seed=seed)
     for b in batches:
@@ -122,7 +95,7 @@ def test_per_sequence_diag_is_the_diagonal_of_laplace_torch_full_ef(model):
     """With one supervised token per sequence, a sequence's gradient is its token's, so the
     per-sequence diagonal is exactly the diagonal of the (token) empirical Fisher."""
     batches = one_supervised_token_per_sequence(seed=2)
-    H = full_laplace(model, batches, "ef")
+    H = exact_curvature(model, batches, "ef")
     prec = fit(model, batches, structure="diag", granularity="sequence")
     diag = torch.cat([prec.diag[n].flatten() for n in prec.param_names])
     torch.testing.assert_close(diag, torch.diagonal(H), rtol=AGREE, atol=1e-14)
@@ -131,7 +104,7 @@ def test_per_sequence_diag_is_the_diagonal_of_laplace_torch_full_ef(model):
 def test_mc_per_sequence_diag_converges_to_laplace_torch_exact_ggn(model):
     """E[(sum_t grad l_t(y ~ p))^2] = diag(GGN): cross-token terms vanish in expectation."""
     batches = make_batches(1, batch_size=2, seq_len=6, seed=3)
-    H = full_laplace(model, batches, "ggn")
+    H = exact_curvature(model, batches, "ggn")
     prec = fit(
         model,
         batches,
@@ -150,7 +123,8 @@ def test_mc_per_sequence_diag_converges_to_laplace_torch_exact_ggn(model):
 @pytest.mark.parametrize("structure", ["kfac", "diag", "tri-kfac"])
 def test_export_to_laplace_torch(model, batches, structure):
     prec = fit(model, batches, structure=structure)
-    la = prec.to_laplace(model, prior_precision=0.5)
+    with pytest.warns(UserWarning, match="lacks the data-fit term"):
+        la = prec.to_laplace(model, prior_precision=0.5)
     n = prec.counts["supervised_tokens"]
     expected = n * prec.to_dense() + 0.5 * torch.eye(prec.num_params, dtype=torch.float64)
     P = la.posterior_precision
