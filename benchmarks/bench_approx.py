@@ -67,6 +67,7 @@ def main() -> None:
             ("diag", "sequence"),
             ("kfac", "token"),
             ("tri-kfac", "token"),
+            ("ekfac", "token"),
         ):
             prec = lc.fit_precision(
                 model,

@@ -54,6 +54,36 @@ def test_backpack_equals_hooks_per_sequence_diag(model, batches, estimator):
         assert rel(got.diag[name], ref.diag[name]) < AGREE
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_backpack_second_order_cannot_run_on_peft_lora():
+    """Canary: why DiagGGN is not offered. If BackPACK learns to run it through a peft LoRA
+    layer, this fails, and the backend should offer it."""
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+    from peft import LoraConfig, get_peft_model
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = (
+                torch.nn.Linear(8, 16),
+                torch.nn.ReLU(),
+                torch.nn.Linear(16, 5),
+            )
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = get_peft_model(MLP(), LoraConfig(r=2, target_modules=["fc1", "fc2"])).base_model.model
+    loss_fn = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+    x, y = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    for use_converter in (False, True):
+        with pytest.raises(Exception, match=r"does not have an extension|control flow"):
+            extended = extend(model, use_converter=use_converter)
+            with backpack(DiagGGNExact()):
+                loss_fn(extended(x), y).backward()
+
+
 def test_backpack_leaves_no_trace(model, batches):
     handles = find_lora_modules(model)
     first = next(iter(handles.values()))
@@ -118,6 +148,51 @@ def test_mc_per_sequence_diag_converges_to_laplace_torch_exact_ggn(model):
     empirical = fit(model, batches, structure="diag", granularity="sequence")
     emp = torch.cat([empirical.diag[n].flatten() for n in empirical.param_names])
     assert rel(emp, torch.diagonal(H)) > 2 * MC_RTOL  # the check can tell estimators apart
+
+
+def test_ekfac_equals_curvlinops_ekfac_where_they_coincide():
+    """curvlinops' EKFAC corrects eigenvalues with per-sequence gradients, ours with per-token
+    ones; with one supervised token per sequence of two tokens they are the same gradient."""
+    from curvlinops import EKFACLinearOperator
+
+    from lalora_curv.backends.curvlinops import SupervisedLogits
+
+    model = make_model()
+    batches = make_batches(2, batch_size=4, seq_len=2, seed=7)
+    for b in batches:
+        b["attention_mask"][:] = 1
+        b["labels"][:, 0] = -100
+        b["labels"][:, 1] = b["input_ids"][:, 1]
+    prec = fit(model, batches, structure="ekfac")
+    params = [
+        p for h in find_lora_modules(model).values() for p in (h.lora_A.weight, h.lora_B.weight)
+    ]
+    data = []
+    for b in batches:
+        sup = torch.zeros(4, 1, dtype=torch.bool) | True
+        data.append(
+            (
+                {
+                    "input_ids": b["input_ids"],
+                    "attention_mask": b["attention_mask"],
+                    "supervised": sup,
+                },
+                b["labels"][:, 1],
+            )
+        )
+    op = EKFACLinearOperator(
+        SupervisedLogits(model),
+        torch.nn.CrossEntropyLoss(reduction="sum"),
+        params,
+        data,
+        fisher_type="empirical",
+        num_per_example_loss_terms=1,
+        batch_size_fn=lambda X: X["input_ids"].shape[0],
+        check_deterministic=False,
+    )
+    dense = op @ torch.eye(op.shape[1], dtype=torch.float64)
+    n = prec.counts["supervised_tokens"]
+    assert rel(torch.as_tensor(dense) / n, prec.to_dense()) < AGREE
 
 
 @pytest.mark.parametrize("structure", ["kfac", "diag", "tri-kfac"])

@@ -27,6 +27,10 @@ def fit(model, batches, **kw):
         ({"structure": "full"}, "unknown structure 'full'; valid: "),
         ({"backend": "kronfluence"}, "unknown backend 'kronfluence'; valid: \\['backpack', "),
         ({"estimator": "type2"}, "type-2 Fisher needs one backward pass per vocabulary entry"),
+        (
+            {"backend": "backpack", "structure": "diag", "estimator": "diag-ggn-exact"},
+            "cannot run through a peft LoRA layer",
+        ),
         ({"structure": "kfac", "granularity": "sequence"}, "only defined for structure='diag'"),
         ({"granularity": "chunk"}, "unknown granularity 'chunk'"),
         ({"backend": "backpack", "structure": "kfac"}, "backend 'backpack' supports structures"),

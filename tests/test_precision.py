@@ -11,7 +11,7 @@ from lalora_curv.adapter import find_lora_modules
 from reference import merge_jacobian
 
 EXACT = {"rtol": 1e-9, "atol": 1e-12}
-QUADRATIC = ("diag", "kfac", "tri-kfac")
+QUADRATIC = ("diag", "kfac", "tri-kfac", "ekfac")
 
 
 def fit(model, batches, structure, **kw):
@@ -74,7 +74,7 @@ def test_tri_kfac_dense_is_merge_jacobian_sandwich(kfac_nonzero):
     assert offset == P_tri.shape[0]
 
 
-@pytest.mark.parametrize("structure", [*QUADRATIC, "merged-kfac", "merged-diag"])
+@pytest.mark.parametrize("structure", [*QUADRATIC, "merged-kfac", "merged-diag"])  # all
 def test_penalty_gradient_matches_autograd_of_reference(model, batches, structure):
     prec = fit(model, batches, structure)
     handles = find_lora_modules(model)

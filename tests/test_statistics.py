@@ -10,7 +10,7 @@ import torch
 import lalora_curv as lc
 from conftest import make_batches, make_model
 from lalora_curv.adapter import find_lora_modules
-from reference import batch_grad_squared, brute_force, token_data
+from reference import batch_grad_squared, brute_force, counts, token_data
 
 EXACT = {"rtol": 1e-9, "atol": 1e-12}
 
@@ -93,6 +93,42 @@ def test_batch_grad_squared_matches_autograd(model, batches):
     ref = batch_grad_squared(model, batches)
     for name, value in ref.items():
         torch.testing.assert_close(prec.diag[name], value, **EXACT)
+
+
+def test_ekfac_matches_its_definition(model, batches):
+    """Eigenbases of the brute-force K-FAC factors; eigenvalues = mean squared per-token
+    gradients in that basis."""
+    prec = fit(model, batches, "ekfac")
+    ref = brute_force(model, batches)
+    _, n_sup = counts(batches)
+    per_token = {}
+    for batch in batches:
+        for name, d in token_data(model, batch).items():
+            per_token.setdefault(name, []).append(d)
+    blocks = []
+    for name in prec.modules:
+        r = ref[name]
+        data = per_token[name]
+        x, u = torch.cat([d.x for d in data]), torch.cat([d.u for d in data])
+        g_A, g_B = torch.cat([d.g_A for d in data]), torch.cat([d.g_B for d in data])
+        for a, g, C, G in ((x, g_A, r["C_x"], r["G_AA"]), (u, g_B, r["C_u"], r["G_B"])):
+            Qa, Qg = torch.linalg.eigh(C)[1], torch.linalg.eigh(G)[1]
+            lam = ((g @ Qg).square().T @ (a @ Qa).square()) / n_sup
+            Q = torch.kron(Qg, Qa)
+            blocks.append(Q @ torch.diag(lam.flatten()) @ Q.T)
+    torch.testing.assert_close(prec.to_dense(), torch.block_diag(*blocks), rtol=1e-7, atol=1e-12)
+    kfac = fit(model, batches, "kfac")
+    assert not torch.allclose(prec.to_dense(), kfac.to_dense())  # a different precision
+
+
+def test_ekfac_needs_two_passes(model, batches):
+    with pytest.raises(lc.LaloraError, match="two passes"):
+        fit(model, iter(batches), "ekfac")
+    prec = fit(model, batches, "ekfac")
+    with pytest.raises(lc.IncompatiblePrecisionError, match="different eigenbases"):
+        prec + prec
+    d = {n: torch.randn_like(t) for n, t in prec.mode.items()}
+    torch.testing.assert_close((0.5 * prec).quad(d), 0.5 * prec.quad(d))
 
 
 def test_counts_by_hand():

@@ -24,6 +24,7 @@ from lalora_curv.fit import fit_precision
 from lalora_curv.precision import (
     STRUCTURE_CLASSES,
     DiagPrecision,
+    EKFACPrecision,
     KFACPrecision,
     KroneckerPrecision,
     MergedDiagPrecision,
@@ -41,6 +42,7 @@ __all__ = [
     "BatchError",
     "CurvatureError",
     "DiagPrecision",
+    "EKFACPrecision",
     "IncompatiblePrecisionError",
     "KFACPrecision",
     "KroneckerPrecision",

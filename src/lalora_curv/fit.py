@@ -18,7 +18,7 @@ from lalora_curv.adapter import (
 )
 from lalora_curv.backends import needed_sums, resolve_backend
 from lalora_curv.errors import CurvatureError, LaloraError
-from lalora_curv.precision import STRUCTURE_CLASSES, Precision
+from lalora_curv.precision import STRUCTURE_CLASSES, EKFACPrecision, KFACPrecision, Precision
 from lalora_curv.precision.base import _now
 from lalora_curv.statistics import KFAC_STRUCTURES, LoraStatistics
 
@@ -53,8 +53,8 @@ def fit_precision(
             takes ``input_ids``/``attention_mask`` and returns logits works).
         batches: iterable of dicts with ``input_ids``, optional ``attention_mask``, ``labels``
             (-100 = no loss).
-        structure: ``"diag"``, ``"kfac"``, ``"tri-kfac"``, ``"merged-kfac"`` or
-            ``"merged-diag"``.
+        structure: ``"diag"``, ``"kfac"``, ``"tri-kfac"``, ``"merged-kfac"``,
+            ``"merged-diag"`` or ``"ekfac"`` (two passes over ``batches``).
         backend: statistics backend: ``"hooks"`` (ours), ``"curvlinops"``, ``"backpack"`` or
             ``"laplace"`` (see :mod:`lalora_curv.backends` for what each supports).
         estimator: ``"empirical"`` (true labels), ``"mc"`` (labels drawn from the model,
@@ -93,26 +93,37 @@ def fit_precision(
             "blocks of the precision are exactly zero; only lora_B carries curvature"
         )
 
-    collect = spec.collector()
-    stats = collect(
-        model,
-        handles,
-        batches,
-        needs=needed_sums(structure, estimator, granularity),
-        estimator=estimator,
-        mc_samples=mc_samples,
-        seed=seed,
-        max_batches=max_batches,
-        progress=progress,
-        dtype=stats_dtype,
-        granularity=granularity,
-    )
-    if stats.supervised_tokens == 0:
-        raise CurvatureError(
-            f"no supervised token in {stats.batches} batches (all labels -100 "
-            "or padding): nothing to fit"
+    collector = spec.collector()
+
+    def collect(needs: frozenset[str], pass_seed: int, **extra: Any) -> LoraStatistics:
+        stats = collector(
+            model,
+            handles,
+            batches,
+            needs=needs,
+            estimator=estimator,
+            mc_samples=mc_samples,
+            seed=pass_seed,
+            max_batches=max_batches,
+            progress=progress,
+            dtype=stats_dtype,
+            granularity=granularity,
+            **extra,
         )
-    stats.check_finite()
+        if stats.supervised_tokens == 0:
+            raise CurvatureError(
+                f"no supervised token in {stats.batches} batches (all labels -100 "
+                "or padding): nothing to fit"
+            )
+        stats.check_finite()
+        return stats
+
+    if structure == "ekfac" and iter(batches) is batches:  # type: ignore[comparison-overlap]
+        raise LaloraError(
+            "structure 'ekfac' makes two passes over the batches: pass a list or "
+            "a DataLoader, not an iterator"
+        )
+    stats = collect(needed_sums(structure, estimator, granularity), seed)
 
     if isinstance(sources, str):
         sources = [sources]
@@ -133,7 +144,38 @@ def fit_precision(
         "scale": 1.0,
     }
     specs = {name: h.spec for name, h in handles.items()}
-    return precision_from_statistics(structure, stats, specs, mode, metadata)
+    if structure != "ekfac":
+        return precision_from_statistics(structure, stats, specs, mode, metadata)
+    # EKFAC: the K-FAC eigenbasis from this pass, its eigenvalues refitted in a second one
+    kfac = precision_from_statistics("kfac", stats, specs, mode, dict(metadata))
+    bases = ekfac_bases(kfac)
+    device = next(iter(handles.values())).lora_A.weight.device
+    rotations = {n: {k: q.to(device, stats_dtype) for k, q in b.items()} for n, b in bases.items()}
+    second = collect(frozenset({"lora_A_diag", "lora_B_diag"}), seed + 1, rotations=rotations)
+    if second.counts() != stats.counts():
+        raise LaloraError("the batches changed between the two passes of the EKFAC fit")
+    eig_pass = precision_from_statistics("diag", second, specs, mode, dict(metadata))
+    grad, inp = {}, {}
+    for name, spec in specs.items():
+        grad[spec.lora_A_name], inp[spec.lora_A_name] = bases[name]["g_A"], bases[name]["x"]
+        grad[spec.lora_B_name], inp[spec.lora_B_name] = bases[name]["g_B"], bases[name]["u"]
+    return EKFACPrecision(specs, mode, grad, inp, eig_pass.diag, metadata)
+
+
+def ekfac_bases(kfac: KFACPrecision) -> dict[str, dict[str, Tensor]]:
+    """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``."""
+    bases = {}
+    for name in kfac.modules:
+        b = kfac.blocks(name)
+        factors = {
+            "x": b.input_cov,
+            "g_A": b.lora_A_grad_cov,
+            "u": b.lora_B_input_cov,
+            "g_B": b.lora_B_grad_cov,
+        }
+        # contiguous: the artifact stores them so, and matmul results must not depend on layout
+        bases[name] = {k: torch.linalg.eigh(f[0])[1].contiguous() for k, f in factors.items()}
+    return bases
 
 
 def precision_from_statistics(

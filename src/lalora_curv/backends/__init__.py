@@ -8,7 +8,7 @@ when used.
 
 | backend | structures | estimators | granularity |
 |---|---|---|---|
-| ``hooks`` (ours) | all | empirical, mc, batch-grad-squared (diag) | token; sequence (diag) |
+| ``hooks`` (ours) | all (ekfac: two passes) | empirical, mc, batch-grad-squared (diag) | token; sequence (diag) |
 | ``curvlinops`` | kfac, tri-kfac, merged-kfac | empirical, mc | token |
 | ``backpack`` | diag | empirical, mc | sequence |
 | ``laplace`` | kfac, tri-kfac, merged-kfac | empirical, mc | token |
@@ -86,6 +86,13 @@ def resolve_backend(
     if backend not in BACKENDS:
         raise LaloraError(f"unknown backend {backend!r}; valid: {sorted(BACKENDS)}")
     if estimator not in ESTIMATORS:
+        if "ggn" in estimator.lower() and backend == "backpack":
+            raise LaloraError(
+                f"estimator {estimator!r}: BackPACK's second-order extensions (DiagGGNExact, "
+                "DiagGGNMC) cannot run through a peft LoRA layer (a two-branch container "
+                "BackPACK does not support; its torch.fx converter fails on peft's control "
+                "flow); estimator='mc' gives an unbiased per-sequence estimate of diag(GGN)"
+            )
         if estimator.lower() in ("type2", "type-2", "ggn", "exact"):
             raise LaloraError(
                 f"estimator {estimator!r} is not offered for language models: the type-2 "
@@ -113,6 +120,8 @@ def resolve_backend(
             "estimator 'batch-grad-squared' (squared mini-batch gradients) only defines a "
             f"diagonal; use structure='diag', not {structure!r}"
         )
+    if estimator == "batch-grad-squared" and structure == "ekfac":
+        raise LaloraError("estimator 'batch-grad-squared' only defines a diagonal")
     if granularity == "sequence" and structure != "diag":
         raise LaloraError(
             f"granularity 'sequence' (per-sequence squared gradients) is only defined for "

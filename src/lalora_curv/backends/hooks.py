@@ -66,8 +66,10 @@ class _Recorder:
         needs: frozenset[str],
         dtype: torch.dtype,
         group: str | None,
+        rotations: dict[str, dict[str, Tensor]] | None = None,
     ):
         self.handles = handles
+        self.rotations = rotations
         self.needs = needs
         self.dtype = dtype
         self.group = group  # "sequence" or "batch" for grouped sums
@@ -162,10 +164,18 @@ class _Recorder:
         s = handle.spec.scaling
         calls, sums = self.calls[name], self.sums[name]
         lora_B = handle.lora_B.weight.detach().to(self.dtype)
+        rot = (self.rotations or {}).get(name)
         for c, grad in enumerate(grads):
             if grad is None:  # the module's output does not reach the loss
                 continue
             g_B = self._masked(grad, name)  # s * g, per counted position
+            if rot is not None:  # EKFAC: per-token diagonal in the K-FAC eigenbasis
+                x, u = calls.inputs[c] @ rot["x"], calls.lora_B_inputs[c] @ rot["u"]
+                g_A = (g_B @ lora_B) @ rot["g_A"]
+                g_B = g_B @ rot["g_B"]
+                sums.add("lora_B_diag", weight * (g_B.square().T @ u.square()))
+                sums.add("lora_A_diag", weight * (g_A.square().T @ x.square()))
+                continue
             if "grad_cov" in self.needs:
                 g = g_B / s
                 sums.add("grad_cov", weight * (g.T @ g))
@@ -213,15 +223,19 @@ def collect_statistics(
     progress: bool,
     dtype: torch.dtype,
     granularity: str,
+    rotations: dict[str, dict[str, Tensor]] | None = None,
 ) -> LoraStatistics:
     """Run the hooks backend over ``batches`` and return the raw token sums.
+
+    With ``rotations`` (``{module: {"x", "u", "g_A", "g_B": eigenvectors}}``) the diagonal sums
+    are taken in that basis: EKFAC's eigenvalue correction.
 
     The loss behind every gradient is ``L = sum_{supervised t} -log p(y_t | y_<t)``, with
     ``y_t`` the true label (``empirical``, ``batch-grad-squared``) or a draw from the model's
     predictive (``mc``, ``mc_samples`` draws sharing one forward pass, seeded by ``seed``).
     """
     group = "batch" if estimator == "batch-grad-squared" else granularity
-    recorder = _Recorder(handles, needs, dtype, group if needs & GROUPED else None)
+    recorder = _Recorder(handles, needs, dtype, group if needs & GROUPED else None, rotations)
     device = next(iter(handles.values())).lora_A.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = mc_samples if estimator == "mc" else 1

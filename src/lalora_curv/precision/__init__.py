@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from lalora_curv.precision.base import Precision
 from lalora_curv.precision.diag import DiagPrecision, MergedDiagPrecision
+from lalora_curv.precision.ekfac import EKFACPrecision
 from lalora_curv.precision.kfac import (
     KFAC_CLASSES,
     KFACPrecision,
@@ -22,11 +23,13 @@ STRUCTURE_CLASSES: dict[str, type[Precision]] = {
     "diag": DiagPrecision,
     **KFAC_CLASSES,
     "merged-diag": MergedDiagPrecision,
+    "ekfac": EKFACPrecision,
 }
 
 __all__ = [
     "STRUCTURE_CLASSES",
     "DiagPrecision",
+    "EKFACPrecision",
     "KFACPrecision",
     "KroneckerPrecision",
     "MergedDiagPrecision",

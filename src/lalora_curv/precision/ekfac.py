@@ -1,0 +1,105 @@
+"""EKFAC: K-FAC's eigenbasis with eigenvalues refitted to the data (George et al., 2018).
+
+For a weight ``W`` (out x in) with K-FAC factors ``G = Q_g diag(.) Q_g^T`` and
+``C = Q_a diag(.) Q_a^T``, EKFAC keeps the Kronecker eigenbasis and replaces the products of
+factor eigenvalues by the second moments of the per-token gradients in that basis:
+
+.. math::
+
+    \\Lambda = \\frac1N \\sum_t \\big((Q_g^\\top \\tilde g_t)^{\\odot 2}\\big)
+    \\big((Q_a^\\top a_t)^{\\odot 2}\\big)^\\top,\\qquad
+    r = \\langle \\Lambda,\\, (Q_g^\\top\\, dW\\, Q_a)^{\\odot 2} \\rangle
+
+with ``a_t`` the layer input and ``g~_t`` its output gradient (lora_A: ``x_t`` and
+``s B0^T g_t``; lora_B: ``u_t`` and ``s g_t``). Dense (row-major):
+``(Q_g (x) Q_a) diag(vec Lambda) (Q_g (x) Q_a)^T``. It is exact on the diagonal of the
+per-token Fisher in the eigenbasis, which K-FAC is not. Blocks per lora_A and lora_B (no
+cross blocks); it needs a second pass over the data and depends on the adapter (no rebase).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lalora_curv.adapter import LoraModuleSpec
+from lalora_curv.errors import IncompatiblePrecisionError
+from lalora_curv.precision._util import take
+from lalora_curv.precision.base import Precision
+
+
+class EKFACPrecision(Precision):
+    """Eigenvalue-corrected K-FAC blocks for lora_A and lora_B of each module.
+
+    Attributes:
+        grad_eigvecs: ``{param name: Q_g}`` (out x out).
+        input_eigvecs: ``{param name: Q_a}`` (in x in).
+        eigenvalues: ``{param name: Lambda}`` (out x in, the parameter's shape).
+    """
+
+    structure = "ekfac"
+
+    def __init__(
+        self,
+        modules: Mapping[str, LoraModuleSpec],
+        mode: Mapping[str, Tensor],
+        grad_eigvecs: Mapping[str, Tensor],
+        input_eigvecs: Mapping[str, Tensor],
+        eigenvalues: Mapping[str, Tensor],
+        metadata: Mapping[str, Any],
+    ) -> None:
+        super().__init__(modules, mode, metadata)
+        self.grad_eigvecs = dict(grad_eigvecs)
+        self.input_eigvecs = dict(input_eigvecs)
+        self.eigenvalues = dict(eigenvalues)
+
+    def _param_quad(self, name: str, d: Tensor) -> Tensor:
+        rotated = self.grad_eigvecs[name].T @ d @ self.input_eigvecs[name]
+        return (self.eigenvalues[name] * rotated.square()).sum()
+
+    def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
+        return self._param_quad(spec.lora_A_name, dA) + self._param_quad(spec.lora_B_name, dB)
+
+    def _param_dense(self, name: str) -> Tensor:
+        Q = torch.kron(self.grad_eigvecs[name], self.input_eigvecs[name])
+        return Q @ torch.diag(self.eigenvalues[name].flatten()) @ Q.T
+
+    def _module_dense(self, spec: LoraModuleSpec) -> Tensor:
+        return torch.block_diag(
+            self._param_dense(spec.lora_A_name), self._param_dense(spec.lora_B_name)
+        )
+
+    def structure_tensors(self) -> dict[str, Tensor]:
+        tensors = {}
+        for n in self.param_names:
+            tensors[f"grad_eigvecs.{n}"] = self.grad_eigvecs[n]
+            tensors[f"input_eigvecs.{n}"] = self.input_eigvecs[n]
+            tensors[f"eigenvalues.{n}"] = self.eigenvalues[n]
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, modules, mode, tensors, metadata) -> EKFACPrecision:
+        grad, inp, eig = {}, {}, {}
+        for s in modules.values():
+            for n, (out_dim, in_dim) in (
+                (s.lora_A_name, (s.rank, s.in_features)),
+                (s.lora_B_name, (s.out_features, s.rank)),
+            ):
+                grad[n] = take(tensors, f"grad_eigvecs.{n}", (out_dim, out_dim))
+                inp[n] = take(tensors, f"input_eigvecs.{n}", (in_dim, in_dim))
+                eig[n] = take(tensors, f"eigenvalues.{n}", (out_dim, in_dim))
+        return cls(modules, mode, grad, inp, eig, metadata)
+
+    def _weighted_sum(self, others: list[Precision], weights: list[float]) -> EKFACPrecision:
+        if others:
+            raise IncompatiblePrecisionError(
+                "EKFAC precisions fitted on different data have different eigenbases and "
+                "cannot be pooled; fit one EKFAC precision on all source batches"
+            )
+        eig = {n: weights[0] * t for n, t in self.eigenvalues.items()}
+        return EKFACPrecision(
+            self.modules, self.mode, self.grad_eigvecs, self.input_eigvecs, eig, self._metadata
+        )
