@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_backends.py
 	$(PY) benchmarks/bench_approx.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -20,6 +20,7 @@ def make_model(
     seed=0,
     dtype=torch.float64,
     adapter="default",
+    dropout=0.0,
 ):
     base = tiny_llama(
         vocab_size=VOCAB,
@@ -39,6 +40,7 @@ def make_model(
         init_B_std=init_B_std,
         seed=seed + 1,
         adapter_name=adapter,
+        dropout=dropout,
     ).to(dtype)
 
 

@@ -1,0 +1,89 @@
+"""Regenerate the tables of docs/benchmarks.md and README.md from ``results/*.json``.
+
+Run after the benchmarks (``make bench`` does): the tables between the ``<!-- table:NAME -->``
+and ``<!-- /table:NAME -->`` markers are replaced, nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def load(name: str) -> dict:
+    return json.loads((HERE / "results" / name).read_text())
+
+
+def core_fit() -> str:
+    r = load("core.json")
+    rows = ["| fit: structure / estimator | time / plain forward+backward, median (IQR) |",
+            "|---|---|"]
+    for k, v in r["fit"].items():
+        rows.append(f"| {k} | {v['ratio_to_plain']:.3f}x ({v['ratio_q1']:.3f}-"
+                    f"{v['ratio_q3']:.3f}) |")
+    return "\n".join(rows)
+
+
+def core_penalty() -> str:
+    r = load("core.json")
+    rows = ["| penalty: structure | forward+backward / training step, median |", "|---|---|"]
+    rows += [f"| {k} | {100 * v['ratio_to_step']:.2f} % |" for k, v in r["penalty"].items()]
+    return "\n".join(rows)
+
+
+def readme_costs() -> str:
+    r = load("core.json")
+    f, p = r["fit"], r["penalty"]
+    return "\n".join([
+        "| | K-FAC | DIAG |", "|---|---|---|",
+        f"| fit, empirical Fisher, per batch / plain forward+backward | "
+        f"{f['kfac/empirical']['ratio_to_plain']:.2f}x | {f['diag/empirical']['ratio_to_plain']:.2f}x |",
+        f"| fit, MC Fisher (1 sample) / plain forward+backward | "
+        f"{f['kfac/mcx1']['ratio_to_plain']:.2f}x | {f['diag/mcx1']['ratio_to_plain']:.2f}x |",
+        f"| penalty forward+backward / training step | {100 * p['kfac']['ratio_to_step']:.1f} % "
+        f"| {100 * p['diag']['ratio_to_step']:.2f} % |",
+    ])
+
+
+def backends() -> str:
+    r = load("backends.json")
+    rows = ["| backend | structure | estimator | granularity | time / plain fwd+bwd, median "
+            "(IQR) | peak memory / plain fwd+bwd |", "|---|---|---|---|---|---|"]
+    for c in r["cases"]:
+        rows.append(f"| {c['backend']} | {c['structure']} | {c['estimator']} | "
+                    f"{c['granularity']} | {c['time_ratio']:.2f}x ({c['time_ratio_q1']:.2f}-"
+                    f"{c['time_ratio_q3']:.2f}) | {c['memory_ratio']:.2f}x |")
+    return "\n".join(rows)
+
+
+def approx() -> str:
+    rows = ["| estimator vs exact | structure | granularity | rel. Frobenius error | diagonal "
+            "rel. error | penalty rank correlation |", "|---|---|---|---|---|---|"]
+    for x in load("approx.json")["rows"]:
+        rows.append(f"| {x['estimator']} vs {x['reference'].upper()} | {x['structure']} | "
+                    f"{x['granularity']} | {x['relative_frobenius_error']:.3f} | "
+                    f"{x['diagonal_relative_error']:.3f} | {x['penalty_rank_correlation']:.3f} |")
+    return "\n".join(rows)
+
+
+TABLES = {"core-fit": core_fit, "core-penalty": core_penalty, "readme-costs": readme_costs,
+          "backends": backends, "approx": approx}
+
+
+def fill(path: Path) -> None:
+    text = path.read_text()
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m, make=make: m.group(1) + make() + m.group(2), text)
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    for doc in (ROOT / "README.md", ROOT / "docs" / "benchmarks.md"):
+        fill(doc)
+        print(f"updated {doc}")
