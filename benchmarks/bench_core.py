@@ -42,7 +42,7 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, 
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "n": len(times)}
 
 

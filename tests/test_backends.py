@@ -218,3 +218,85 @@ def test_export_refuses_what_laplace_cannot_hold(model, batches):
         k.with_structure("merged-kfac").to_laplace(model)
     with pytest.raises(lc.LaloraError, match="sum of Kronecker products"):
         (k + k).to_laplace(model)
+
+
+def padded_with_an_unsupervised_row(dtype=torch.float64):
+    batches = make_batches(2, seed=4)
+    batches[0]["labels"][1] = -100  # a padded batch whose second sequence has no loss term
+    return batches
+
+
+@pytest.mark.parametrize("backend", ["curvlinops", "laplace"])
+def test_kfac_backends_count_unsupervised_sequences_like_hooks(model, backend):
+    batches = padded_with_an_unsupervised_row()
+    assert not bool(batches[0]["attention_mask"].all())
+    ref = fit(model, batches, structure="kfac")
+    got = fit(model, batches, structure="kfac", backend=backend)
+    for name in ref.modules:
+        assert rel(got.input_cov[name], ref.input_cov[name]) < AGREE
+        assert rel(got.grad_cov[name], ref.grad_cov[name]) < AGREE
+
+
+@pytest.mark.parametrize("backend", ["curvlinops", "laplace"])
+def test_kfac_backends_handle_left_padding(backend):
+    model = make_model(dtype=torch.float32)  # eager attention: NaN on masked rows in float64
+    batches = make_batches(2, seed=6)
+    for b in batches:  # turn right padding into left padding
+        for key in b:
+            b[key] = torch.stack(
+                [
+                    torch.roll(row, int((m == 0).sum()))
+                    for row, m in zip(b[key], b["attention_mask"], strict=True)
+                ]
+            )
+    assert not bool(batches[0]["attention_mask"][:, 0].all())
+    ref = lc.fit_precision(model, batches, structure="kfac", progress=False)
+    got = lc.fit_precision(model, batches, structure="kfac", backend=backend, progress=False)
+    for name in ref.modules:
+        assert rel(got.input_cov[name], ref.input_cov[name]) < 1e-4
+        assert rel(got.grad_cov[name], ref.grad_cov[name]) < 1e-4
+
+
+def test_backpack_with_trainable_base_and_input_gradients(batches):
+    model = make_model()
+    model.enable_input_require_grads()
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    ref = fit(model, batches, structure="diag", granularity="sequence")
+    got = fit(model, batches, structure="diag", backend="backpack")
+    for name in ref.param_names:
+        assert rel(got.diag[name], ref.diag[name]) < AGREE
+    assert model.base_model.model.lm_head.weight.grad is None
+    assert model.base_model.model.lm_head.weight.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["curvlinops", "laplace", "backpack"])
+def test_upstream_hooks_removed_when_a_fit_fails(model, batches, backend):
+    calls = []
+
+    def fail_on_second_forward(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+
+    counts = {
+        m: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
+    }
+    handle = model.base_model.model.model.register_forward_pre_hook(fail_on_second_forward)
+    structure = "diag" if backend == "backpack" else "kfac"
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, batches, structure=structure, backend=backend)
+    handle.remove()
+    after = {
+        m: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
+    }
+    assert after == counts
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_piece_seeds_do_not_overlap_between_neighbouring_seeds():
+    from lalora_curv.backends._common import derive_seed
+
+    seeds = {derive_seed(s, "piece", k) for s in range(20) for k in range(20)}
+    assert len(seeds) == 400

@@ -86,7 +86,9 @@ def resolve_backend(
     if backend not in BACKENDS:
         raise LaloraError(f"unknown backend {backend!r}; valid: {sorted(BACKENDS)}")
     if estimator not in ESTIMATORS:
-        if "ggn" in estimator.lower() and backend == "backpack":
+        if backend == "backpack" and (
+            "ggn" in estimator.lower() or estimator.lower() in ("exact", "type2", "type-2")
+        ):
             raise LaloraError(
                 f"estimator {estimator!r}: BackPACK's second-order extensions (DiagGGNExact, "
                 "DiagGGNMC) cannot run through a peft LoRA layer (a two-branch container "
@@ -98,7 +100,7 @@ def resolve_backend(
                 f"estimator {estimator!r} is not offered for language models: the type-2 "
                 "Fisher needs one backward pass per vocabulary entry, and curvlinops' TYPE2 "
                 "is biased for causal LMs (cross-token terms through attention); use 'mc' "
-                "(unbiased for the GGN) with more mc_samples"
+                f"(unbiased for the GGN) with more mc_samples; valid: {list(ESTIMATORS)}"
             )
         raise LaloraError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
     spec = BACKENDS[backend]
@@ -120,8 +122,6 @@ def resolve_backend(
             "estimator 'batch-grad-squared' (squared mini-batch gradients) only defines a "
             f"diagonal; use structure='diag', not {structure!r}"
         )
-    if estimator == "batch-grad-squared" and structure == "ekfac":
-        raise LaloraError("estimator 'batch-grad-squared' only defines a diagonal")
     if granularity == "sequence" and structure != "diag":
         raise LaloraError(
             f"granularity 'sequence' (per-sequence squared gradients) is only defined for "

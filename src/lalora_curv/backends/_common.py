@@ -9,6 +9,7 @@ shows the progress bar.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -41,6 +42,82 @@ def fitting_state(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[
             m.training = mode
         for p, flag in zip(lora_params, requires_grad, strict=True):
             p.requires_grad_(flag)
+
+
+def derive_seed(seed: int, *keys: object) -> int:
+    """An independent seed for ``(seed, *keys)`` (a pass, a rank, a piece): no two streams of
+    neighbouring seeds overlap, unlike ``seed + k``."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+
+
+@contextlib.contextmanager
+def only_lora_trainable(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[None]:
+    """Only the LoRA weights require a gradient inside the block (upstream tools take every
+    parameter that does); ``requires_grad`` and every ``.grad`` are restored afterwards."""
+    lora = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in saved_grads:
+        p.grad = None  # a backward would accumulate into them in place
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in lora)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for p, g in saved_grads:
+            p.grad = g
+
+
+@contextlib.contextmanager
+def hooks_restored(model: nn.Module) -> Iterator[None]:
+    """Remove every module hook an upstream tool adds inside the block, even when it raises.
+
+    Upstream tools (curvlinops, BackPACK) offer no public way to undo their hooks on an
+    exception; this compares torch's per-module hook dictionaries before and after.
+    """
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+    before = {m: {n: set(getattr(m, n)) for n in names} for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, hooks in before.items():
+            for n, keys in hooks.items():
+                for key in set(getattr(m, n)) - keys:
+                    del getattr(m, n)[key]
+
+
+@torch.no_grad()
+def input_sums(
+    model: nn.Module, handles: dict[str, LoraHandle], X: Mapping[str, Tensor], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """``sum_t x_t x_t^T`` at every lora_A input for an unpadded piece, by one forward pass."""
+    sums: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def f(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)
+            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+
+        return f
+
+    removable = [h.lora_A.register_forward_pre_hook(hook(n)) for n, h in handles.items()]
+    try:
+        kwargs = {"use_cache": False} if hasattr(model, "config") else {}
+        model(input_ids=X["input_ids"], attention_mask=X["attention_mask"], **kwargs)
+    finally:
+        for r in removable:
+            r.remove()
+    return sums
+
+
+def check_labels(y: Tensor, model: nn.Module, index: int) -> None:
+    """Labels in ``[0, vocab)`` (when the model states its vocabulary)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if y.numel() and (bool((y < 0).any()) or (vocab is not None and bool((y >= vocab).any()))):
+        raise BatchError(f"batch {index}: labels outside [0, {vocab}) other than -100")
 
 
 def model_logits(model: nn.Module, batch: PreparedBatch) -> Tensor:

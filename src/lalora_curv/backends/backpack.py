@@ -34,6 +34,7 @@ from lalora_curv.backends._common import (
     fitting_state,
     loss_labels,
     model_logits,
+    only_lora_trainable,
     supervised_logits,
 )
 from lalora_curv.batches import PreparedBatch
@@ -42,7 +43,11 @@ from lalora_curv.statistics import LoraStatistics, ModuleSums
 
 @contextlib.contextmanager
 def extended(modules: list[nn.Module]) -> Iterator[None]:
-    """BackPACK-extend ``modules`` for the duration of the block, then remove every trace."""
+    """BackPACK-extend ``modules`` for the duration of the block, then remove every trace.
+
+    BackPACK has no public way to undo ``extend``: this deletes the hooks it added from torch's
+    per-module hook dictionaries (fragile if BackPACK changes how it registers them; the test
+    ``test_backpack_leaves_no_trace`` watches)."""
     from backpack import extend, memory_cleanup
 
     before = [
@@ -93,9 +98,6 @@ def collect_statistics(
     device = params[0].device
     generator = torch.Generator(device=device).manual_seed(seed)
     samples = mc_samples if estimator == "mc" else 1
-    saved_grads = [p.grad for p in params]  # backward would accumulate into them in place
-    for p in params:
-        p.grad = None
 
     def process(batch: PreparedBatch, index: int) -> None:
         logits = supervised_logits(model_logits(model, batch), batch)
@@ -107,7 +109,7 @@ def collect_statistics(
             with backpack(SumGradSquared(), retain_graph=not last), warnings.catch_warnings():
                 # lora_A's input needs no gradient; BackPACK's module hooks still see g_out
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward(retain_graph=not last, inputs=params)
+                loss.backward(retain_graph=not last)
             for name, h in handles.items():
                 for key, weight in (
                     ("lora_A_diag", h.lora_A.weight),
@@ -119,18 +121,16 @@ def collect_statistics(
                 p.grad = None
 
     modules = [m for h in handles.values() for m in (h.lora_A, h.lora_B)]
-    try:
-        with fitting_state(model, handles), extended(modules):
-            stats = fit_loop(
-                batches,
-                process,
-                device=device,
-                max_batches=max_batches,
-                progress=progress,
-                desc=f"fitting LoRA curvature (backpack, {estimator})",
-            )
-    finally:
-        for p, g in zip(params, saved_grads, strict=True):
-            p.grad = g
+    # only the LoRA weights require grad (and get .grad, restored afterwards): a plain backward
+    # then reaches every LoRA layer, also with trainable base weights or input gradients on
+    with fitting_state(model, handles), only_lora_trainable(model, handles), extended(modules):
+        stats = fit_loop(
+            batches,
+            process,
+            device=device,
+            max_batches=max_batches,
+            progress=progress,
+            desc=f"fitting LoRA curvature (backpack, {estimator})",
+        )
     stats.modules = sums
     return stats

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraHandle
-from lalora_curv.backends._common import fit_loop, fitting_state
+from lalora_curv.backends._common import (
+    check_labels,
+    derive_seed,
+    fit_loop,
+    fitting_state,
+    hooks_restored,
+    only_lora_trainable,
+)
 from lalora_curv.batches import PreparedBatch
 from lalora_curv.errors import LaloraError
 from lalora_curv.statistics import LoraStatistics, ModuleSums
@@ -45,8 +52,14 @@ class SupervisedLogits(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def unpadded_pieces(batch: PreparedBatch) -> Iterator[tuple[dict[str, Tensor], Tensor, int]]:
-    """``(X, y, positions)`` without padding: the batch itself, or each sequence cropped."""
+def unpadded_pieces(
+    batch: PreparedBatch, backend: str
+) -> Iterator[tuple[dict[str, Tensor], Tensor, int]]:
+    """``(X, y, positions)`` without padding: the batch itself, or each sequence cropped.
+
+    A sequence without a supervised token is still yielded (``y`` empty): its positions count
+    in the input factor like everywhere else.
+    """
     if bool(batch.position_mask.all()):
         X = {
             "input_ids": batch.input_ids,
@@ -63,11 +76,9 @@ def unpadded_pieces(batch: PreparedBatch) -> Iterator[tuple[dict[str, Tensor], T
         if real.numel() != end - start:
             raise LaloraError(
                 "padding inside a sequence (not only at its start or end) is "
-                "not supported by backend 'curvlinops'; use backend='hooks'"
+                f"not supported by backend {backend!r}; use backend='hooks'"
             )
         sup = batch.supervised[i : i + 1, start : end - 1]
-        if not bool(sup.any()):
-            continue
         X = {
             "input_ids": batch.input_ids[i : i + 1, start:end],
             "attention_mask": batch.attention_mask[i : i + 1, start:end],
@@ -103,7 +114,8 @@ def collect_statistics(
     pieces_seen = [0]
 
     def process(batch: PreparedBatch, index: int) -> None:
-        for X, y, positions in unpadded_pieces(batch):
+        for X, y, positions in unpadded_pieces(batch, "curvlinops"):
+            check_labels(y, model, index)
             size = X["input_ids"].shape[0]
             operator = KFACLinearOperator(
                 wrapper,
@@ -113,7 +125,7 @@ def collect_statistics(
                 fisher_type=fisher_type,
                 mc_samples=mc_samples if estimator == "mc" else 1,
                 kfac_approx=KFACType.EXPAND,
-                seed=seed + pieces_seen[0],
+                seed=derive_seed(seed, "piece", pieces_seen[0]) % 2**31,
                 num_data=size,
                 num_per_example_loss_terms=max(1, y.numel() // size),
                 batch_size_fn=lambda X: X["input_ids"].shape[0],
@@ -131,7 +143,7 @@ def collect_statistics(
                 sums[name].add("input_cov", x_cov)
                 sums[name].add("grad_cov", g_cov)
 
-    with fitting_state(model, handles):
+    with fitting_state(model, handles), only_lora_trainable(model, handles), hooks_restored(model):
         stats = fit_loop(
             batches,
             process,

@@ -22,39 +22,42 @@ it directly on language models:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraHandle
-from lalora_curv.backends._common import fit_loop, fitting_state
+from lalora_curv.backends._common import (
+    check_labels,
+    derive_seed,
+    fit_loop,
+    fitting_state,
+    hooks_restored,
+    input_sums,
+    only_lora_trainable,
+)
 from lalora_curv.backends.curvlinops import SupervisedLogits, unpadded_pieces
 from lalora_curv.batches import PreparedBatch
 from lalora_curv.errors import LaloraError
 from lalora_curv.statistics import LoraStatistics, ModuleSums
 
+_WARNED = [False]
 
-@contextlib.contextmanager
-def only_lora_trainable(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[None]:
-    """laplace-torch takes every parameter that requires a gradient: make that the LoRA ones."""
-    lora = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    saved_grads = [(p, p.grad) for p in model.parameters()]
-    for p, _ in saved_grads:
-        p.grad = None  # a backward would accumulate into them in place
-    try:
-        for p, _ in flags:
-            p.requires_grad_(id(p) in lora)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for p, g in saved_grads:
-            p.grad = g
+
+def _warn_limitations() -> None:
+    if not _WARNED[0]:
+        _WARNED[0] = True
+        warnings.warn(
+            "backend 'laplace': laplace-torch's KronLaplace, used directly on a language model, "
+            "rescales each batch's input factor by len(y)/len(dataset) (tokens over sequences), "
+            "adds Kron factors across batches (a product of sums) and counts every output "
+            "position it is given; lalora-curv feeds it supervised logits only, one unpadded "
+            "piece at a time, and undoes the rescaling",
+            stacklevel=3,
+        )
 
 
 def _lora_module_order(wrapper: nn.Module, handles: dict[str, LoraHandle]) -> list[tuple[str, str]]:
@@ -91,10 +94,15 @@ def collect_statistics(
     pieces_seen = [0]
 
     def process(batch: PreparedBatch, index: int) -> None:
-        for X, y, positions in unpadded_pieces(batch):
+        for X, y, positions in unpadded_pieces(batch, "laplace"):
+            check_labels(y, model, index)
+            if y.numel() == 0:  # laplace-torch scales this piece's input factor by len(y) = 0
+                for name, x_sum in input_sums(model, handles, X, dtype).items():
+                    sums[name].add("input_cov", x_sum)
+                continue
             size = X["input_ids"].shape[0]
             kwargs: dict[str, Any] = {
-                "seed": seed + pieces_seen[0],
+                "seed": derive_seed(seed, "piece", pieces_seen[0]) % 2**31,
                 "num_per_example_loss_terms": max(1, y.numel() // size),
             }
             if estimator == "mc":
@@ -123,7 +131,8 @@ def collect_statistics(
                 else:  # gradient factor of lora_B: sum over tokens of (s g)(s g)^T
                     sums[name].add("grad_cov", grad_f.to(dtype) / s**2)
 
-    with fitting_state(model, handles), only_lora_trainable(model, handles):
+    _warn_limitations()
+    with fitting_state(model, handles), only_lora_trainable(model, handles), hooks_restored(model):
         stats = fit_loop(
             batches,
             process,
