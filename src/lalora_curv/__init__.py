@@ -32,6 +32,7 @@ from lalora_curv.precision import (
     Precision,
     TriKFACPrecision,
 )
+from lalora_curv.train import TrainingError, train
 
 STRUCTURES = tuple(STRUCTURE_CLASSES)
 
@@ -50,9 +51,11 @@ __all__ = [
     "MergedDiagPrecision",
     "MergedKFACPrecision",
     "Precision",
+    "TrainingError",
     "TriKFACPrecision",
     "__version__",
     "fit_precision",
     "load_precision",
     "save_precision",
+    "train",
 ]

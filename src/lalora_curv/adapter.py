@@ -72,8 +72,34 @@ def _carries(module: nn.Module, adapter_name: str) -> bool:
     return any(adapter_name in getattr(module, attr, {}) for attr in ("lora_A", "lora_embedding_A"))
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / accelerate / ``torch.compile`` wrappers.
+
+    Raises:
+        LaloraError: the model is FSDP-wrapped (its LoRA weights are sharded).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    while True:
+        if isinstance(model, FullyShardedDataParallel) or any(
+            type(m).__name__.startswith("FSDP") for m in model.modules()
+        ):
+            raise LaloraError(
+                "the model is FSDP-wrapped: its LoRA weights are sharded, and the precision's "
+                "penalty needs them whole; fit and penalise under DDP (LoRA weights are small "
+                "enough to replicate), or gather the adapter before calling lalora-curv"
+            )
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraHandle]:
     """Return the peft LoRA ``Linear`` modules of ``model`` that carry ``adapter_name``.
+
+    Module names are those of the model inside any DDP / compile wrapper (see
+    :func:`unwrap_model`), so a precision fitted on a plain model applies to a wrapped one.
 
     Raises:
         AdapterMismatchError: no LoRA module carries the adapter.
@@ -82,6 +108,7 @@ def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[s
     """
     from peft.tuners.lora import LoraLayer
 
+    model = unwrap_model(model)
     found: dict[str, LoraHandle] = {}
     other_adapters: set[str] = set()
     for name, module in model.named_modules():

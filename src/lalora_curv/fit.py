@@ -17,6 +17,7 @@ from lalora_curv.adapter import (
     find_lora_modules,
 )
 from lalora_curv.backends import needed_sums, resolve_backend
+from lalora_curv.backends._common import derive_seed
 from lalora_curv.errors import CurvatureError, LaloraError
 from lalora_curv.precision import STRUCTURE_CLASSES, EKFACPrecision, KFACPrecision, Precision
 from lalora_curv.precision.base import _now
@@ -47,6 +48,10 @@ def fit_precision(
     is the sum of per-token negative log-likelihoods over supervised tokens; the precision is
     its token-level Fisher divided by the number of supervised tokens ``N`` (see
     :mod:`lalora_curv.precision`).
+
+    Under ``torch.distributed`` every rank passes its own shard of the batches; the sums and
+    counts are all-reduced, so every rank gets the precision of all the data (MC labels are
+    drawn from a seed derived from ``(seed, rank)``).
 
     Args:
         model: a Hugging Face causal LM with a peft LoRA adapter (any module whose forward
@@ -103,13 +108,21 @@ def fit_precision(
             needs=needs,
             estimator=estimator,
             mc_samples=mc_samples,
-            seed=pass_seed,
+            seed=derive_seed(pass_seed, "rank", _rank()) if _world_size() > 1 else pass_seed,
             max_batches=max_batches,
-            progress=progress,
+            progress=progress and _rank() == 0,
             dtype=stats_dtype,
             granularity=granularity,
             **extra,
         )
+        if _world_size() > 1:  # each rank saw its shard: sum the sums and counts
+            keys = {"lora_A_grad": "lora_A_diag", "lora_B_grad": "lora_B_diag"}
+            stats.all_reduce(
+                {n: _shapes(h.spec) for n, h in handles.items()},
+                {keys.get(k, k) for k in needs},
+                stats_dtype,
+                next(iter(handles.values())).lora_A.weight.device,
+            )
         if stats.supervised_tokens == 0:
             raise CurvatureError(
                 f"no supervised token in {stats.batches} batches (all labels -100 "
@@ -151,7 +164,11 @@ def fit_precision(
     bases = ekfac_bases(kfac)
     device = next(iter(handles.values())).lora_A.weight.device
     rotations = {n: {k: q.to(device, stats_dtype) for k, q in b.items()} for n, b in bases.items()}
-    second = collect(frozenset({"lora_A_diag", "lora_B_diag"}), seed + 1, rotations=rotations)
+    second = collect(
+        frozenset({"lora_A_diag", "lora_B_diag"}),
+        derive_seed(seed, "pass", 2),
+        rotations=rotations,
+    )
     if second.counts() != stats.counts():
         raise LaloraError("the batches changed between the two passes of the EKFAC fit")
     eig_pass = precision_from_statistics("diag", second, specs, mode, dict(metadata))
@@ -160,6 +177,28 @@ def fit_precision(
         grad[spec.lora_A_name], inp[spec.lora_A_name] = bases[name]["g_A"], bases[name]["x"]
         grad[spec.lora_B_name], inp[spec.lora_B_name] = bases[name]["g_B"], bases[name]["u"]
     return EKFACPrecision(specs, mode, grad, inp, eig_pass.diag, metadata)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _shapes(spec) -> dict[str, tuple[int, ...]]:
+    return {
+        "input_cov": (spec.in_features,) * 2,
+        "grad_cov": (spec.out_features,) * 2,
+        "lora_A_diag": (spec.rank, spec.in_features),
+        "lora_B_diag": (spec.out_features, spec.rank),
+        "weight_diag": (spec.out_features, spec.in_features),
+    }
 
 
 def ekfac_bases(kfac: KFACPrecision) -> dict[str, dict[str, Tensor]]:

@@ -71,6 +71,47 @@ class LoraStatistics:
             "skipped_batches": self.skipped_batches,
         }
 
+    def all_reduce(
+        self,
+        shapes: dict[str, dict[str, tuple[int, ...]]],
+        keys: set[str],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Sum every statistic and count over the ranks of ``torch.distributed`` (in place).
+
+        Each rank fits its own shard; the sums of sums are the sums over all the data, so the
+        precision built from them equals a single-process fit. ``shapes`` gives each module's
+        tensor shapes, for a statistic one rank never saw (a module its data never reached);
+        every rank reduces the same ``keys``, in the same order, so none waits forever.
+        """
+        import torch.distributed as dist
+
+        for name in shapes:
+            sums = self.modules.setdefault(name, ModuleSums())
+            for key in sorted(keys):
+                value = getattr(sums, key)
+                if value is None:
+                    value = torch.zeros(shapes[name][key], dtype=dtype, device=device)
+                dist.all_reduce(value)
+                setattr(sums, key, value)
+        counts = [
+            self.positions,
+            self.supervised_tokens,
+            self.sequences,
+            self.batches,
+            self.skipped_batches,
+        ]
+        total = torch.tensor(counts, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        (
+            self.positions,
+            self.supervised_tokens,
+            self.sequences,
+            self.batches,
+            self.skipped_batches,
+        ) = (int(c) for c in total.tolist())
+
     def check_finite(self) -> None:
         """Raise :class:`CurvatureError` naming the first non-finite statistic."""
         for name, sums in self.modules.items():

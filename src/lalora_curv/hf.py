@@ -1,0 +1,109 @@
+"""The Laplace penalty inside Hugging Face ``Trainer`` and TRL's ``SFTTrainer``.
+
+``PenaltyMixin`` adds ``lam * prec.penalty(model)`` to every optimizer step of any ``Trainer``
+subclass; ``LaloraTrainer`` is ``transformers.Trainer`` with it::
+
+    trainer = LaloraTrainer(model=model, args=args, train_dataset=ds, precision=prec, lam=1e3)
+
+    from trl import SFTTrainer                       # the same for TRL
+    class LaloraSFTTrainer(PenaltyMixin, SFTTrainer): ...
+
+The penalty does not depend on the batch and the parameters do not move within an
+accumulation window, so each of its ``K`` micro-batches carries ``lam * penalty / K`` in its
+loss (one backward, as DDP requires): the step's gradient gains exactly ``lam * grad(penalty)``,
+whatever normalisation the Trainer applies to the NLL (per micro-batch or by
+``num_items_in_batch``). The Trainer's ``loss`` includes the penalty term; ``penalty`` and
+``lam`` are logged beside it. Works with gradient accumulation, gradient checkpointing and bf16
+(the penalty is computed in the precision's float32). Under DDP every rank computes the same
+penalty on the same (replicated) adapter; its gradient is averaged like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lalora_curv.errors import LaloraError
+from lalora_curv.precision import Precision
+
+
+class PenaltyMixin:
+    """Adds ``lam * precision.penalty(model)`` to a Hugging Face ``Trainer``'s objective."""
+
+    def __init__(
+        self,
+        *args: Any,
+        precision: Precision | None = None,
+        lam: float = 0.0,
+        adapter_name: str = "default",
+        **kwargs: Any,
+    ) -> None:
+        if not lam >= 0:
+            raise LaloraError(f"lam must be >= 0, got {lam}")
+        if lam > 0 and precision is None:
+            raise LaloraError("lam > 0 needs a precision")
+        super().__init__(*args, **kwargs)
+        self.precision = precision
+        self.lam = float(lam)
+        self.adapter_name = adapter_name
+        self._penalty_log: list[float] = []
+        if precision is not None:
+            precision.adapter_params(self.model, adapter_name)  # a mismatch raises now
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ):
+        out = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self.precision is None or not model.training:
+            return out
+        loss, rest = (out[0], tuple(out[1:])) if return_outputs else (out, ())
+        penalty = self.precision.penalty(model, self.adapter_name)
+        if not bool(torch.isfinite(penalty)):
+            raise LaloraError(f"step {self.state.global_step}: the penalty is {penalty.item()}")
+        self._penalty_log.append(float(penalty.detach()))
+        if self.lam > 0:
+            # training_step divides the loss by the accumulation steps unless it was already
+            # normalised over the window (num_items_in_batch): the penalty enters once a window
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:
+                scaled = (
+                    getattr(self, "model_accepts_loss_kwargs", False)
+                    and num_items_in_batch is not None
+                ) or (getattr(self, "compute_loss_func", None) is not None)
+            steps = getattr(
+                self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+            )
+            loss = loss + self.lam * penalty / (steps if scaled else 1)
+        return (loss, *rest) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._penalty_log:
+            logs["penalty"] = sum(self._penalty_log) / len(self._penalty_log)
+            logs["lam"] = self.lam
+            self._penalty_log.clear()
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class LaloraTrainer(PenaltyMixin, Trainer):
+        """``transformers.Trainer`` with the Laplace penalty (see :class:`PenaltyMixin`)."""
+
+    return LaloraTrainer
+
+
+def __getattr__(name: str):
+    if name == "LaloraTrainer":  # import transformers' Trainer only when asked for
+        cls = _trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

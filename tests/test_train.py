@@ -1,0 +1,202 @@
+"""The thin training loop: its objective, its errors, its log and an exact resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lalora_curv as lc
+from conftest import make_batches, make_model
+from lalora_curv.train import TrainingError, latest_checkpoint
+
+
+def adapter_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def setup(seed=0):
+    model = make_model(dtype=torch.float32, init_B_std=0.0, seed=seed)
+    source = make_batches(2, seed=1)
+    target = make_batches(4, seed=2)
+    prec = lc.fit_precision(model, source, structure="kfac", progress=False)
+    return model, target, prec
+
+
+def test_objective_matches_a_hand_written_reference():
+    """mean of micro-batch NLLs / K + lam * penalty once per step, AdamW, linear schedule,
+    clipping: the loop and a literal transcription end bit-identical."""
+    lam, lr, steps, accum = 3.0, 1e-2, 3, 2
+    model, target, prec = setup()
+    ref, _, _ = setup()
+    lc.train(
+        model,
+        target,
+        prec,
+        lam,
+        lr=lr,
+        max_steps=steps,
+        grad_accum_steps=accum,
+        warmup_steps=1,
+        max_grad_norm=0.5,
+        progress=False,
+        seed=3,
+    )
+
+    torch.manual_seed(3)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / 1 if s < 1 else max(0.0, 1 - (s - 1) / (steps - 1))
+    )
+    ref.train()
+    micro = 0
+    for _ in range(steps):
+        for k in range(accum):
+            loss = ref(**target[micro % len(target)]).loss / accum
+            if k == accum - 1:  # once per step, in the last micro-batch's backward
+                loss = loss + lam * prec.penalty(ref)
+            loss.backward()
+            micro += 1
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    got, want = adapter_state(model), adapter_state(ref)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    assert float(prec.penalty(model).detach()) > 0
+
+
+def test_penalty_restrains_drift():
+    free, target, prec = setup()
+    held, _, _ = setup()
+    lc.train(free, target, prec, 0.0, lr=1e-2, max_steps=6, progress=False)
+    lc.train(held, target, prec, 1e4, lr=1e-2, max_steps=6, progress=False)
+    assert float(prec.penalty(held)) < 0.5 * float(prec.penalty(free))
+
+
+def test_log_has_nll_and_penalty_separately(tmp_path):
+    model, target, prec = setup()
+    evals = []
+    records = lc.train(
+        model,
+        target,
+        prec,
+        2.0,
+        max_steps=4,
+        log_file=tmp_path / "log.jsonl",
+        eval_fn=lambda m, step: evals.append(step) or {"score": step * 1.0},
+        eval_every=2,
+        progress=False,
+    )
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == records
+    steps = [r for r in lines if "nll" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["loss"] == pytest.approx(r["nll"] + 2.0 * r["penalty"]) for r in steps)
+    assert steps[0]["penalty"] == 0.0 and steps[-1]["penalty"] > 0  # starts at the mode
+    assert evals == [2, 4] and [r["eval/score"] for r in lines if "eval/score" in r] == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lam": -1.0}, "lam must be >= 0"),
+        ({"lam": 1.0, "precision": None}, "lam > 0 needs a precision"),
+        ({"grad_accum_steps": 0}, "grad_accum_steps"),
+        ({"schedule": "step"}, "unknown schedule"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"resume": True}, "need a checkpoint_dir"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    model, target, prec = setup()
+    kw = {"precision": prec, "lam": 1.0, **kwargs}
+    with pytest.raises(TrainingError, match=message):
+        lc.train(model, target, kw.pop("precision"), kw.pop("lam"), progress=False, **kw)
+
+
+def test_mismatching_precision_fails_before_training():
+    model, target, _ = setup()
+    other = make_model(dtype=torch.float32, r=5)
+    prec = lc.fit_precision(other, make_batches(1), structure="kfac", progress=False)
+    before = adapter_state(model)
+    with pytest.raises(lc.AdapterMismatchError, match="rank 3"):
+        lc.train(model, target, prec, 1.0, max_steps=2, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in adapter_state(model).items())
+
+
+def test_nan_loss_raises_and_never_updates():
+    model, target, prec = setup()
+    with torch.no_grad():
+        model.base_model.model.model.embed_tokens.weight[0] = float("nan")
+    bad = [{**b, "input_ids": b["input_ids"].clone().fill_(0)} for b in target]
+    before = adapter_state(model)
+    with pytest.raises(TrainingError, match="step 1: the target NLL of batch 0 is nan"):
+        lc.train(model, bad, prec, 1.0, max_steps=2, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in adapter_state(model).items())
+
+
+def test_all_masked_batch_is_skipped(caplog):
+    model, target, prec = setup()
+    masked = {**target[0], "labels": torch.full_like(target[0]["labels"], -100)}
+    records = lc.train(
+        model, [masked, target[1]], prec, 1.0, max_steps=2, grad_accum_steps=2, progress=False
+    )
+    assert "has no supervised token; skipped" in caplog.text
+    assert [r["skipped_batches"] for r in records] == [1, 1]
+    assert all(torch.isfinite(p).all() for p in adapter_state(model).values())
+
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import make_batches, make_model
+    import lalora_curv as lc
+    model = make_model(dtype=torch.float32, init_B_std=0.0, dropout=0.1)
+    source, target = make_batches(2, seed=1), make_batches(4, seed=2)
+    prec = lc.fit_precision(model, source, structure="kfac", progress=False)
+    kill_at = int(sys.argv[2])
+
+    def maybe_die(m, step):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, like a lost machine
+        return {{}}
+
+    lc.train(model, target, prec, 5.0, lr=1e-2, max_steps=7, grad_accum_steps=2,
+             checkpoint_dir=sys.argv[1], checkpoint_every=2, resume=True, seed=11,
+             eval_fn=maybe_die, eval_every=1, progress=False)
+""")
+
+
+def run_script(tmp_path: Path, ckpt: Path, kill_at: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    return subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(kill_at)], capture_output=True, text=True
+    )
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    full = run_script(tmp_path, tmp_path / "full", kill_at=-1)
+    assert full.returncode == 0, full.stderr
+    killed = run_script(tmp_path, tmp_path / "killed", kill_at=5)
+    assert killed.returncode == -9  # really killed
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-4"
+    assert not [p for p in os.listdir(tmp_path / "killed") if p.startswith(".")]
+    resumed = run_script(tmp_path, tmp_path / "killed", kill_at=-1)
+    assert resumed.returncode == 0, resumed.stderr
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "checkpoint-7" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoint-7" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
