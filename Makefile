@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench,backends]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench,backends,hf]"
 	touch $(STAMP)
 
 demo: install
@@ -26,6 +26,7 @@ bench: install
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_backends.py
 	$(PY) benchmarks/bench_approx.py
+	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/report.py
 
 clean:

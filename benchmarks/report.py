@@ -91,12 +91,36 @@ def approx() -> str:
     return "\n".join(rows)
 
 
+def train_steps() -> str:
+    r = load("train.json")
+    rows = [
+        "| penalty in `lc.train` | seconds per step, median (IQR) | vs plain LoRA |",
+        "|---|---|---|",
+    ]
+    for name, t in r["step_times"].items():
+        rows.append(
+            f"| {name} | {t['median_s']:.3f} ({t['q1_s']:.3f}-{t['q3_s']:.3f}) | "
+            f"{100 * t['overhead']:+.1f} % |"
+        )
+    return "\n".join(rows)
+
+
+def train_scaling() -> str:
+    r = load("train.json")
+    rows = ["| hidden | rank | K-FAC penalty forward+backward / training step |", "|---|---|---|"]
+    for x in r["penalty_scaling"]:
+        rows.append(f"| {x['hidden']} | {x['rank']} | {100 * x['ratio']:.2f} % |")
+    return "\n".join(rows)
+
+
 TABLES = {
     "core-fit": core_fit,
     "core-penalty": core_penalty,
     "readme-costs": readme_costs,
     "backends": backends,
     "approx": approx,
+    "train-steps": train_steps,
+    "train-scaling": train_scaling,
 }
 
 

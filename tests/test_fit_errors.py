@@ -137,6 +137,16 @@ def test_embedding_lora_is_rejected_not_skipped():
         fit(model, make_batches(1))
 
 
+def test_fsdp_wrapped_models_are_rejected():
+    class FSDPWrapper(torch.nn.Module):  # the class-name test FSDP2's fully_shard also meets
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    with pytest.raises(lc.LaloraError, match="FSDP-wrapped"):
+        fit(FSDPWrapper(make_model(dtype=torch.float32)), make_batches(1))
+
+
 def test_unsupported_lora_variants_are_rejected():
     from peft import LoraConfig, get_peft_model
 

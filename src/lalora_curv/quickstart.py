@@ -74,21 +74,30 @@ def run(
             f"({summary['structures'][structure]['artifact_bytes'] / 1024:.0f} KiB)"
         )
 
-    # Train the adapter on the target with plain LoRA and watch each penalty grow.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    # Train the adapter on the target with plain LoRA (lam = 0) and watch each penalty grow.
     history: dict[str, list[float]] = {s: [] for s in precisions}
-    history["target_nll"] = []
-    model.train()
-    for step in range(steps):
-        batch = target[step % len(target)]
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history["target_nll"].append(loss.item())
-        with torch.no_grad():
-            for s, prec in precisions.items():
-                history[s].append(float(prec.penalty(model)))
+
+    def penalties(model: torch.nn.Module, step: int) -> dict[str, float]:
+        values = {s: float(prec.penalty(model)) for s, prec in precisions.items()}
+        for s, v in values.items():
+            history[s].append(v)
+        return values
+
+    (out / "train_log.jsonl").unlink(missing_ok=True)  # the log appends: start it afresh
+    records = lc.train(
+        model,
+        target,
+        None,
+        0.0,
+        lr=5e-3,
+        max_steps=steps,
+        eval_fn=penalties,
+        eval_every=1,
+        log_file=out / "train_log.jsonl",
+        progress=progress,
+        seed=seed,
+    )
+    history["target_nll"] = [r["nll"] for r in records if "nll" in r]
     summary["history"] = history
     with torch.no_grad():
         identical = all(
@@ -111,7 +120,7 @@ def run(
         f"\ntarget NLL {history['target_nll'][0]:.3f} -> {history['target_nll'][-1]:.3f}; "
         "penalties of the loaded artifacts are identical to the fitted ones"
     )
-    print(f"summary: {out / 'summary.json'}")
+    print(f"summary: {out / 'summary.json'}, training log: {out / 'train_log.jsonl'}")
     if (out / "penalties.png").exists():
         print(f"plot:    {out / 'penalties.png'}")
     return summary
