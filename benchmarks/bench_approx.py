@@ -13,13 +13,12 @@ identity makes an approximation exact (see tests/test_backends.py for those).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 import lalora_curv as lc
-from bench_core import environment
+from bench_core import environment, write_result
 from lalora_curv.backends.laplace import exact_curvature
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
@@ -125,16 +124,13 @@ def main() -> None:
                 f"{estimator:<10}{structure:<12}{granularity:<9} vs exact {reference}: {dense}"
                 f"penalty rank corr. {row['penalty_rank_correlation']:.3f}"
             )
-    args.out.mkdir(parents=True, exist_ok=True)
     out = {
         "rows": rows,
         "mc_samples": args.mc_samples,
         "displacements": args.displacements,
         "environment": environment(),
     }
-    tmp = args.out / "approx.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-    tmp.replace(args.out / "approx.json")
+    write_result(args.out, "approx.json", out)
     print(f"wrote {args.out / 'approx.json'}")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import lalora_curv as lc
-from bench_core import environment, timed
+from bench_core import environment, timed, write_result
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
 HERE = Path(__file__).resolve().parent
@@ -172,11 +172,8 @@ def main() -> None:
         "cases": rows,
         "environment": environment(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "backends_quick.json" if args.quick else "backends.json"
-    tmp = args.out / (name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(args.out / name)
+    write_result(args.out, name, result)
     print(f"wrote {args.out / name}")
 
 

@@ -46,6 +46,14 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, 
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "n": len(times)}
 
 
+def write_result(out_dir: Path, name: str, data: dict) -> Path:
+    """Write ``out_dir/name`` as sorted, indented JSON, atomically (temp file + rename)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return tmp.replace(out_dir / name)
+
+
 def environment() -> dict[str, object]:
     import peft
     import transformers
@@ -185,12 +193,9 @@ def main() -> None:
         "penalty_kfac_le_3pct": penalties["kfac"]["ratio_to_step"] <= 0.03,
     }
 
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "core_quick.json" if args.quick else "core.json"
-    for fname, data in ((name, results), ("environment.json", environment())):
-        tmp = args.out / (fname + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        tmp.replace(args.out / fname)
+    write_result(args.out, name, results)
+    write_result(args.out, "environment.json", environment())
     print(f"wrote {args.out / name} and {args.out / 'environment.json'}")
 
 

@@ -11,7 +11,6 @@ Writes ``results/train.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 import lalora_curv as lc
-from bench_core import environment, timed
+from bench_core import environment, timed, write_result
 from lalora_curv.adapter import find_lora_modules
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
@@ -144,11 +143,8 @@ def main() -> None:
         "penalty_scaling": scaling,
         "environment": environment(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "train_quick.json" if args.quick else "train.json"
-    tmp = args.out / (name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    tmp.replace(args.out / name)
+    write_result(args.out, name, result)
     print(f"wrote {args.out / name}")
 
 

@@ -79,7 +79,7 @@ def test_penalty_restrains_drift():
     held, _, _ = setup()
     lc.train(free, target, prec, 0.0, lr=1e-2, max_steps=6, progress=False)
     lc.train(held, target, prec, 1e4, lr=1e-2, max_steps=6, progress=False)
-    assert float(prec.penalty(held)) < 0.5 * float(prec.penalty(free))
+    assert float(prec.penalty(held).detach()) < 0.5 * float(prec.penalty(free).detach())
 
 
 def test_log_has_nll_and_penalty_separately(tmp_path):
@@ -200,3 +200,19 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bf16_autocast_on_the_cpu():
+    model, target, prec = setup()
+    records = lc.train(
+        model, target, prec, 2.0, max_steps=2, mixed_precision="bf16", progress=False
+    )
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert all(p.dtype == torch.float32 for p in adapter_state(model).values())
+
+
+def test_non_finite_penalty_raises():
+    model, target, prec = setup()
+    prec.grad_cov[next(iter(prec.modules))][0, 0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="step 1: the penalty is nan"):
+        lc.train(model, target, prec, 1.0, max_steps=2, progress=False)
