@@ -44,9 +44,13 @@ def _worker(rank: int, port: int, out: str, job: str) -> None:
             prec = lc.fit_precision(
                 model, make_batches(2, seed=1), structure="kfac", progress=False
             )
-            target = make_batches(4, seed=2)[rank::WORLD]
+            # two micro-batches per step and rank (the no_sync path); rank 0 holds one batch
+            # more than rank 1, so the ranks must agree on the step count
+            target = make_batches(9, seed=2)[rank::WORLD]
             ddp = DistributedDataParallel(model)
-            records = lc.train(ddp, target, prec, 5.0, lr=1e-2, max_steps=3, progress=False, seed=0)
+            records = lc.train(
+                ddp, target, prec, 5.0, lr=1e-2, grad_accum_steps=2, progress=False, seed=0
+            )
             torch.save(
                 {
                     "records": records,
@@ -92,8 +96,9 @@ def test_sharded_fit_equals_single_process_fit(tmp_path):
 
 
 def test_ddp_training_matches_single_process_accumulation(tmp_path):
-    """Two ranks with one micro-batch each per step == one process accumulating both: DDP
-    averages the NLL gradients, and the penalty (the same on both ranks) enters once."""
+    """Two ranks with two micro-batches each per step (no_sync, then a synced backward) == one
+    process accumulating all four: DDP averages the NLL gradients, and the penalty (the same on
+    both ranks) enters once. Unequal shards: both ranks stop at the shorter one's steps."""
     spawn(tmp_path, "train")
     runs = [torch.load(tmp_path / f"train-rank{r}.pt") for r in range(WORLD)]
     assert [r["penalty"] for r in runs[0]["records"]] == [r["penalty"] for r in runs[1]["records"]]
@@ -102,18 +107,12 @@ def test_ddp_training_matches_single_process_accumulation(tmp_path):
 
     model = make_model(dtype=torch.float32, init_B_std=0.0)
     prec = lc.fit_precision(model, make_batches(2, seed=1), structure="kfac", progress=False)
-    target = make_batches(4, seed=2)
-    interleaved = [target[0], target[1], target[2], target[3]]  # rank 0, rank 1, rank 0, ...
+    target = make_batches(9, seed=2)
+    shards = [target[0::2], target[1::2]]  # 5 and 4 batches: 2 steps on every rank
+    assert len(runs[0]["records"]) == len(runs[1]["records"]) == 2
+    single = [b for step in range(2) for shard in shards for b in shard[2 * step : 2 * step + 2]]
     records = lc.train(
-        model,
-        interleaved,
-        prec,
-        5.0,
-        lr=1e-2,
-        max_steps=3,
-        grad_accum_steps=2,
-        progress=False,
-        seed=0,
+        model, single, prec, 5.0, lr=1e-2, max_steps=2, grad_accum_steps=4, progress=False, seed=0
     )
     for n, p in model.named_parameters():
         if p.requires_grad:

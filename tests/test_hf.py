@@ -138,30 +138,16 @@ def test_trainer_rejects_bad_setups(tmp_path):
         )
 
 
-def test_sft_trainer(tmp_path):
+def test_sft_trainer_adds_the_penalty_gradient(tmp_path):
+    """TRL's SFTTrainer with the mixin: one SGD step with and without the penalty differ by
+    exactly -lr * lam * grad(penalty)."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
     class LaloraSFTTrainer(PenaltyMixin, trl.SFTTrainer):
         pass
-
-    model, prec = setup()
-    data = Dataset.from_list([{"input_ids": e["input_ids"].tolist()} for e in examples()])
-    config = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    from tokenizers import Tokenizer, models
-    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(
@@ -170,15 +156,65 @@ def test_sft_trainer(tmp_path):
         pad_token="t0",
         eos_token="t1",
     )
-    trainer = LaloraSFTTrainer(
+    data = Dataset.from_list([{"input_ids": e["input_ids"].tolist()} for e in examples()])
+    lam, lr = 7.0, 0.1
+    with_pen, prec = setup()
+    without, _ = setup()
+    params = prec.adapter_params(with_pen)
+    raw = torch.autograd.grad(prec.penalty(with_pen), list(params.values()), allow_unused=True)
+    grads = {
+        k: torch.zeros_like(p) if g is None else g
+        for (k, p), g in zip(params.items(), raw, strict=True)
+    }
+    names = {id(p): n for n, p in with_pen.named_parameters()}
+    for model, strength in ((with_pen, lam), (without, 0.0)):
+        config = trl.SFTConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=1,
+            logging_steps=1,
+            learning_rate=lr,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            remove_unused_columns=False,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = LaloraSFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=data,
+            processing_class=tok,
+            precision=prec,
+            lam=strength,
+            data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        )
+        trainer.train()
+    a, b = adapter(with_pen), adapter(without)
+    for key, p in params.items():
+        n = names[id(p)]
+        torch.testing.assert_close(a[n] - b[n], -lr * lam * grads[key], rtol=1e-4, atol=1e-7)
+    assert next(r for r in trainer.state.log_history if "penalty" in r)["penalty"] > 0
+
+
+def test_penalty_only_on_training_logs(tmp_path):
+    model, prec = setup()
+    trainer = LaloraTrainer(
         model=model,
-        args=config,
-        train_dataset=data,
-        processing_class=tok,
+        train_dataset=examples(),
+        eval_dataset=examples(4),
         precision=prec,
-        lam=3.0,
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        lam=1.0,
+        args=args(tmp_path, max_steps=4, logging_steps=4, eval_steps=2, eval_strategy="steps"),
     )
     trainer.train()
-    logged = [r for r in trainer.state.log_history if "penalty" in r]
-    assert len(logged) == 2 and logged[0]["penalty"] > 0
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    trains = [r for r in trainer.state.log_history if "loss" in r]
+    assert evals and all("penalty" not in r for r in evals)
+    assert len(trains) == 1 and "penalty" in trains[0]

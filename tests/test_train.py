@@ -114,6 +114,8 @@ def test_log_has_nll_and_penalty_separately(tmp_path):
         ({"schedule": "step"}, "unknown schedule"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"resume": True}, "need a checkpoint_dir"),
+        ({"max_steps": 0}, "max_steps >= 1"),
+        ({"warmup_steps": -1}, "warmup_steps >= 0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -216,3 +218,87 @@ def test_non_finite_penalty_raises():
     prec.grad_cov[next(iter(prec.modules))][0, 0, 0] = float("nan")
     with pytest.raises(TrainingError, match="step 1: the penalty is nan"):
         lc.train(model, target, prec, 1.0, max_steps=2, progress=False)
+
+
+def test_logged_learning_rate_is_the_one_used():
+    model, target, prec = setup()
+    records = lc.train(
+        model,
+        target,
+        prec,
+        1.0,
+        lr=1.0,
+        warmup_steps=2,
+        max_steps=4,
+        schedule="linear",
+        progress=False,
+    )
+    assert [r["lr"] for r in records] == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+def test_non_finite_gradient_raises_before_the_update():
+    model, target, prec = setup()
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first.register_hook(lambda g: g * float("inf"))
+    before = adapter_state(model)
+    with pytest.raises(TrainingError, match=r"gradient norm is (inf|nan)"):
+        lc.train(model, target, prec, 1.0, max_steps=2, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in adapter_state(model).items())
+
+
+def test_fp16_with_loss_scaling_on_the_cpu():
+    model, target, prec = setup()
+    records = lc.train(
+        model, target, prec, 1.0, max_steps=2, mixed_precision="fp16", progress=False
+    )
+    assert len(records) == 2 and all(torch.isfinite(p).all() for p in adapter_state(model).values())
+
+
+def test_input_errors_are_named():
+    model, target, prec = setup()
+    loader = torch.utils.data.DataLoader(target, batch_size=None)
+    with pytest.raises(TrainingError, match="materialise a DataLoader"):
+        lc.train(model, loader, prec, 1.0, progress=False)
+    no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in target]
+    with pytest.raises(TrainingError, match="batch 0 has no 'labels'"):
+        lc.train(model, no_labels, prec, 1.0, progress=False)
+
+
+def test_resume_checks_and_finished_runs(tmp_path):
+    model, target, prec = setup()
+    lc.train(model, target, prec, 1.0, max_steps=2, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(TrainingError, match="grad_accum_steps=1, not 2"):
+        lc.train(
+            model,
+            target,
+            prec,
+            1.0,
+            max_steps=4,
+            grad_accum_steps=2,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+    assert (
+        lc.train(
+            model,
+            target,
+            prec,
+            1.0,
+            max_steps=2,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
+        == []
+    )  # already done: nothing re-run
+    (tmp_path / "checkpoint-final").mkdir()  # foreign names are ignored, not fatal
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+
+
+def test_a_step_with_only_masked_batches_logs_no_nll():
+    model, target, prec = setup()
+    masked = [{**b, "labels": torch.full_like(b["labels"], -100)} for b in target[:2]]
+    records = lc.train(model, masked, prec, 1.0, max_steps=1, grad_accum_steps=2, progress=False)
+    assert records[0]["nll"] is None and records[0]["loss"] is None
+    json.dumps(records)  # still valid JSON

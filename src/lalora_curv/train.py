@@ -17,29 +17,28 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lalora_curv.adapter import unwrap_model
+from lalora_curv.checkpoint import (
+    COMPLETE_FILE,
+    STATE_FILE,
+    latest_checkpoint,
+    load_adapter,
+    save_checkpoint,
+    set_rng_state,
+)
 from lalora_curv.errors import LaloraError
 from lalora_curv.precision import Precision
 
 logger = logging.getLogger("lalora_curv")
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.pt"
-COMPLETE_FILE = "trainer_state.json"
 
 
 class TrainingError(LaloraError):
@@ -70,92 +69,34 @@ def _supervised_tokens(batch: Mapping[str, Tensor]) -> int:
     return int(sup.sum())
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),  # noqa: NPY002 (the global RNG user code may draw from)
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _distributed() -> bool:
+    import torch.distributed as dist
 
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return dist.is_available() and dist.is_initialized()
 
 
 def _is_main_process() -> bool:
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not _distributed() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
-def save_checkpoint(
-    directory: Path,
-    step: int,
-    model: nn.Module,
-    adapter_name: str,
-    optimizer,
-    scheduler,
-    extra: dict[str, Any],
-) -> Path:
-    """Write ``directory/checkpoint-<step>`` atomically: adapter (peft format) + trainer state."""
-    model = unwrap_model(model)
-    final = directory / f"{CHECKPOINT_PREFIX}{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=directory))
-    try:
-        model.save_pretrained(staging, selected_adapters=[adapter_name])
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-                "step": step,
-            },
-            staging / STATE_FILE,
-        )
-        (staging / COMPLETE_FILE).write_text(
-            json.dumps({"step": step, **extra}, indent=2, sort_keys=True) + "\n"
-        )
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return final
+def _all_ranks(value: float, op: str, device: torch.device) -> float:
+    """``value`` reduced over the ranks (``"min"`` or ``"max"``); itself in one process."""
+    import torch.distributed as dist
 
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``directory`` (None if there is none)."""
-    if not directory.is_dir():
-        return None
-    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / COMPLETE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
-
-
-def _load_adapter(model: nn.Module, path: Path, adapter_name: str) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    sub = path if adapter_name == "default" else path / adapter_name
-    weights = load_file(sub / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(unwrap_model(model), weights, adapter_name=adapter_name)
-    unexpected = list(getattr(result, "unexpected_keys", []))
-    if unexpected:
-        raise TrainingError(f"checkpoint {path} does not match the adapter: {unexpected[0]!r}")
+    if not _distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def train(
@@ -182,33 +123,46 @@ def train(
     seed: int = 0,
     adapter_name: str = "default",
     progress: bool = True,
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | None]]:
     """Fine-tune the LoRA adapter of ``model`` on ``train_batches`` with ``lam * penalty``.
 
     Args:
-        model: a peft model; only parameters that require a gradient are trained.
-        train_batches: a sequence of dicts (``input_ids``, ``attention_mask``, ``labels``),
-            visited in order, ``epochs`` times (shuffle it yourself, seeded, for other orders).
+        model: a peft model (possibly DDP-wrapped); only parameters that require a gradient
+            are trained.
+        train_batches: a sequence (list) of dicts (``input_ids``, ``attention_mask``,
+            ``labels``), taken cyclically in order: step ``k`` uses micro-batches
+            ``k*K .. k*K + K - 1`` modulo the length (a last partial step takes from the next
+            pass). Shuffle it yourself, seeded, for other orders. Under DDP each rank passes
+            its shard; the run stops at the shortest rank's step count.
         precision: the source precision; ``None`` trains plain LoRA.
         lam: penalty strength ``lambda >= 0``.
         lr, weight_decay: AdamW settings (the paper: lr 5e-4).
         warmup_steps, schedule: linear warm-up, then ``"linear"``, ``"cosine"`` or
             ``"constant"``.
         max_steps: optimizer steps (default: ``epochs`` passes over the data).
-        grad_accum_steps: micro-batches per optimizer step.
+        grad_accum_steps: micro-batches ``K`` per optimizer step; each NLL enters as
+            ``NLL / K`` (a skipped micro-batch as 0).
         max_grad_norm: gradient clipping (``None``: off).
-        mixed_precision: ``"bf16"``/``"fp16"`` autocast where the device supports it.
+        mixed_precision: ``"bf16"``/``"fp16"`` autocast where the device supports it
+            (fp16 with loss scaling).
         eval_fn: ``eval_fn(model, step) -> metrics``, called every ``eval_every`` steps and at
-            the end (in eval mode; training mode is restored).
-        log_file: JSON-lines log: one record per optimizer step and evaluation.
+            the end (in eval mode, without gradients; training mode is restored).
+        log_file: JSON-lines log (appended): one record per optimizer step and evaluation.
         checkpoint_dir, checkpoint_every: atomic checkpoints every N steps and at the end.
-        resume: continue from the latest complete checkpoint in ``checkpoint_dir``.
-        seed: seeds torch, numpy and python's RNG (dropout, order-independent state).
+        resume: continue from the latest complete checkpoint in ``checkpoint_dir`` (the same
+            ``grad_accum_steps`` is required; the optimizer's saved learning rate prevails).
+        seed: seeds torch, numpy and python's RNG (dropout).
         adapter_name: the peft adapter to train and penalise.
         progress: tqdm bar with target NLL and penalty.
 
     Returns:
-        The log records (dicts with ``step``, ``nll``, ``penalty``, ``loss``, ``lr`` ...).
+        The log records (dicts with ``step``, ``nll`` (None if every micro-batch of the step
+        was skipped), ``penalty``, ``loss``, ``lr`` (of that step), ``grad_norm``,
+        ``skipped_batches``; evaluations as ``eval/<metric>``).
+
+    Raises:
+        TrainingError: bad arguments, a non-finite NLL, penalty or gradient (before the
+            update, on every rank), a checkpoint that does not match.
     """
     if not lam >= 0:
         raise TrainingError(f"lam must be >= 0, got {lam}")
@@ -221,6 +175,17 @@ def train(
     if mixed_precision not in (None, "bf16", "fp16"):
         raise TrainingError(
             f"mixed_precision must be None, 'bf16' or 'fp16', got {mixed_precision!r}"
+        )
+    if warmup_steps < 0 or epochs < 1 or (max_steps is not None and max_steps < 1):
+        raise TrainingError(
+            f"need warmup_steps >= 0, epochs >= 1 and max_steps >= 1 or None; "
+            f"got {warmup_steps}, {epochs}, {max_steps}"
+        )
+    if not isinstance(train_batches, Sequence):
+        raise TrainingError(
+            f"train_batches must be a sequence (a list) of batches, not "
+            f"{type(train_batches).__name__}: materialise a DataLoader with "
+            "list(loader)"
         )
     if len(train_batches) == 0:
         raise TrainingError("train_batches is empty")
@@ -239,6 +204,7 @@ def train(
     device = params[0].device
     steps_per_epoch = math.ceil(len(train_batches) / grad_accum_steps)
     total = max_steps if max_steps is not None else epochs * steps_per_epoch
+    total = int(_all_ranks(total, "min", device))  # DDP: every rank makes the same steps
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(schedule, warmup_steps, total)
@@ -249,28 +215,49 @@ def train(
         if not torch.amp.autocast_mode.is_autocast_available(device.type):
             raise TrainingError(f"autocast is not available on {device.type}")
         autocast = torch.autocast(device.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(
-        device.type, enabled=mixed_precision == "fp16" and device.type == "cuda"
-    )
+    scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+    extra = {"lam": lam, "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed}
 
     start = 0
     if resume:
         ckpt = latest_checkpoint(checkpoints)  # type: ignore[arg-type]
         if ckpt is not None:
-            _load_adapter(model, ckpt, adapter_name)
+            saved = json.loads((ckpt / COMPLETE_FILE).read_text())
+            if saved.get("grad_accum_steps") != grad_accum_steps:
+                raise TrainingError(
+                    f"{ckpt} was written with grad_accum_steps={saved.get('grad_accum_steps')}, "
+                    f"not {grad_accum_steps}: the data position would not match"
+                )
+            for key in ("lr", "lam"):
+                if saved.get(key) != extra[key]:
+                    logger.warning(
+                        "resuming %s with %s=%s (checkpoint: %s); the optimizer's "
+                        "saved learning rate prevails",
+                        ckpt,
+                        key,
+                        extra[key],
+                        saved.get(key),
+                    )
+            load_adapter(model, ckpt, adapter_name)
             state = torch.load(ckpt / STATE_FILE, weights_only=False)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
             start = int(state["step"])
             logger.info("resumed from %s (step %d)", ckpt, start)
+    if start >= total:
+        logger.warning(
+            "nothing to train: the checkpoint is at step %d, the run has %d", start, total
+        )
+        return []
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
     main = _is_main_process()  # under torch.distributed only rank 0 writes logs and checkpoints
     log = open(log_file, "a") if log_file is not None and main else None
-    records: list[dict[str, float]] = []
+    records: list[dict[str, float | None]] = []
 
-    def emit(record: dict[str, float]) -> None:
+    def emit(record: dict[str, float | None]) -> None:
         records.append(record)
         if log is not None:
             log.write(json.dumps(record) + "\n")
@@ -286,24 +273,41 @@ def train(
         model.train(was_training)
         emit({"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}})
 
+    def save(step: int) -> None:
+        if main:
+            save_checkpoint(
+                checkpoints,
+                step,
+                model,
+                adapter_name,
+                optimizer,
+                scheduler,  # type: ignore[arg-type]
+                scaler,
+                extra,
+            )
+        _barrier()
+
     micro = itertools.islice(
         itertools.cycle(range(len(train_batches))), start * grad_accum_steps, None
     )
-    extra = {"lam": lam, "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed}
     bar = tqdm(
         total=total, initial=start, disable=not (progress and main), desc="training", unit="step"
     )
     model.train()
     try:
         for step in range(start + 1, total + 1):
-            nll_sum, used, skipped = 0.0, 0, 0
+            nll_sum, used, skipped, problem = 0.0, 0, 0, ""
             penalty = torch.zeros((), device=device)
             for k in range(grad_accum_steps):
                 last = k == grad_accum_steps - 1
                 index = next(micro)
-                batch = {
-                    k_: torch.as_tensor(v).to(device) for k_, v in train_batches[index].items()
-                }
+                raw = train_batches[index]
+                if "labels" not in raw:
+                    raise TrainingError(
+                        f"batch {index} has no 'labels' (for plain language "
+                        "modelling pass labels=input_ids)"
+                    )
+                batch = {key: torch.as_tensor(v).to(device) for key, v in raw.items()}
                 # DDP: gradients are all-reduced in the last micro-batch's backward only
                 sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
@@ -313,17 +317,14 @@ def train(
                         logger.warning(
                             "step %d: batch %d has no supervised token; skipped", step, index
                         )
-                        inputs = {k_: v for k_, v in batch.items() if k_ != "labels"}
+                        inputs = {key: v for key, v in batch.items() if key != "labels"}
                         with autocast:
                             loss = 0.0 * model(**inputs).logits.float().sum()
                     else:
                         with autocast:
                             nll = model(**batch).loss
-                        if not bool(torch.isfinite(nll)):
-                            raise TrainingError(
-                                f"step {step}: the target NLL of batch {index} "
-                                f"is {nll.item()}; nothing was updated"
-                            )
+                        if not bool(torch.isfinite(nll)) and not problem:
+                            problem = f"the target NLL of batch {index} is {nll.item()}"
                         nll_sum += nll.item()
                         used += 1
                         loss = nll / grad_accum_steps
@@ -331,50 +332,51 @@ def train(
                         # the penalty enters once per optimizer step, in the synced backward
                         with torch.no_grad() if lam == 0 else nullcontext():
                             penalty = precision.penalty(model, adapter_name)
-                        if not bool(torch.isfinite(penalty)):
-                            raise TrainingError(f"step {step}: the penalty is {penalty.item()}")
+                        if not bool(torch.isfinite(penalty)) and not problem:
+                            problem = f"the penalty is {penalty.item()}"
                         if lam > 0:
                             loss = loss + lam * penalty
                     scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                if max_grad_norm is not None
-                else torch.zeros(())
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, max_grad_norm if max_grad_norm is not None else math.inf
             )
+            if not problem and not bool(torch.isfinite(grad_norm)) and not scaler.is_enabled():
+                problem = f"the gradient norm is {grad_norm.item()}"
+            # every rank learns of a problem on any rank, so none waits in a collective
+            if _all_ranks(1.0 if problem else 0.0, "max", device) > 0:
+                optimizer.zero_grad(set_to_none=True)
+                reason = problem or "a non-finite loss, penalty or gradient on another rank"
+                raise TrainingError(f"step {step}: {reason}; nothing was updated")
+            lr_used = scheduler.get_last_lr()[0]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            nll_mean = nll_sum / max(used, 1)
+            nll_mean = nll_sum / used if used else None
+            pen = float(penalty.detach())
             record = {
                 "step": step,
                 "nll": nll_mean,
-                "penalty": float(penalty.detach()),
-                "loss": nll_mean + lam * float(penalty.detach()),
-                "lr": scheduler.get_last_lr()[0],
+                "penalty": pen,
+                "loss": None if nll_mean is None else nll_mean + lam * pen,
+                "lr": lr_used,
                 "grad_norm": float(grad_norm),
                 "skipped_batches": skipped,
             }
             emit(record)
             bar.update(1)
-            bar.set_postfix(nll=f"{nll_mean:.4f}", penalty=f"{record['penalty']:.3e}")
+            bar.set_postfix(
+                nll=f"{nll_mean:.4f}" if nll_mean is not None else "-", penalty=f"{pen:.3e}"
+            )
             if eval_every and step % eval_every == 0:
                 evaluate(step)
             if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0:
-                if main:
-                    save_checkpoint(
-                        checkpoints, step, model, adapter_name, optimizer, scheduler, extra
-                    )
-                _barrier()
+                save(step)
         if eval_fn is not None and not (eval_every and total % eval_every == 0):
             evaluate(total)
-        if checkpoints is not None and total > start:
-            if main:
-                save_checkpoint(
-                    checkpoints, total, model, adapter_name, optimizer, scheduler, extra
-                )
-            _barrier()
+        if checkpoints is not None and not (checkpoint_every and total % checkpoint_every == 0):
+            save(total)
     finally:
         bar.close()
         if log is not None:
