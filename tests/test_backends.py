@@ -300,3 +300,11 @@ def test_piece_seeds_do_not_overlap_between_neighbouring_seeds():
 
     seeds = {derive_seed(s, "piece", k) for s in range(20) for k in range(20)}
     assert len(seeds) == 400
+
+
+def test_laplace_backend_states_laplace_torch_limitations(model, batches):
+    from lalora_curv.backends import laplace as backend
+
+    backend._WARNED[0] = False
+    with pytest.warns(UserWarning, match="rescales each batch's input factor by len"):
+        fit(model, batches, structure="kfac", backend="laplace")
