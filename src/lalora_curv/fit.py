@@ -17,7 +17,7 @@ from lalora_curv.adapter import (
     find_lora_modules,
 )
 from lalora_curv.backends import needed_sums, resolve_backend
-from lalora_curv.backends._common import derive_seed
+from lalora_curv.backends._common import FitRequest, derive_seed
 from lalora_curv.errors import CurvatureError, LaloraError
 from lalora_curv.precision import STRUCTURE_CLASSES, EKFACPrecision, KFACPrecision, Precision
 from lalora_curv.precision.base import _now
@@ -101,10 +101,8 @@ def fit_precision(
     collector = spec.collector()
 
     def collect(needs: frozenset[str], pass_seed: int, **extra: Any) -> LoraStatistics:
-        stats = collector(
-            model,
-            handles,
-            batches,
+        request = FitRequest(
+            backend=backend,
             needs=needs,
             estimator=estimator,
             mc_samples=mc_samples,
@@ -115,6 +113,7 @@ def fit_precision(
             granularity=granularity,
             **extra,
         )
+        stats = collector(model, handles, batches, request)
         if _world_size() > 1:  # each rank saw its shard: sum the sums and counts
             keys = {"lora_A_grad": "lora_A_diag", "lora_B_grad": "lora_B_diag"}
             stats.all_reduce(

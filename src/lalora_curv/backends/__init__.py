@@ -20,6 +20,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lalora_curv.backends._common import FitRequest
 from lalora_curv.errors import LaloraError
 from lalora_curv.statistics import KFAC_STRUCTURES, STRUCTURES, LoraStatistics
 
@@ -32,7 +33,7 @@ class Backend:
     """A statistics backend and what it supports."""
 
     name: str
-    module: str  # defines ``collect_statistics``
+    module: str  # defines ``collect_statistics(model, handles, batches, request: FitRequest)``
     structures: tuple[str, ...]
     estimators: tuple[str, ...]
     granularities: tuple[str, ...]
@@ -141,4 +142,12 @@ def needed_sums(structure: str, estimator: str, granularity: str) -> frozenset[s
     return frozenset({"input_cov", "grad_cov"})
 
 
-__all__ = ["BACKENDS", "ESTIMATORS", "GRANULARITIES", "Backend", "needed_sums", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "ESTIMATORS",
+    "GRANULARITIES",
+    "Backend",
+    "FitRequest",
+    "needed_sums",
+    "resolve_backend",
+]

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,36 @@ from lalora_curv.errors import BatchError, CurvatureError
 from lalora_curv.statistics import LoraStatistics
 
 logger = logging.getLogger("lalora_curv")
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What a backend is asked to compute; every backend's ``collect_statistics`` takes one.
+
+    Attributes:
+        backend: the backend's name (for messages and the progress bar).
+        needs: the token sums to accumulate (see :func:`lalora_curv.backends.needed_sums`).
+        estimator, mc_samples, seed, granularity: the statistic.
+        max_batches, progress: the loop.
+        dtype: accumulation dtype.
+        rotations: EKFAC's second pass (hooks only): eigenbases per module.
+    """
+
+    backend: str
+    needs: frozenset[str]
+    estimator: str
+    mc_samples: int
+    seed: int
+    max_batches: int | None
+    progress: bool
+    dtype: torch.dtype
+    granularity: str
+    rotations: dict[str, dict[str, Tensor]] | None = None
+
+    @property
+    def samples(self) -> int:
+        """Label draws per batch: ``mc_samples`` for the MC estimator, else one."""
+        return self.mc_samples if self.estimator == "mc" else 1
 
 
 @contextlib.contextmanager
@@ -175,16 +206,15 @@ def check_finite_loss(loss: Tensor, index: int) -> None:
 def fit_loop(
     batches: Iterable[Mapping[str, Tensor]],
     process: Callable[[PreparedBatch, int], None],
-    *,
     device: torch.device,
-    max_batches: int | None,
-    progress: bool,
-    desc: str,
+    request: FitRequest,
 ) -> LoraStatistics:
     """Validate, count and feed every batch to ``process``; return the counts.
 
     The caller stores its sums into the returned statistics' ``modules``.
     """
+    max_batches, progress = request.max_batches, request.progress
+    desc = f"fitting LoRA curvature ({request.backend}, {request.estimator})"
     stats = LoraStatistics()
     total = max_batches if max_batches is not None else _len_or_none(batches)
     bar = tqdm(total=total, disable=not progress, unit="batch", desc=desc)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraHandle
 from lalora_curv.backends._common import (
+    FitRequest,
     check_finite_loss,
     fit_loop,
     fitting_state,
@@ -79,17 +80,10 @@ def collect_statistics(
     model: nn.Module,
     handles: dict[str, LoraHandle],
     batches: Iterable[Mapping[str, Tensor]],
-    *,
-    needs: frozenset[str],
-    estimator: str,
-    mc_samples: int,
-    seed: int,
-    max_batches: int | None,
-    progress: bool,
-    dtype: torch.dtype,
-    granularity: str,
+    request: FitRequest,
 ) -> LoraStatistics:
     """Per-sequence squared-gradient sums of every LoRA parameter, computed by BackPACK."""
+    estimator, seed, dtype = request.estimator, request.seed, request.dtype
     from backpack import backpack
     from backpack.extensions import SumGradSquared
 
@@ -97,7 +91,7 @@ def collect_statistics(
     params = [p for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)]
     device = params[0].device
     generator = torch.Generator(device=device).manual_seed(seed)
-    samples = mc_samples if estimator == "mc" else 1
+    samples = request.samples
 
     def process(batch: PreparedBatch, index: int) -> None:
         logits = supervised_logits(model_logits(model, batch), batch)
@@ -124,13 +118,6 @@ def collect_statistics(
     # only the LoRA weights require grad (and get .grad, restored afterwards): a plain backward
     # then reaches every LoRA layer, also with trainable base weights or input gradients on
     with fitting_state(model, handles), only_lora_trainable(model, handles), extended(modules):
-        stats = fit_loop(
-            batches,
-            process,
-            device=device,
-            max_batches=max_batches,
-            progress=progress,
-            desc=f"fitting LoRA curvature (backpack, {estimator})",
-        )
+        stats = fit_loop(batches, process, device, request)
     stats.modules = sums
     return stats

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraHandle
 from lalora_curv.backends._common import (
+    FitRequest,
     check_labels,
     derive_seed,
     fit_loop,
@@ -91,17 +92,15 @@ def collect_statistics(
     model: nn.Module,
     handles: dict[str, LoraHandle],
     batches: Iterable[Mapping[str, Tensor]],
-    *,
-    needs: frozenset[str],
-    estimator: str,
-    mc_samples: int,
-    seed: int,
-    max_batches: int | None,
-    progress: bool,
-    dtype: torch.dtype,
-    granularity: str,
+    request: FitRequest,
 ) -> LoraStatistics:
     """Base K-FAC sums (``input_cov``, ``grad_cov``) computed by curvlinops."""
+    estimator, mc_samples, seed, dtype = (
+        request.estimator,
+        request.mc_samples,
+        request.seed,
+        request.dtype,
+    )
     from curvlinops import KFACLinearOperator
     from curvlinops.kfac import FisherType, KFACType
 
@@ -144,13 +143,6 @@ def collect_statistics(
                 sums[name].add("grad_cov", g_cov)
 
     with fitting_state(model, handles), only_lora_trainable(model, handles), hooks_restored(model):
-        stats = fit_loop(
-            batches,
-            process,
-            device=device,
-            max_batches=max_batches,
-            progress=progress,
-            desc=f"fitting LoRA curvature (curvlinops, {estimator})",
-        )
+        stats = fit_loop(batches, process, device, request)
     stats.modules = sums
     return stats

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraHandle
 from lalora_curv.backends._common import (
+    FitRequest,
     check_finite_loss,
     fit_loop,
     fitting_state,
@@ -214,16 +215,7 @@ def collect_statistics(
     model: nn.Module,
     handles: dict[str, LoraHandle],
     batches: Iterable[Mapping[str, Tensor]],
-    *,
-    needs: frozenset[str],
-    estimator: str,
-    mc_samples: int,
-    seed: int,
-    max_batches: int | None,
-    progress: bool,
-    dtype: torch.dtype,
-    granularity: str,
-    rotations: dict[str, dict[str, Tensor]] | None = None,
+    request: FitRequest,
 ) -> LoraStatistics:
     """Run the hooks backend over ``batches`` and return the raw token sums.
 
@@ -234,11 +226,13 @@ def collect_statistics(
     ``y_t`` the true label (``empirical``, ``batch-grad-squared``) or a draw from the model's
     predictive (``mc``, ``mc_samples`` draws sharing one forward pass, seeded by ``seed``).
     """
+    needs, estimator, seed, dtype = request.needs, request.estimator, request.seed, request.dtype
+    granularity, rotations = request.granularity, request.rotations
     group = "batch" if estimator == "batch-grad-squared" else granularity
     recorder = _Recorder(handles, needs, dtype, group if needs & GROUPED else None, rotations)
     device = next(iter(handles.values())).lora_A.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    samples = mc_samples if estimator == "mc" else 1
+    samples = request.samples
 
     def process(batch: PreparedBatch, index: int) -> None:
         recorder.position_mask = batch.position_mask
@@ -272,13 +266,6 @@ def collect_statistics(
         recorder.reset()
 
     with fitting_state(model, handles), recorder.attached():
-        stats = fit_loop(
-            batches,
-            process,
-            device=device,
-            max_batches=max_batches,
-            progress=progress,
-            desc=f"fitting LoRA curvature (hooks, {estimator})",
-        )
+        stats = fit_loop(batches, process, device, request)
     stats.modules = recorder.sums
     return stats
