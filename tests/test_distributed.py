@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,7 +26,11 @@ def free_port() -> int:
 def _worker(rank: int, port: int, out: str, job: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),  # a hang fails the test instead of stalling CI
     )
     try:
         torch.set_num_threads(1)
@@ -37,6 +42,25 @@ def _worker(rank: int, port: int, out: str, job: str) -> None:
                     model, batches, structure=structure, progress=False, stats_dtype=torch.float64
                 )
                 prec.save(Path(out) / f"{structure}-rank{rank}")
+        elif job == "nan":  # rank 1 alone produces a NaN loss: both ranks must stop
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = make_model(dtype=torch.float32, init_B_std=0.0)
+            if rank == 1:
+                model.base_model.model.lm_head.register_forward_hook(
+                    lambda m, a, out: out * float("nan")
+                )
+            try:
+                lc.train(
+                    DistributedDataParallel(model),
+                    make_batches(2, seed=2),
+                    None,
+                    0.0,
+                    max_steps=2,
+                    progress=False,
+                )
+            except lc.TrainingError as e:
+                (Path(out) / f"error-rank{rank}.txt").write_text(str(e))
         else:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -123,3 +147,11 @@ def test_ddp_training_matches_single_process_accumulation(tmp_path):
         rtol=1e-4,
         atol=1e-8,
     )
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    spawn(tmp_path, "nan")
+    errors = [(tmp_path / f"error-rank{r}.txt").read_text() for r in range(WORLD)]
+    assert "step 1: the target NLL of batch 0 is nan" in errors[1]
+    # rank 0 sees it as the all-reduced NaN gradient, or through the failure flag
+    assert "nothing was updated" in errors[0]
