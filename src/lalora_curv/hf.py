@@ -14,7 +14,7 @@ loss (one backward, as DDP requires): the step's gradient gains exactly ``lam * 
 whatever normalisation the Trainer applies to the NLL (per micro-batch or by
 ``num_items_in_batch``). The Trainer's ``loss`` includes the penalty term; ``penalty`` and
 ``lam`` are logged beside it. Works with gradient accumulation, gradient checkpointing and bf16
-(the penalty is computed in the precision's float32). Under DDP every rank computes the same
+(the penalty is computed in the precision's dtype, float32 by default). Under DDP every rank computes the same
 penalty on the same (replicated) adapter; its gradient is averaged like any other. The penalty
 is evaluated in every micro-batch (``K`` times per step, unlike the thin loop's once): about 1 %
 of a step each at r = 16 on q, v, so worth knowing at large ``K``.

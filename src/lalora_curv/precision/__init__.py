@@ -1,4 +1,4 @@
-"""Precision structures: diag, kfac, tri-kfac, merged-kfac, merged-diag.
+"""Precision structures: diag, kfac, tri-kfac, merged-kfac, merged-diag, ekfac.
 
 The one normalisation every structure shares: a precision is the *mean* over supervised source
 tokens of the token-level ("expand") Fisher of the summed NLL. K-FAC input factors are means

@@ -9,7 +9,7 @@ Every structure here is built from two *base-layer* factors per module, fitted o
     G_h = \\mathbb{E}[g g^\\top] \\;(D_{out} \\times D_{out}),
 
 ``x`` the layer input and ``g = dL/dh`` its output gradient, plus the adapter's mode
-``(A_0, B_0, s)``. The LoRA blocks follow exactly (MATH.md, "Consequence 2"):
+``(A_0, B_0, s)``. The LoRA blocks follow exactly (docs/math.md, section 5):
 
 .. math::
 
@@ -33,7 +33,7 @@ form a Kronecker product or a ``D_out x D_in`` matrix (with ``dA = A - A0``, ``d
 
 (the last is the K-FAC penalty of the merged update ``dW = s (B A - B_0 A_0)``, evaluated in
 ``2r x 2r``). At the default init ``B_0 = 0`` the A and cross blocks vanish exactly and are
-skipped. A pooled precision holds ``K`` weighted components ``sum_k w_k C_k (x) G_k``, stacked
+skipped. A pooled precision holds ``K`` weighted components ``sum_k w_k G_k (x) C_k``, stacked
 along a leading axis.
 """
 
