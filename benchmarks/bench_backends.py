@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import lalora_curv as lc
-from bench_core import environment, timed, write_result
+from bench_core import QUICK_DIMS, environment, timed, write_result
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
 HERE = Path(__file__).resolve().parent
@@ -43,14 +43,7 @@ CASES = [  # (backend, structure, estimator, granularity)
 
 def setup(quick: bool):
     dims = (
-        dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=4,
-        )
+        QUICK_DIMS
         if quick
         else dict(
             vocab_size=4096,

@@ -46,6 +46,12 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, 
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "n": len(times)}
 
 
+#: the tiny model every benchmark's --quick smoke run uses
+QUICK_DIMS = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4
+)
+
+
 def write_result(out_dir: Path, name: str, data: dict) -> Path:
     """Write ``out_dir/name`` as sorted, indented JSON, atomically (temp file + rename)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,14 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.quick:
-        dims = dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=4,
-        )
+        dims = QUICK_DIMS
         batch_size, seq_len, repeats, rank = 2, 64, 2, 4
     else:
         dims = dict(
