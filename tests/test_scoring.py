@@ -75,6 +75,11 @@ def test_acc_and_acc_norm(model, tok, monkeypatch):
     monkeypatch.setattr(scoring, "loglikelihoods", lambda *a, **k: [-1.0, -2.0, -3.0] * 2)
     result = score_multiple_choice(model, tok, items)
     assert result == {"acc": 0.5, "acc_norm": 0.5, "n": 2}
+    # acc_norm divides by the choice without its joining space, as the harness does:
+    # " abcd" wins with -3.9 / 4 = -0.975 > -2 / 2; counting the space, " ab" would win
+    monkeypatch.setattr(scoring, "loglikelihoods", lambda *a, **k: [-2.0, -3.9])
+    pair = [MultipleChoiceItem(("c", "c"), (" ab", " abcd"), 1, True)]
+    assert score_multiple_choice(model, tok, pair) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
     wino = [MultipleChoiceItem(("a", "b"), (" x", " x"), 0, False)]
     monkeypatch.setattr(scoring, "loglikelihoods", lambda *a, **k: [-1.0, -2.0])
     assert score_multiple_choice(model, tok, wino) == {"acc": 1.0, "n": 1}
@@ -102,3 +107,27 @@ def test_gsm8k_generation_is_cut_at_the_stop_sequence_and_scored(model, tok, mon
     ]
     result = score_gsm8k(model, tok, records, batch_size=2)
     assert result == {"exact_match_strict": 0.0, "exact_match_flexible": 0.5, "n": 2}
+
+
+def test_generation_without_a_pad_token(model, tok):
+    from lalora_curv.tasks.gsm8k import generate_answers
+
+    pad = tok.pad_token
+    tok.pad_token = None  # Llama's and GPT-2's tokenizers have none
+    try:
+        out = generate_answers(
+            model, tok, ["Question: 1?\nAnswer:", "Q"], max_new_tokens=3, batch_size=2
+        )
+        assert len(out) == 2 and tok.pad_token is None  # EOS padded, setting restored
+    finally:
+        tok.pad_token = pad
+
+
+def test_empty_task_gives_null_metrics(model, tok):
+    from lalora_curv.tasks.gsm8k import score_gsm8k
+
+    assert score_gsm8k(model, tok, []) == {
+        "exact_match_strict": None,
+        "exact_match_flexible": None,
+        "n": 0,
+    }

@@ -36,11 +36,12 @@ def test_evaluation_splits_load_completely(task, count):
     assert manifest[TASKS[task][0]] == count
 
 
-def test_limit_is_a_seeded_subset_in_order():
+def test_limit_takes_the_first_records_and_sample_a_seeded_subset():
     full = load_records("arc_challenge", DATA)
-    a = load_records("arc_challenge", DATA, limit=20, seed=1)
-    b = load_records("arc_challenge", DATA, limit=20, seed=1)
-    c = load_records("arc_challenge", DATA, limit=20, seed=2)
+    assert load_records("arc_challenge", DATA, limit=5) == full[:5]  # the harness's --limit
+    a = load_records("arc_challenge", DATA, sample=20, seed=1)
+    b = load_records("arc_challenge", DATA, sample=20, seed=1)
+    c = load_records("arc_challenge", DATA, sample=20, seed=2)
     assert a == b and a != c and len(a) == 20
     positions = [full.index(r) for r in a]
     assert positions == sorted(positions)

@@ -33,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="local files in the original schemas (default: the Hugging Face hub)",
     )
-    ev.add_argument("--limit", type=int, default=None, help="seeded subset per task")
+    ev.add_argument("--limit", type=int, default=None, help="the first N records per task")
+    ev.add_argument("--sample", type=int, default=None, help="a seeded random subset per task")
+    ev.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=0,
+        help="GSM8K few-shot examples (the harness's gsm8k default is 5)",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--max-new-tokens", type=int, default=256)
@@ -57,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer,
             [t for t in args.tasks.split(",") if t],
             args.data_dir,
-            args.limit,
-            args.seed,
-            args.batch_size,
-            args.max_new_tokens,
+            limit=args.limit,
+            sample=args.sample,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            num_fewshot=args.num_fewshot,
             progress=not args.no_progress,
         )
         out = Path(args.output)

@@ -120,6 +120,7 @@ def load_records(
     *,
     split: str = "eval",
     limit: int | None = None,
+    sample: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Records of ``task`` in the original (local) schema.
@@ -129,7 +130,8 @@ def load_records(
         data_dir: folder holding the original files (e.g. ``../shared/data``); ``None`` loads
             from the Hugging Face hub with ``datasets``.
         split: ``"eval"`` (the evaluation split of the table above) or ``"train"``.
-        limit: keep a seeded random subset of this many records (order preserved).
+        limit: keep the first ``limit`` records (the harness's ``--limit``).
+        sample: keep a seeded random subset of this many records (file order kept).
         seed: seed of that subset.
 
     Raises:
@@ -151,7 +153,9 @@ def load_records(
 
         rows = load_dataset(hub, config, split=hub_split if split == "eval" else "train")
         records = [_canonical(task, dict(r), f"{hub}[{i}]") for i, r in enumerate(rows)]
-    if limit is not None and limit < len(records):
-        keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    if limit is not None:
+        records = records[:limit]
+    if sample is not None and sample < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), sample))
         records = [records[i] for i in keep]
     return records

@@ -26,21 +26,42 @@ def evaluate(
     tasks: list[str],
     data_dir: str | Path | None = None,
     limit: int | None = None,
+    sample: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     max_new_tokens: int = 256,
+    num_fewshot: int = 0,
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics of every task in ``tasks`` (evaluation splits; ``limit`` seeded subsets)."""
+    """Metrics of every task in ``tasks`` on its evaluation split.
+
+    ``limit`` keeps the first records, ``sample`` a seeded subset; GSM8K's few-shot examples
+    are the first ``num_fewshot`` training records (the harness's ``first_n`` sampler; its
+    ``gsm8k`` task defaults to 5, this function to 0: say which you compare with).
+    """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise TaskDataError(f"unknown task {unknown[0]!r}; valid: {sorted(TASKS)}")
     results: dict[str, dict[str, Any]] = {}
     for task in tasks:
-        records = load_records(task, data_dir, limit=limit, seed=seed)
+        records = load_records(task, data_dir, limit=limit, sample=sample, seed=seed)
         if task == "gsm8k":
+            shots = (
+                [
+                    (r["question"], r["answer"])
+                    for r in load_records("gsm8k", data_dir, split="train", limit=num_fewshot)
+                ]
+                if num_fewshot
+                else None
+            )
             results[task] = score_gsm8k(
-                model, tokenizer, records, max_new_tokens, batch_size, progress=progress
+                model,
+                tokenizer,
+                records,
+                max_new_tokens,
+                batch_size,
+                fewshot=shots,
+                progress=progress,
             )
         else:
             results[task] = score_multiple_choice(

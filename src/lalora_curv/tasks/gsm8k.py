@@ -77,11 +77,17 @@ def generate_answers(
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, cut at ``"Question:"`` (left-padded batches)."""
+    """Greedy continuations of ``prompts``, cut at ``"Question:"`` (left-padded batches).
+
+    As the harness: a tokenizer without a pad token pads with EOS, and prompts keep their last
+    ``window - max_new_tokens`` tokens.
+    """
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    saved = (tokenizer.padding_side, tokenizer.truncation_side, tokenizer.pad_token)
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     outputs: list[str] = []
     was_training = model.training
     model.eval()
@@ -93,16 +99,26 @@ def generate_answers(
             unit="batch",
         ):
             chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            limit = (
+                {"truncation": True, "max_length": window - max_new_tokens}
+                if (window and window > max_new_tokens)
+                else {}
+            )
+            enc = tokenizer(
+                chunk, return_tensors="pt", padding=True, add_special_tokens=False, **limit
+            )
             enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
             new = out[:, enc["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             outputs += [truncate_at_stop(t) for t in texts]
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side, tokenizer.pad_token = saved
         model.train(was_training)
     return outputs
 
@@ -127,7 +143,7 @@ def score_gsm8k(
         exact_match(g, r["answer"], "flexible") for g, r in zip(generations, records, strict=True)
     )
     return {
-        "exact_match_strict": strict / n if n else float("nan"),
-        "exact_match_flexible": flexible / n if n else float("nan"),
+        "exact_match_strict": strict / n if n else None,
+        "exact_match_flexible": flexible / n if n else None,
         "n": n,
     }

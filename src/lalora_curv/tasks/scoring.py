@@ -6,7 +6,7 @@ context move to the continuation, ``whole = encode(context + continuation)``,
 tokens (an empty context becomes the EOS/BOS token). Its score is
 ``sum_t log p(continuation_t | context, continuation_<t)``; sequences longer than the model's
 window keep their last tokens. ``acc`` is the argmax over choices; ``acc_norm`` the argmax of the
-score divided by the continuation's length in characters.
+score divided by the choice's length in characters (without the joining space).
 """
 
 from __future__ import annotations
@@ -109,10 +109,11 @@ def score_multiple_choice(
         ll = lls[pos : pos + k]
         pos += k
         acc += int(max(range(k), key=lambda i: ll[i]) == item.gold)
-        norm = [ll[i] / len(item.continuations[i]) for i in range(k)]
+        # the harness divides by the choice's length, without the " " that joins it
+        norm = [ll[i] / len(item.continuations[i].removeprefix(" ")) for i in range(k)]
         acc_norm += int(max(range(k), key=lambda i: norm[i]) == item.gold)
     n = len(items)
-    result = {"acc": acc / n if n else float("nan"), "n": n}
+    result: dict[str, float | int | None] = {"acc": acc / n if n else None, "n": n}
     if items and items[0].use_acc_norm:
-        result["acc_norm"] = acc_norm / n
+        result["acc_norm"] = acc_norm / n if n else None
     return result
