@@ -1,0 +1,117 @@
+"""Measure learning and forgetting on the embedded benchmark.
+
+``source_accuracy``: multiple-choice accuracy on each source sub-domain (every entity's fact).
+``target_accuracy``: exact match of the greedy first token after ``"answer :"``.
+``finetune``: LoRA on the target problems (optionally with a precision's penalty) via
+:func:`lalora_curv.train`, with both measured before and after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import lalora_curv as lc
+from lalora_curv.tasks.formatting import make_batches
+from lalora_curv.tasks.scoring import score_multiple_choice
+from lalora_curv.testbed.world import SOURCES, World
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def source_accuracy(model: nn.Module, tok, world: World) -> dict[str, float]:
+    return {
+        s: score_multiple_choice(model, tok, world.source_items(s), batch_size=64)["acc"]
+        for s in SOURCES
+    }
+
+
+@torch.no_grad()
+def target_accuracy(model: nn.Module, tok, problems: list[tuple[str, str]]) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(problems), 64):
+        chunk = problems[start : start + 64]
+        enc = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in chunk]
+        width = max(len(x) for x in enc)
+        ids = torch.full((len(enc), width), tok.pad_token_id)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for i, x in enumerate(enc):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        last = mask.sum(1) - 1
+        guess = logits[torch.arange(len(enc)), last].argmax(-1)
+        gold = torch.tensor([tok.convert_tokens_to_ids(a.strip()) for _, a in chunk])
+        correct += int((guess == gold).sum())
+    model.train(was_training)
+    return correct / len(problems)
+
+
+def source_batches(world: World, tok, source: str, batch_size: int = 16) -> list[dict]:
+    """Supervised batches of a source sub-domain's facts (context -100, answer supervised)."""
+    examples = [(c, " " + a) for c, a in (world.fact(source, e) for e in world.entities)]
+    return make_batches(examples, tok, batch_size=batch_size, max_length=64)
+
+
+def finetune(
+    model: nn.Module,
+    tok,
+    world: World,
+    *,
+    precision_structure: str | None = None,
+    lam: float = 0.0,
+    estimator: str = "mc",
+    mc_samples: int = 8,
+    steps: int = 300,
+    lr: float = 2e-3,
+    rank: int = 8,
+    targets: tuple[str, ...] = ALL_LINEAR,
+    train_problems: int = 2000,
+    test_problems: int = 300,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """LoRA on the target, optionally with a Laplace penalty fitted on the source facts."""
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
+    )
+    test = world.problems("test", test_problems)
+    before = {
+        "source": source_accuracy(peft_model, tok, world),
+        "target": target_accuracy(peft_model, tok, test),
+    }
+    precision = None
+    if precision_structure is not None:
+        for source in SOURCES:
+            p = lc.fit_precision(
+                peft_model,
+                source_batches(world, tok, source),
+                structure=precision_structure,
+                estimator=estimator,
+                mc_samples=mc_samples if estimator == "mc" else 1,
+                progress=False,
+                sources=[source],
+                seed=seed,
+            )
+            precision = p if precision is None else precision + p
+    train = make_batches(world.problems("train", train_problems), tok, batch_size=16, max_length=64)
+    lc.train(
+        peft_model, train, precision, lam, lr=lr, max_steps=steps, seed=seed, progress=progress
+    )
+    after = {
+        "source": source_accuracy(peft_model, tok, world),
+        "target": target_accuracy(peft_model, tok, test),
+    }
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    return {
+        "before": before,
+        "after": after,
+        "source_drop": mean(before["source"]) - mean(after["source"]),
+        "target_gain": after["target"] - before["target"],
+    }

@@ -1,0 +1,124 @@
+"""The embedded benchmark's tokenizer and tiny Llama, pretrained once and cached.
+
+A word-level tokenizer over the world's vocabulary and a 2M-parameter Llama (hidden 192,
+4 layers, 4 heads, MLP 512, untied embeddings) pretrained on the world's fact sentences and
+counting strings; the result is saved (atomically) under the user's cache directory, keyed by
+every setting, so later runs load it in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lalora_curv.testbed.world import World
+
+PRETRAIN = {
+    "hidden": 192,
+    "layers": 4,
+    "heads": 4,
+    "mlp": 512,
+    "steps": 2000,
+    "batch": 64,
+    "lr": 2e-3,
+    "texts": 60000,
+}
+
+
+def make_tokenizer(world: World) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *world.vocabulary])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LALORA_CURV_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lalora-curv"
+    )
+    return Path(root) / "testbed"
+
+
+def pretrained(seed: int = 0, settings: dict | None = None, progress: bool = True):
+    """``(model, tokenizer, world)``: pretrained on the world of ``seed``, cached on disk."""
+    cfg = {**PRETRAIN, **(settings or {}), "seed": seed}
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / key
+    world = World(seed)
+    if not (path / "config.json").is_file():
+        model, tok = _pretrain(world, cfg, progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
+        try:
+            model.save_pretrained(staging)
+            tok.save_pretrained(staging)
+            (staging / "testbed.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            if not path.exists():
+                os.rename(staging, path)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    model = LlamaForCausalLM.from_pretrained(path)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    return model.eval(), tok, world
+
+
+def _pretrain(world: World, cfg: dict, progress: bool):
+    torch.manual_seed(cfg["seed"])
+    tok = make_tokenizer(world)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["mlp"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["heads"],
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    rng = random.Random(cfg["seed"])
+    texts = world.pretraining_texts(rng, cfg["texts"])
+    encoded = [tok(t + " <eos>", add_special_tokens=False)["input_ids"] for t in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, cfg["lr"], total_steps=cfg["steps"], pct_start=0.05
+    )
+    model.train()
+    for _ in tqdm(
+        range(cfg["steps"]),
+        disable=not progress,
+        desc="pretraining the testbed model (once)",
+        unit="step",
+    ):
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(cfg["batch"])]
+        width = max(len(x) for x in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval(), tok
