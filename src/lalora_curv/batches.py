@@ -53,6 +53,19 @@ class PreparedBatch:
         return int(self.supervised.any(dim=1).sum())
 
 
+def supervised_mask(labels: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(batch, seq - 1) bool: the logits positions with a loss term.
+
+    ``labels[:, 1:] != -100``, and neither the target nor the position predicting it is padding
+    (left padding would otherwise let a pad position predict the first real token).
+    """
+    sup = labels[:, 1:] != IGNORE_INDEX
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        sup = sup & real[:, 1:] & real[:, :-1]
+    return sup
+
+
 def prepare_batch(batch: Mapping[str, Tensor], device: torch.device, index: int) -> PreparedBatch:
     """Validate ``batch`` (the ``index``-th) and move it to ``device``.
 
@@ -94,6 +107,5 @@ def prepare_batch(batch: Mapping[str, Tensor], device: torch.device, index: int)
     ids, labels, mask = ids.to(device), labels.to(device, torch.long), mask.to(device)
     position_mask = mask.bool()
     targets = labels[:, 1:]
-    # a loss term needs a real target *and* a real predicting position (left padding)
-    supervised = (targets != IGNORE_INDEX) & position_mask[:, 1:] & position_mask[:, :-1]
+    supervised = supervised_mask(labels, mask)
     return PreparedBatch(ids, mask, position_mask, supervised, targets)

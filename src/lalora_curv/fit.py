@@ -18,6 +18,7 @@ from lalora_curv.adapter import (
 )
 from lalora_curv.backends import needed_sums, resolve_backend
 from lalora_curv.backends._common import FitRequest, derive_seed
+from lalora_curv.distributed import rank, world_size
 from lalora_curv.errors import CurvatureError, LaloraError
 from lalora_curv.precision import STRUCTURE_CLASSES, EKFACPrecision, KFACPrecision, Precision
 from lalora_curv.precision.base import _now
@@ -106,15 +107,15 @@ def fit_precision(
             needs=needs,
             estimator=estimator,
             mc_samples=mc_samples,
-            seed=derive_seed(pass_seed, "rank", _rank()) if _world_size() > 1 else pass_seed,
+            seed=derive_seed(pass_seed, "rank", rank()) if world_size() > 1 else pass_seed,
             max_batches=max_batches,
-            progress=progress and _rank() == 0,
+            progress=progress and rank() == 0,
             dtype=stats_dtype,
             granularity=granularity,
             **extra,
         )
         stats = collector(model, handles, batches, request)
-        if _world_size() > 1:  # each rank saw its shard: sum the sums and counts
+        if world_size() > 1:  # each rank saw its shard: sum the sums and counts
             keys = {"lora_A_grad": "lora_A_diag", "lora_B_grad": "lora_B_diag"}
             stats.all_reduce(
                 {n: _shapes(h.spec) for n, h in handles.items()},
@@ -176,18 +177,6 @@ def fit_precision(
         grad[spec.lora_A_name], inp[spec.lora_A_name] = bases[name]["g_A"], bases[name]["x"]
         grad[spec.lora_B_name], inp[spec.lora_B_name] = bases[name]["g_B"], bases[name]["u"]
     return EKFACPrecision(specs, mode, grad, inp, eig_pass.diag, metadata)
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _shapes(spec) -> dict[str, tuple[int, ...]]:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lalora_curv.batches import supervised_mask
 from lalora_curv.checkpoint import (
     COMPLETE_FILE,
     STATE_FILE,
@@ -35,6 +36,7 @@ from lalora_curv.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from lalora_curv.distributed import barrier, is_main_process, reduce_scalar
 from lalora_curv.errors import LaloraError
 from lalora_curv.precision import Precision
 
@@ -57,46 +59,6 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # cosine
 
     return f
-
-
-def _supervised_tokens(batch: Mapping[str, Tensor]) -> int:
-    labels = torch.as_tensor(batch["labels"])
-    mask = batch.get("attention_mask")
-    sup = labels[:, 1:] != -100
-    if mask is not None:
-        m = torch.as_tensor(mask).bool()
-        sup &= m[:, 1:] & m[:, :-1]
-    return int(sup.sum())
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not _distributed() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if _distributed():
-        dist.barrier()
-
-
-def _all_ranks(value: float, op: str, device: torch.device) -> float:
-    """``value`` reduced over the ranks (``"min"`` or ``"max"``); itself in one process."""
-    import torch.distributed as dist
-
-    if not _distributed():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-    return float(t.item())
 
 
 def train(
@@ -204,7 +166,7 @@ def train(
     device = params[0].device
     steps_per_epoch = math.ceil(len(train_batches) / grad_accum_steps)
     total = max_steps if max_steps is not None else epochs * steps_per_epoch
-    total = int(_all_ranks(total, "min", device))  # DDP: every rank makes the same steps
+    total = int(reduce_scalar(total, "min", device))  # DDP: every rank makes the same steps
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(schedule, warmup_steps, total)
@@ -253,7 +215,7 @@ def train(
         return []
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
-    main = _is_main_process()  # under torch.distributed only rank 0 writes logs and checkpoints
+    main = is_main_process()  # under torch.distributed only rank 0 writes logs and checkpoints
     log = open(log_file, "a") if log_file is not None and main else None
     records: list[dict[str, float | None]] = []
 
@@ -285,7 +247,7 @@ def train(
                 scaler,
                 extra,
             )
-        _barrier()
+        barrier()
 
     micro = itertools.islice(
         itertools.cycle(range(len(train_batches))), start * grad_accum_steps, None
@@ -311,7 +273,9 @@ def train(
                 # DDP: gradients are all-reduced in the last micro-batch's backward only
                 sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
                 with sync:
-                    if _supervised_tokens(batch) == 0:
+                    if not bool(
+                        supervised_mask(batch["labels"], batch.get("attention_mask")).any()
+                    ):
                         # no loss term: a zero loss keeps every rank's collectives in step
                         skipped += 1
                         logger.warning(
@@ -344,7 +308,7 @@ def train(
             if not problem and not bool(torch.isfinite(grad_norm)) and not scaler.is_enabled():
                 problem = f"the gradient norm is {grad_norm.item()}"
             # every rank learns of a problem on any rank, so none waits in a collective
-            if _all_ranks(1.0 if problem else 0.0, "max", device) > 0:
+            if reduce_scalar(1.0 if problem else 0.0, "max", device) > 0:
                 optimizer.zero_grad(set_to_none=True)
                 reason = problem or "a non-finite loss, penalty or gradient on another rank"
                 raise TrainingError(f"step {step}: {reason}; nothing was updated")
