@@ -32,6 +32,7 @@ from lalora_curv.precision import (
     Precision,
     TriKFACPrecision,
 )
+from lalora_curv.selfgen import SelfGeneratedBatches, self_generated_batches
 from lalora_curv.train import TrainingError, train
 
 STRUCTURES = tuple(STRUCTURE_CLASSES)
@@ -51,11 +52,13 @@ __all__ = [
     "MergedDiagPrecision",
     "MergedKFACPrecision",
     "Precision",
+    "SelfGeneratedBatches",
     "TrainingError",
     "TriKFACPrecision",
     "__version__",
     "fit_precision",
     "load_precision",
     "save_precision",
+    "self_generated_batches",
     "train",
 ]

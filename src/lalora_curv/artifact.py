@@ -54,6 +54,7 @@ KNOWN_KEYS = frozenset(
         "adapter",
         "base_model",
         "sources",
+        "self_generated",
         "created",
         "lora_B_init_zero",
         "stats_dtype",

@@ -72,7 +72,9 @@ def fit_precision(
         progress: show a progress bar.
         seed: seed of the Monte-Carlo label draws.
         stats_dtype: accumulation dtype (float32 or float64), whatever the model's dtype.
-        sources: names of the source data, recorded in the metadata.
+        sources: names of the source data, recorded in the metadata (default
+            ``["self-generated"]`` for :func:`~lalora_curv.self_generated_batches`, whose
+            sampling settings go to ``metadata["self_generated"]``).
         granularity: ``"token"`` (per-token, "expand" statistics) or, for diagonals,
             ``"sequence"`` (squares of per-sequence gradients); ``None`` takes the backend's
             own (``"sequence"`` for BackPACK, ``"token"`` otherwise).
@@ -140,6 +142,9 @@ def fit_precision(
 
     if isinstance(sources, str):
         sources = [sources]
+    provenance = getattr(batches, "provenance", None)  # lc.self_generated_batches
+    if sources is None and provenance is not None:
+        sources = ["self-generated"]
     metadata: dict[str, Any] = {
         "backend": backend,
         "estimator": estimator,
@@ -150,6 +155,7 @@ def fit_precision(
         "adapter": adapter_config(model, adapter_name),
         "base_model": base_model_info(model),
         "sources": list(sources or []),
+        "self_generated": [provenance] if provenance is not None else [],
         "created": _now(),
         "library_version": __version__,
         "lora_B_init_zero": b0_zero,

@@ -264,6 +264,9 @@ class Precision(ABC):
         meta["sources"] = list(self._metadata.get("sources", [])) + list(
             other._metadata.get("sources", [])
         )
+        meta["self_generated"] = list(self._metadata.get("self_generated", [])) + list(
+            other._metadata.get("self_generated", [])
+        )
         meta["created"] = _now()
         scales = {self._metadata.get("scale", 1.0), other._metadata.get("scale", 1.0)}
         meta["scale"] = scales.pop() if len(scales) == 1 else None  # mixed: no single factor
