@@ -1,0 +1,193 @@
+"""``lalora-curv fit``: stage 1, a precision per source sub-dataset and their pooled sum.
+
+For source sub-datasets ``s = 1..S`` with ``N_s`` supervised tokens and precisions ``P_s``
+(mean Fisher per token), the pooled precision is (:meth:`Precision.__add__`)
+
+.. math:: P = \\sum_s N_s P_s \\Big/ \\sum_s N_s .
+
+Run directory::
+
+    OUT/config.yaml            the resolved arguments
+    OUT/adapter_init/          the LoRA adapter at fitting time (the mode mu), peft format
+    OUT/precision/<source>/    one artifact per source sub-dataset
+    OUT/precision/sum/         their sum (EKFAC: one fit on all sources' batches)
+    OUT/metrics.jsonl          one line per artifact: counts, seconds, trace
+    OUT/spectra.png            the spectra of the sum (as ``lalora-curv inspect`` plots them)
+
+Batches come from :func:`batch_sources`, a mapping ``{source name: batches}``: another source
+of batches (e.g. text the model generates itself) is another function returning that mapping.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import lalora_curv as lc
+from lalora_curv.cli._model import (
+    ADAPTER_INIT_DIR,
+    PRECISION_DIR,
+    SUM_NAME,
+    Batch,
+    Dtype,
+    load_base,
+    task_batches,
+    with_adapter,
+)
+from lalora_curv.cli._run import CliError, RunDir, save_adapter, split_names
+from lalora_curv.cli.inspect_precision import plot_spectra, precision_report
+
+Structure = Literal["diag", "kfac", "tri-kfac", "merged-kfac", "merged-diag", "ekfac"]
+Estimator = Literal["empirical", "mc", "batch-grad-squared"]
+Backend = Literal["hooks", "curvlinops", "backpack", "laplace"]
+
+EXAMPLES = """examples:
+  lalora-curv fit --model ./llama --data_dir ../shared/data \\
+      --sources hellaswag,winogrande,arc_challenge --limit 256 \\
+      --structure kfac --estimator mc --mc_samples 4 --out runs/fit-kfac
+  lalora-curv fit --config runs/fit-kfac/config.yaml --structure diag --out runs/fit-diag
+  lalora-curv fit --model ./llama --data_dir ../shared/data --print_config > fit.yaml
+"""
+
+
+def batch_sources(
+    tokenizer,
+    sources: list[str],
+    data_dir: str | None,
+    split: Literal["train", "eval"],
+    limit: int | None,
+    batch_size: int,
+    max_length: int,
+) -> dict[str, list[Batch]]:
+    """``{source name: supervised batches}``: each named task's records, formatted."""
+    return task_batches(sources, tokenizer, data_dir, split, limit, batch_size, max_length)
+
+
+def fit(
+    model: str,
+    out: str = "runs/fit",
+    sources: str | list[str] = "hellaswag,winogrande,arc_challenge",
+    data_dir: str | None = None,
+    split: Literal["train", "eval"] = "train",
+    limit: int | None = 256,
+    batch_size: int = 4,
+    max_length: int = 512,
+    adapter: str | None = None,
+    r: int = 16,
+    lora_alpha: float = 32.0,
+    target_modules: str | list[str] = "q_proj,v_proj",
+    lora_dropout: float = 0.0,
+    structure: Structure = "kfac",
+    estimator: Estimator = "empirical",
+    mc_samples: int = 1,
+    backend: Backend = "hooks",
+    max_batches: int | None = None,
+    seed: int = 0,
+    stats_dtype: Literal["float32", "float64"] = "float32",
+    dtype: Dtype = "float32",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, lc.Precision]:
+    """Fit a Laplace precision of a LoRA adapter on each source sub-dataset, and their sum.
+
+    Args:
+        model: local path or hub id of a causal LM.
+        out: run directory.
+        sources: source tasks, comma-separated or a YAML list (hellaswag, winogrande,
+            arc_challenge; gsm8k too).
+        data_dir: local task files in the original schemas (default: the Hugging Face hub).
+        split: records to fit on: "train" or "eval" (HellaSwag has no local train file).
+        limit: the first N records of each source (null: all).
+        batch_size: sequences per batch.
+        max_length: tokens per sequence (longer prompts lose their start).
+        adapter: start from this peft adapter (a directory, or a fit or train run) instead of
+            a new one from r, lora_alpha, target_modules, lora_dropout.
+        r: LoRA rank.
+        lora_alpha: LoRA alpha (scaling alpha / r).
+        target_modules: linear layers to adapt, comma-separated or a YAML list.
+        lora_dropout: LoRA dropout (fitting runs in eval mode; training uses it).
+        structure: precision structure.
+        estimator: Fisher estimator ("batch-grad-squared": diag only).
+        mc_samples: label draws per token for estimator "mc".
+        backend: statistics backend.
+        max_batches: at most this many batches per source.
+        seed: seed of the adapter init and of the Monte-Carlo labels.
+        stats_dtype: accumulation dtype of the statistics.
+        dtype: model weights' dtype.
+        device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
+        progress: progress bars.
+
+    Returns:
+        ``{source: precision, ..., "sum": pooled precision}``.
+    """
+    run = RunDir(out, locals())
+    names = split_names(sources)
+    if SUM_NAME in names:
+        raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")
+    if len(set(names)) != len(names):
+        raise CliError(f"--sources names a source twice: {names}")
+    base, tokenizer = load_base(model, dtype, device)
+    batches = batch_sources(tokenizer, names, data_dir, split, limit, batch_size, max_length)
+    peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
+    init_dir = save_adapter(peft_model, run / ADAPTER_INIT_DIR)
+    print(f"adapter init (the mode mu): {init_dir}")
+
+    import torch
+
+    settings = dict(
+        structure=structure,
+        backend=backend,
+        estimator=estimator,
+        mc_samples=mc_samples,
+        max_batches=max_batches,
+        progress=progress,
+        seed=seed,
+        stats_dtype=getattr(torch, stats_dtype),
+    )
+
+    def fit_one(name: str, source_batches: list[Batch], sources: list[str]) -> lc.Precision:
+        t0 = time.perf_counter()
+        prec = lc.fit_precision(peft_model, source_batches, sources=sources, **settings)
+        seconds = time.perf_counter() - t0
+        path = prec.save(run / PRECISION_DIR / name)
+        report = precision_report(prec, spectra=False)
+        run.log(
+            {
+                "artifact": name,
+                "path": str(path),
+                "seconds": round(seconds, 4),
+                "trace": report["trace"],
+                **{f"counts/{k}": v for k, v in prec.counts.items()},
+            }
+        )
+        print(
+            f"fitted {structure} on {name:<14} {prec.counts.get('supervised_tokens', 0):>8} "
+            f"supervised tokens in {seconds:6.2f}s -> {path}"
+        )
+        return prec
+
+    precisions = {name: fit_one(name, b, [name]) for name, b in batches.items()}
+    if structure == "ekfac" and len(precisions) > 1:
+        # EKFAC eigenbases differ between data sets: the pooled precision is one fit on all
+        precisions[SUM_NAME] = fit_one(SUM_NAME, [x for b in batches.values() for x in b], names)
+    else:
+        parts = list(precisions.values())
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        path = total.save(run / PRECISION_DIR / SUM_NAME)
+        run.log(
+            {
+                "artifact": SUM_NAME,
+                "path": str(path),
+                "trace": precision_report(total, spectra=False)["trace"],
+                **{f"counts/{k}": v for k, v in total.counts.items()},
+            }
+        )
+        precisions[SUM_NAME] = total
+        print(f"pooled {'+'.join(names)} -> {path}")
+    plot = plot_spectra(precision_report(precisions[SUM_NAME]), run / "spectra.png")
+    print(
+        f"run directory: {run.path} (config.yaml, metrics.jsonl{', spectra.png' if plot else ''})"
+    )
+    return precisions

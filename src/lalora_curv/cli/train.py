@@ -1,0 +1,227 @@
+"""``lalora-curv train``: stage 2, fine-tune the adapter on the target with ``lam * penalty``.
+
+Per optimizer step :func:`lalora_curv.train` minimises the target NLL plus
+:math:`\\lambda (\\theta-\\mu)^\\top P (\\theta-\\mu)`, with ``P`` and ``mu`` from the precision
+artifact (``--precision``; none, or ``lam = 0``: plain LoRA). Start from the adapter init that
+``fit`` saved, so that ``theta = mu`` at step 0; an adapter whose init differs from ``mu`` is
+re-based onto (K-FAC family, merged-diag) or refused (diag, ekfac).
+
+Run directory::
+
+    OUT/config.yaml      the resolved arguments
+    OUT/metrics.jsonl    lc.train's log: one line per optimizer step (nll, penalty, loss, lr)
+    OUT/checkpoints/     atomic checkpoints (with --checkpoint_every; --resume continues)
+    OUT/adapter/         the trained adapter, peft format (PeftModel.from_pretrained)
+    OUT/training.png     target NLL and penalty per step
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+
+import lalora_curv as lc
+from lalora_curv.cli._model import (
+    ADAPTER_DIR,
+    Dtype,
+    load_base,
+    resolve_precision,
+    task_batches,
+    with_adapter,
+)
+from lalora_curv.cli._run import CliError, RunDir, save_adapter
+
+EXAMPLES = """examples:
+  lalora-curv train --model ./llama --adapter runs/fit-kfac --precision runs/fit-kfac \\
+      --lam 1000 --data_dir ../shared/data --limit 2000 --max_steps 500 --out runs/train-kfac
+  lalora-curv train --model ./llama --adapter runs/fit-kfac --lam 0 --out runs/train-lora
+  lalora-curv train --config runs/train-kfac/config.yaml --lam 100 --out runs/train-kfac-100
+"""
+
+
+def _matching_precision(prec: lc.Precision, peft_model, path) -> lc.Precision:
+    """``prec`` with its mode at the adapter's current weights (re-based if it must be)."""
+    try:
+        params = prec.adapter_params(peft_model)
+    except lc.AdapterMismatchError as e:
+        fitted = prec.metadata.get("base_model", {}).get("name_or_path", "another model")
+        raise CliError(
+            f"--precision {path} does not fit this model's adapter (fitted on {fitted}): {e}"
+        ) from None
+    same = all(
+        torch.equal(p.detach().to("cpu", prec.dtype), prec.mode[n]) for n, p in params.items()
+    )
+    if same:
+        return prec
+    if not prec.rebasable:
+        raise CliError(
+            f"--precision {path}: its mode mu is not the adapter's initial weights, and a "
+            f"{prec.structure!r} precision cannot be re-based; start from the adapter init "
+            "that fit saved (--adapter FIT_RUN)"
+        )
+    print(f"the adapter's init differs from the precision's mode: re-basing {path} onto it")
+    return prec.rebase(peft_model)
+
+
+def _warn_other_base(prec: lc.Precision, peft_model, model: str) -> None:
+    fitted = prec.metadata.get("base_model", {}).get("name_or_path")
+    here = getattr(getattr(peft_model, "config", None), "name_or_path", None)
+    if fitted and here and fitted != here:
+        print(
+            f"note: the precision was fitted on base model {fitted!r}, this run loads {model!r}; "
+            "the shapes match, make sure it is the same model"
+        )
+
+
+def train(
+    model: str,
+    out: str = "runs/train",
+    adapter: str | None = None,
+    r: int = 16,
+    lora_alpha: float = 32.0,
+    target_modules: str | list[str] = "q_proj,v_proj",
+    lora_dropout: float = 0.0,
+    precision: str | None = None,
+    lam: float = 0.0,
+    task: str = "gsm8k",
+    data_dir: str | None = None,
+    split: Literal["train", "eval"] = "train",
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_length: int = 512,
+    lr: float = 5e-4,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    schedule: Literal["linear", "cosine", "constant"] = "linear",
+    max_steps: int | None = None,
+    epochs: int = 1,
+    grad_accum_steps: int = 1,
+    max_grad_norm: float | None = 1.0,
+    mixed_precision: Literal["bf16", "fp16"] | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    dtype: Dtype = "float32",
+    device: str = "auto",
+    progress: bool = True,
+) -> list[dict]:
+    """Fine-tune a LoRA adapter on the target task with the Laplace penalty lam * r(theta).
+
+    Args:
+        model: local path or hub id of a causal LM (the one the precision was fitted on).
+        out: run directory.
+        adapter: the adapter to start from: a peft adapter directory, or a fit run (its
+            adapter_init, the precision's mode); without it a new adapter is made from r,
+            lora_alpha, target_modules, lora_dropout and seed.
+        r: LoRA rank of a new adapter.
+        lora_alpha: LoRA alpha of a new adapter.
+        target_modules: layers a new adapter adapts, comma-separated or a YAML list.
+        lora_dropout: LoRA dropout of a new adapter.
+        precision: a precision artifact, or a fit run (its precision/sum); none: plain LoRA.
+        lam: penalty strength lambda >= 0.
+        task: the target task.
+        data_dir: local task files in the original schemas (default: the Hugging Face hub).
+        split: records to train on.
+        limit: the first N records (null: all), shuffled with the seed.
+        batch_size: sequences per micro-batch.
+        max_length: tokens per sequence.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        schedule: learning-rate schedule after warm-up.
+        max_steps: optimizer steps (default: epochs passes over the data).
+        epochs: passes over the data when max_steps is not set.
+        grad_accum_steps: micro-batches per optimizer step.
+        max_grad_norm: gradient clipping (null: off).
+        mixed_precision: autocast dtype (null: off).
+        checkpoint_every: an atomic checkpoint every N steps (and at the end) in checkpoints/.
+        resume: continue from the latest checkpoint in OUT/checkpoints.
+        seed: seed of a new adapter, the data order and dropout.
+        dtype: model weights' dtype.
+        device: "auto" (CUDA if available), "cpu", "cuda", ...
+        progress: progress bar.
+
+    Returns:
+        lc.train's log records.
+    """
+    run = RunDir(out, locals(), fresh_metrics=not resume)
+    if lam < 0:
+        raise CliError(f"--lam must be >= 0, got {lam}")
+    if lam > 0 and precision is None:
+        raise CliError("--lam > 0 needs --precision (a precision artifact or a fit run)")
+    prec_path = resolve_precision(precision) if precision is not None else None
+    prec = lc.load_precision(prec_path) if prec_path is not None else None
+    base, tokenizer = load_base(model, dtype, device)
+    batches = task_batches(
+        [task], tokenizer, data_dir, split, limit, batch_size, max_length, seed, "--task"
+    )[task]
+    peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
+    if prec is not None:
+        _warn_other_base(prec, peft_model, model)
+        prec = _matching_precision(prec, peft_model, prec_path)
+    records = lc.train(
+        peft_model,
+        batches,
+        prec,
+        lam,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        schedule=schedule,
+        max_steps=max_steps,
+        epochs=epochs,
+        grad_accum_steps=grad_accum_steps,
+        max_grad_norm=max_grad_norm,
+        mixed_precision=mixed_precision,
+        log_file=run.metrics_file,
+        checkpoint_dir=run / "checkpoints",
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        seed=seed,
+        progress=progress,
+    )
+    adapter_dir = save_adapter(peft_model, run / ADAPTER_DIR)
+    steps = [r for r in records if r.get("nll") is not None]
+    if steps:
+        print(
+            f"target NLL {steps[0]['nll']:.4f} -> {steps[-1]['nll']:.4f} over {len(steps)} steps; "
+            f"penalty {steps[0]['penalty']:.4e} -> {steps[-1]['penalty']:.4e} (lam {lam:g})"
+        )
+    plot = _plot(run.metrics_file, run / "training.png")
+    print(f"adapter (peft format): {adapter_dir}")
+    print(
+        f"run directory: {run.path} (config.yaml, metrics.jsonl{', training.png' if plot else ''})"
+    )
+    return records
+
+
+def _plot(log_file, path):
+    """Target NLL and penalty per optimizer step, from the whole log (a resumed run too)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional (extra "bench")
+        return None
+    rows = [json.loads(line) for line in open(log_file, encoding="utf-8") if line.strip()]
+    rows = [r for r in rows if r.get("nll") is not None]
+    if not rows:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    a.plot([r["step"] for r in rows], [r["nll"] for r in rows], marker=".")
+    a.set_xlabel("optimizer step")
+    a.set_ylabel("target NLL")
+    b.plot([r["step"] for r in rows], [r["penalty"] for r in rows], marker=".", color="C1")
+    b.set_xlabel("optimizer step")
+    b.set_ylabel(r"penalty $(\theta-\mu)^\top P(\theta-\mu)$")
+    for ax in (a, b):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,392 @@
+"""``lalora-curv`` fit -> inspect -> train -> eval end to end on a saved tiny Llama.
+
+The references are independent of the command line: the same batches built with the task
+helpers and ``lc.fit_precision`` called directly, the pooled precision from its defining
+formula, eigenvalues and traces from ``torch.linalg`` on the stored factors and on the dense
+precision, the trained adapter loaded back with peft.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import lalora_curv as lc
+from conftest import make_batches, make_model
+from lalora_curv.__main__ import main
+from lalora_curv.cli import COMMANDS, normalise_argv
+from lalora_curv.cli.fit import Structure
+from lalora_curv.tasks import load_records
+from lalora_curv.tasks.formatting import make_batches as task_batches
+from lalora_curv.tasks.formatting import supervised_examples
+from lalora_curv.toy import tiny_llama
+from test_eval_cli import byte_tokenizer
+
+REL = 1e-6  # float32 statistics, the same batches and seeds: equal up to summation order
+SOURCES = ("winogrande", "arc_challenge")
+
+
+def _records(task: str, i: int) -> dict:
+    """A short record of ``task`` in its original schema (the byte tokenizer: 1 token/byte)."""
+    a, b = i % 5 + 1, i % 3 + 2
+    if task == "winogrande":
+        names = ("Tom", "Ann", "Bo", "Kim")
+        x, y = names[i % 4], names[(i + 1) % 4]
+        return {
+            "qID": f"w{i}",
+            "sentence": f"{x} gave {y} {a} cups because _ was thirsty.",
+            "option1": x,
+            "option2": y,
+            "answer": "2",
+        }
+    if task == "arc_challenge":
+        choices = [{"text": str(a + b + d), "label": "ABCD"[d]} for d in range(4)]
+        return {
+            "id": f"a{i}",
+            "question": {"stem": f"What is {a}+{b}?", "choices": choices},
+            "answerKey": "A",
+        }
+    if task == "gsm8k":
+        return {
+            "question": f"Jo has {a} pens and gets {b}. How many?",
+            "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}",
+        }
+    return {  # hellaswag
+        "ind": i,
+        "activity_label": "Cooking",
+        "ctx_a": f"A cook cuts {a} onions.",
+        "ctx_b": "she",
+        "ctx": f"A cook cuts {a} onions. she",
+        "split": "val",
+        "split_type": "indomain",
+        "label": i % 4,
+        "endings": ["fries them.", "sings.", "sleeps.", "runs off."],
+        "source_id": f"h{i}",
+    }
+
+
+FILES = {
+    "winogrande": ("winogrande/train_m.jsonl", "winogrande/dev.jsonl"),
+    "arc_challenge": (
+        "arc_challenge/ARC-Challenge-Train.jsonl",
+        "arc_challenge/ARC-Challenge-Test.jsonl",
+    ),
+    "gsm8k": ("gsm8k/train.jsonl", "gsm8k/test.jsonl"),
+    "hellaswag": ("hellaswag/hellaswag.jsonl",),
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """A saved tiny Llama with a byte tokenizer, and small task files in the original schemas."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = byte_tokenizer()
+    model = tiny_llama(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_heads=2, num_kv_heads=1
+    )
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    for task, files in FILES.items():
+        for offset, name in enumerate(files):
+            path = root / "data" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps(_records(task, i + 10 * offset)) for i in range(6)]
+            path.write_text("\n".join(lines) + "\n")
+    return {"root": root, "model": root / "model", "data": root / "data"}
+
+
+def fit_args(ws: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--model",
+        str(ws["model"]),
+        "--data-dir",
+        str(ws["data"]),
+        "--sources",
+        ",".join(SOURCES),
+        "--limit",
+        "4",
+        "--batch_size",
+        "2",
+        "--r",
+        "2",
+        "--lora_alpha",
+        "4",
+        "--target_modules",
+        "q_proj,v_proj",
+        "--estimator",
+        "mc",
+        "--mc_samples",
+        "2",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def fitted(workspace) -> Path:
+    out = workspace["root"] / "fit"
+    assert main(fit_args(workspace, out)) == 0
+    return out
+
+
+def _peft_model(ws, adapter: Path):
+    base = AutoModelForCausalLM.from_pretrained(ws["model"])
+    return PeftModel.from_pretrained(base, adapter, is_trainable=True)
+
+
+def _displacement(prec: lc.Precision, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in prec.mode.items()}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = REL) -> bool:
+    return abs(float(a) - float(b)) <= rel * abs(float(b))
+
+
+def test_fit_writes_one_artifact_per_source_equal_to_a_direct_fit(workspace, fitted):
+    assert (fitted / "config.yaml").is_file() and (fitted / "spectra.png").is_file()
+    metrics = [json.loads(x) for x in (fitted / "metrics.jsonl").read_text().splitlines()]
+    assert [m["artifact"] for m in metrics] == [*SOURCES, "sum"]
+
+    model = _peft_model(workspace, fitted / "adapter_init")
+    torch.manual_seed(3)  # the documented init: peft's default after manual_seed(seed)
+    fresh = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(workspace["model"]),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
+    tok = byte_tokenizer()
+    direct = {}
+    for task in SOURCES:
+        records = load_records(task, workspace["data"], split="train", limit=4)
+        batches = task_batches(supervised_examples(task, records), tok, 2, 512)
+        direct[task] = lc.fit_precision(
+            model, batches, "kfac", estimator="mc", mc_samples=2, seed=3, progress=False
+        )
+        saved = lc.load_precision(fitted / "precision" / task)
+        assert saved.counts == direct[task].counts and saved.counts["sequences"] == 4
+        assert saved.metadata["sources"] == [task]
+        delta = _displacement(saved)
+        assert _close(saved.quad(delta), direct[task].quad(delta))
+        for name, mu in saved.mode.items():  # mu is the saved init, which is seed 3's
+            assert torch.equal(mu, dict(fresh.named_parameters())[_live(name)].detach())
+        assert (
+            metrics[SOURCES.index(task)]["counts/supervised_tokens"]
+            == saved.counts["supervised_tokens"]
+        )
+
+    # the sum: P = (N_w P_w + N_a P_a) / (N_w + N_a), checked on the penalty, and it is `+`
+    total = lc.load_precision(fitted / "precision" / "sum")
+    n = {t: direct[t].counts["supervised_tokens"] for t in SOURCES}
+    delta = _displacement(total, seed=1)
+    expected = sum(n[t] * direct[t].quad(delta) for t in SOURCES) / sum(n.values())
+    assert _close(total.quad(delta), expected)
+    parts = [lc.load_precision(fitted / "precision" / t) for t in SOURCES]
+    assert _close(total.quad(delta), (parts[0] + parts[1]).quad(delta), 1e-12)
+    assert total.counts["supervised_tokens"] == sum(n.values())
+
+
+def _live(param_name: str) -> str:
+    """peft's saved key -> the live parameter name of the default adapter."""
+    return param_name.replace(".weight", ".default.weight")
+
+
+def test_config_file_gives_the_run_the_flags_gave(workspace, fitted, tmp_path):
+    config = yaml.safe_load((fitted / "config.yaml").read_text())
+    assert config["sources"] == ",".join(SOURCES) and config["mc_samples"] == 2
+    out = tmp_path / "again"
+    assert main(["fit", "--config", str(fitted / "config.yaml"), "--out", str(out)]) == 0
+    again = yaml.safe_load((out / "config.yaml").read_text())
+    assert again == {**config, "out": str(out)}
+    for name in (*SOURCES, "sum"):
+        a = load_file(fitted / "precision" / name / "precision.safetensors")
+        b = load_file(out / "precision" / name / "precision.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_inspect_reports_the_factors_spectra_and_traces(fitted, tmp_path, capsys):
+    for name, components in (("winogrande", 1), ("sum", 2)):
+        out = tmp_path / name
+        assert (
+            main(["inspect", "--precision", str(fitted / "precision" / name), "--out", str(out)])
+            == 0
+        )
+        report = json.loads((out / "report.json").read_text())
+        assert (out / "spectra.png").is_file() and (out / "config.yaml").is_file()
+        prec = lc.load_precision(fitted / "precision" / name)
+        assert report["metadata"]["counts"] == prec.counts
+        for module, m in report["modules"].items():
+            for k in range(components):
+                tag = "" if components == 1 else f"[{k}]"
+                for factor, stored in (("input_cov", prec.input_cov), ("grad_cov", prec.grad_cov)):
+                    got = torch.tensor(
+                        m["factors"][factor + tag]["eigenvalues"], dtype=torch.float64
+                    )
+                    want = torch.linalg.eigvalsh(stored[module][k].double()).flip(0)
+                    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        dense = prec.to_dense().double()
+        assert report["trace"] == pytest.approx(float(dense.trace()), rel=1e-5)
+    printed = capsys.readouterr().out
+    assert "input_cov[1]" in printed and "grad_cov" in printed and "kfac" in printed
+
+
+@pytest.mark.parametrize("structure", lc.STRUCTURES)
+def test_inspect_every_structure(structure, tmp_path):
+    model, batches = make_model(), make_batches()  # float64, B0 != 0: every block non-zero
+    prec = lc.fit_precision(model, batches, structure, progress=False, stats_dtype=torch.float64)
+    prec.save(tmp_path / "p")
+    assert main(["inspect", "--precision", str(tmp_path / "p"), "--out", str(tmp_path / "i")]) == 0
+    report = json.loads((tmp_path / "i" / "report.json").read_text())
+    assert (tmp_path / "i" / "spectra.png").is_file()
+    if prec.quadratic:  # the reported spectra are the dense precision's, block by block
+        assert report["trace"] == pytest.approx(float(prec.to_dense().trace()), rel=1e-10)
+    for name, spec in prec.modules.items():
+        factors = report["modules"][name]["factors"]
+        if structure in ("diag", "ekfac"):
+            for p, key in ((spec.lora_A_name, "lora_A"), (spec.lora_B_name, "lora_B")):
+                got = torch.tensor(factors[key]["eigenvalues"], dtype=torch.float64)
+                want = torch.linalg.eigvalsh(_param_block(prec, p)).flip(0)
+                torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
+        elif structure == "merged-diag":
+            got = torch.tensor(factors["weight_diag"]["eigenvalues"], dtype=torch.float64)
+            want = prec.weight_diag[name].flatten().sort(descending=True).values
+            torch.testing.assert_close(got, want)
+            assert report["modules"][name]["trace"] == pytest.approx(float(want.sum()))
+        else:
+            for key, stored in (("input_cov", prec.input_cov), ("grad_cov", prec.grad_cov)):
+                got = torch.tensor(factors[key]["eigenvalues"], dtype=torch.float64)
+                want = torch.linalg.eigvalsh(stored[name][0]).flip(0)
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+            if structure == "merged-kfac":  # tr(G (x) C) = tr G tr C on the merged update
+                C, G = prec.input_cov[name][0], prec.grad_cov[name][0]
+                assert report["modules"][name]["trace"] == pytest.approx(
+                    float(torch.kron(G, C).trace()), rel=1e-10
+                )
+
+
+def _param_block(prec: lc.Precision, param: str) -> torch.Tensor:
+    """The diagonal block of one parameter in the dense precision (order ``param_names``)."""
+    sizes = [prec.mode[n].numel() for n in prec.param_names]
+    start = sum(sizes[: prec.param_names.index(param)])
+    size = prec.mode[param].numel()
+    return prec.to_dense()[start : start + size, start : start + size].double()
+
+
+def test_train_starts_at_the_fit_init_and_saves_a_peft_adapter(workspace, fitted, tmp_path):
+    out = tmp_path / "train"
+    args = ["train", "--model", str(workspace["model"]), "--adapter", str(fitted)]
+    args += ["--precision", str(fitted), "--lam", "10", "--data-dir", str(workspace["data"])]
+    args += ["--limit", "4", "--batch_size", "2", "--max_steps", "3", "--lr", "1e-2"]
+    args += ["--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "nll" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["penalty"] == 0.0  # theta = mu at step 1: started from the fit's init
+    assert steps[-1]["penalty"] > 0.0
+    assert (out / "training.png").is_file() and (out / "config.yaml").is_file()
+
+    trained = _peft_model(workspace, out / "adapter")
+    init = load_file(fitted / "adapter_init" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert init.keys() == final.keys()
+    assert any(not torch.equal(init[k], final[k]) for k in init)
+    total = lc.load_precision(fitted / "precision" / "sum")
+    with torch.no_grad():
+        assert float(total.penalty(trained)) > 0.0
+
+    results = tmp_path / "eval"
+    eval_args = ["eval", "--model", str(workspace["model"]), "--adapter", str(out)]
+    eval_args += ["--tasks", "winogrande,arc_challenge,gsm8k", "--data-dir", str(workspace["data"])]
+    eval_args += ["--limit", "2", "--max-new-tokens", "2", "--no-progress", "--out", str(results)]
+    assert main(eval_args) == 0
+    scores = json.loads((results / "results.json").read_text())
+    assert {t: s["n"] for t, s in scores.items()} == {
+        "winogrande": 2,
+        "arc_challenge": 2,
+        "gsm8k": 2,
+    }
+    assert (results / "config.yaml").is_file()
+
+
+def test_train_rebases_a_kfac_precision_onto_a_new_adapter(workspace, fitted, tmp_path, capsys):
+    out = tmp_path / "train"
+    args = ["train", "--model", str(workspace["model"]), "--r", "2", "--lora_alpha", "4"]
+    args += ["--seed", "7", "--precision", str(fitted), "--lam", "10", "--max_steps", "2"]
+    args += ["--data-dir", str(workspace["data"]), "--limit", "2", "--batch_size", "2"]
+    args += ["--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert "re-basing" in capsys.readouterr().out
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["penalty"] == 0.0 and steps[1]["penalty"] > 0.0  # mu = the new init
+
+
+def test_bad_inputs_exit_with_a_message_naming_them(workspace, fitted, tmp_path, capsys):
+    def fails(args: list[str], message: str) -> None:
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+    fails(
+        fit_args(workspace, tmp_path / "f", "--sources", "winogrande,mmlu"), "unknown task 'mmlu'"
+    )
+    fails(
+        fit_args(workspace, tmp_path / "f", "--sources", "hellaswag"),
+        "hellaswag has no local training split",
+    )
+    train = ["train", "--model", str(workspace["model"]), "--adapter", str(fitted)]
+    train += ["--data-dir", str(workspace["data"]), "--limit", "2", "--max_steps", "1"]
+    train += ["--device", "cpu", "--no-progress", "--out", str(tmp_path / "t")]
+    fails([*train, "--precision", str(tmp_path / "nowhere"), "--lam", "1"], "no such directory")
+    fails([*train, "--lam", "1"], "--lam > 0 needs --precision")
+
+    other = get_peft_model(  # another base model: hidden size 24 instead of 16
+        tiny_llama(vocab_size=len(byte_tokenizer()), hidden_size=24, num_heads=2, num_kv_heads=1),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, 6, 7, 8]])}
+    lc.fit_precision(other, [batch], progress=False).save(tmp_path / "other")
+    fails(
+        [*train, "--precision", str(tmp_path / "other"), "--lam", "1"],
+        "does not fit this model's adapter",
+    )
+    fails([*train, "--model", str(tmp_path / "no-model")], "no-model: no such directory")
+
+    with pytest.raises(SystemExit) as e:  # a value outside the choices: jsonargparse says so
+        main(fit_args(workspace, tmp_path / "f", "--structure", "full"))
+    assert e.value.code == 2 and "structure" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_shows_examples(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"lalora-curv {command} --" in text and "--config" in text
+
+
+def test_option_spellings_and_choices():
+    assert normalise_argv(["--data-dir", "a-b", "--no-progress", "--max-new-tokens=3", "-1"]) == [
+        "--data_dir",
+        "a-b",
+        "--no_progress",
+        "--max_new_tokens=3",
+        "-1",
+    ]
+    assert typing.get_args(Structure) == lc.STRUCTURES
