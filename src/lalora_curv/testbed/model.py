@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,27 +45,34 @@ def make_tokenizer(world: World) -> PreTrainedTokenizerFast:
     )
 
 
-def cache_dir() -> Path:
+def cache_dir(kind: str = "testbed") -> Path:
     root = os.environ.get("LALORA_CURV_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lalora-curv"
     )
-    return Path(root) / "testbed"
+    return Path(root) / kind
 
 
 def pretrained(seed: int = 0, settings: dict | None = None, progress: bool = True):
     """``(model, tokenizer, world)``: pretrained on the world of ``seed``, cached on disk."""
     cfg = {**PRETRAIN, **(settings or {}), "seed": seed}
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_dir() / key
     world = World(seed)
+    model, tok = cached("testbed", cfg, lambda: _pretrain(world, cfg, progress))
+    return model, tok, world
+
+
+def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
+    """``(model, tokenizer)`` from ``cache_dir(kind)/<hash of cfg>``; ``build()`` them first
+    (saved atomically: written to a staging folder, then renamed) if they are not there."""
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir(kind) / key
     if not (path / "config.json").is_file():
-        model, tok = _pretrain(world, cfg, progress)
+        model, tok = build()
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
         try:
             model.save_pretrained(staging)
             tok.save_pretrained(staging)
-            (staging / "testbed.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+            (staging / f"{kind}.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
             if not path.exists():
                 os.rename(staging, path)
         finally:
@@ -72,7 +80,7 @@ def pretrained(seed: int = 0, settings: dict | None = None, progress: bool = Tru
                 shutil.rmtree(staging, ignore_errors=True)
     model = LlamaForCausalLM.from_pretrained(path)
     tok = PreTrainedTokenizerFast.from_pretrained(path)
-    return model.eval(), tok, world
+    return model.eval(), tok
 
 
 def _pretrain(world: World, cfg: dict, progress: bool):

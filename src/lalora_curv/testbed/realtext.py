@@ -1,0 +1,389 @@
+"""The real-text scenario: a tiny Llama pretrained on the real source texts, tuned on GSM8K.
+
+Accuracies of a model this small on HellaSwag, WinoGrande, ARC-Challenge and GSM8K sit at
+chance (zero for GSM8K), so learning and forgetting are measured as per-token negative
+log-likelihood (NLL) of held-out text instead:
+
+``NLL = -(1 / N) * sum_{(i, t) : y_it != -100} log p(y_it | x_i,<t)``, with ``N`` the number of
+supervised tokens (padding and prompts carry label -100).
+
+* Source text (forgetting), one string per record: HellaSwag context + gold ending (the
+  harness's preprocessing), WinoGrande sentence with the correct option written into the blank,
+  ARC-Challenge ``"Question: {stem}\\nAnswer: {correct choice}"``. Every token is supervised.
+  Pretraining uses the training splits (WinoGrande ``train_m``, ARC ``Train``; HellaSwag has no
+  local training file: locally its text comes from ``hellaswag_val_full.txt.bz2`` with every item
+  that shares a context or an ending with ``hellaswag.jsonl`` removed, from the hub it is the
+  ``train`` split); source NLL is measured on the evaluation splits (HellaSwag validation,
+  WinoGrande dev, ARC-Challenge test).
+* Target text (learning): GSM8K formatted by :mod:`lalora_curv.tasks.formatting` (prompt
+  ``"Question: {q}\\nAnswer:"`` labelled -100, the worked solution and EOS supervised); the
+  train split fine-tunes, the test split measures target NLL.
+* A byte-level BPE tokenizer trained (deterministically) on the source training texts and the
+  GSM8K training text, and a Llama of a few million parameters pretrained on packed blocks of the
+  source training texts; cached like :func:`lalora_curv.testbed.model.pretrained`, keyed by
+  every setting and the sha256 of every data file read.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import lalora_curv as lc
+from lalora_curv.tasks.data import TASKS, TaskDataError, load_records
+from lalora_curv.tasks.formatting import make_batches, supervised_examples
+from lalora_curv.tasks.multiple_choice import hellaswag_preprocess, multiple_choice_items
+from lalora_curv.testbed.experiment import ALL_LINEAR
+from lalora_curv.testbed.model import cached
+
+SOURCES = ("hellaswag", "winogrande", "arc_challenge")
+HELLASWAG_FULL = "hellaswag/hellaswag_val_full.txt.bz2"
+PAD, EOS = "<pad>", "<eos>"
+
+PRETRAIN = {
+    "vocab": 4096,
+    "hidden": 128,
+    "layers": 4,
+    "heads": 4,
+    "mlp": 384,
+    "block": 256,
+    "steps": 300,
+    "batch": 16,
+    "lr": 3e-3,
+}
+
+
+# --- text -------------------------------------------------------------------------------------
+
+
+def source_text(task: str, record: dict[str, Any]) -> str:
+    """One record of a source task as plain text with its correct answer in place."""
+    if task == "winogrande":
+        s = record["sentence"]
+        blank = s.index("_")
+        option = record["option1" if record["answer"] == "1" else "option2"]
+        return s[:blank] + option + s[blank + 1 :]
+    if task == "arc_challenge":
+        item = multiple_choice_items(task, [record])[0]
+        return item.contexts[item.gold] + item.continuations[item.gold]
+    if task == "hellaswag":
+        item = multiple_choice_items(task, [record])[0]
+        return item.contexts[item.gold] + item.continuations[item.gold]
+    raise TaskDataError(f"{task!r} is not a source task; valid: {list(SOURCES)}")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", hellaswag_preprocess(text).lower())
+
+
+def hellaswag_full_texts(data_dir: str | Path) -> list[tuple[str, tuple[str, ...]]]:
+    """``(context, endings)`` of ``hellaswag_val_full.txt.bz2``, gold ending first.
+
+    The file holds 6 lines per item: ``"{activity_label}: {ctx}"``, the gold index 0-3 and the
+    four endings.
+    """
+    path = Path(data_dir) / HELLASWAG_FULL
+    if not path.is_file():
+        raise TaskDataError(f"{path}: no such file")
+    lines = bz2.open(path, "rt", encoding="utf-8").read().split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    if len(lines) % 6:
+        raise TaskDataError(f"{path}: {len(lines)} lines, not a multiple of 6")
+    items = []
+    for start in range(0, len(lines), 6):
+        ctx, gold, *endings = lines[start : start + 6]
+        if gold not in ("0", "1", "2", "3"):
+            raise TaskDataError(f"{path}:{start + 2}: gold label {gold!r} is not 0-3")
+        g = int(gold)
+        items.append((ctx, (endings[g], *endings[:g], *endings[g + 1 :])))
+    return items
+
+
+def source_texts(task: str, data_dir: str | Path | None, split: str) -> list[str]:
+    """Texts of a source task: ``split="train"`` (pretraining) or ``"eval"`` (held out)."""
+    if split == "eval" or task != "hellaswag" or data_dir is None:
+        return [source_text(task, r) for r in load_records(task, data_dir, split=split)]
+    held_out = load_records("hellaswag", data_dir)  # remove every trace of these
+    seen = {_norm(e) for r in held_out for e in r["endings"]}
+    seen |= {_norm(r["activity_label"] + ": " + r["ctx_a"] + " " + r["ctx_b"]) for r in held_out}
+    return [
+        hellaswag_preprocess(ctx) + " " + hellaswag_preprocess(endings[0])
+        for ctx, endings in hellaswag_full_texts(data_dir)
+        if _norm(ctx) not in seen and not any(_norm(e) in seen for e in endings)
+    ]
+
+
+def data_files(data_dir: str | Path) -> list[Path]:
+    """Every local file the scenario reads (their hashes key the cache)."""
+    names = {TASKS[t][0] for t in (*SOURCES, "gsm8k")} | {HELLASWAG_FULL}
+    names |= {TASKS[t][1] for t in ("winogrande", "arc_challenge", "gsm8k")}
+    return sorted(Path(data_dir) / n for n in names)
+
+
+# --- tokenizer and batches ----------------------------------------------------------------------
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE (``tokenizers``) trained on ``texts``; ``<pad>`` = 0, ``<eos>`` = 1.
+
+    BPE merges by pair count with ties broken by the pair itself, so the same texts give the
+    same tokenizer in any process.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+
+
+def text_batches(
+    texts: Sequence[str], tokenizer, batch_size: int = 16, max_length: int = 256
+) -> list[dict[str, Tensor]]:
+    """Right-padded language-modelling batches of ``EOS + text + EOS``: every text token and
+    the closing EOS are supervised (the opening EOS is context, as in pretraining's stream);
+    padding is labelled -100. Longer texts lose tokens from their start (as
+    :func:`~lalora_curv.tasks.formatting.make_batches` truncates)."""
+    return make_batches(
+        [("", t) for t in texts], tokenizer, batch_size=batch_size, max_length=max_length
+    )
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> tuple[float, int]:
+    """``(sum of NLL, N)`` over the supervised tokens of ``batches`` (labels aligned with
+    ``input_ids``; position ``t`` predicts label ``t + 1``); the per-token NLL is their ratio."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            labels = b["labels"][:, 1:]
+            total += float(
+                F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1),
+                    labels.flatten(),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+            )
+            count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+# --- the scenario's data ------------------------------------------------------------------------
+
+
+class RealText:
+    """The scenario's texts, read once: source train/eval texts and GSM8K train/test pairs.
+
+    ``eval_sample`` keeps a seeded subset of each held-out split (``None``: all of it).
+    """
+
+    def __init__(
+        self, data_dir: str | Path | None = None, eval_sample: int | None = 400, seed: int = 0
+    ):
+        self.data_dir = None if data_dir is None else Path(data_dir)
+        self.train = {t: source_texts(t, data_dir, "train") for t in SOURCES}
+        self.eval = {}
+        for t in SOURCES:
+            texts = source_texts(t, data_dir, "eval")
+            if eval_sample is not None and eval_sample < len(texts):
+                keep = sorted(random.Random(seed).sample(range(len(texts)), eval_sample))
+                texts = [texts[i] for i in keep]
+            self.eval[t] = texts
+        self.target_train = supervised_examples(
+            "gsm8k", load_records("gsm8k", data_dir, split="train")
+        )
+        test = load_records("gsm8k", data_dir, sample=eval_sample, seed=seed)
+        self.target_test = supervised_examples("gsm8k", test)
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 of every data file (local), or the hub's dataset names."""
+        if self.data_dir is None:
+            return {t: f"hub:{TASKS[t][2]}:{TASKS[t][3]}" for t in (*SOURCES, "gsm8k")}
+        return {
+            str(p.relative_to(self.data_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in data_files(self.data_dir)
+        }
+
+
+# --- pretraining --------------------------------------------------------------------------------
+
+
+def pretrained(
+    data: RealText, settings: dict | None = None, seed: int = 0, progress: bool = True
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """``(model, tokenizer)`` pretrained on ``data``'s source training texts, cached on disk."""
+    cfg = {**PRETRAIN, **(settings or {}), "seed": seed, "data": data.fingerprint()}
+    return cached("realtext", cfg, lambda: pretrain(data, cfg, progress))
+
+
+def packed_blocks(texts: Sequence[str], tokenizer, block: int, seed: int) -> Tensor:
+    """The texts in a seeded order as one stream ``EOS t1 EOS t2 EOS ...`` cut into blocks."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    eos = tokenizer.eos_token_id
+    stream = [eos]
+    for i in order:
+        stream += tokenizer(texts[i], add_special_tokens=False)["input_ids"] + [eos]
+    n = len(stream) // block
+    if n == 0:
+        raise ValueError(f"{len(stream)} tokens do not fill one block of {block}")
+    return torch.tensor(stream[: n * block]).view(n, block)
+
+
+def pretrain(data: RealText, cfg: dict, progress: bool = True):
+    """Train the tokenizer and the model (AdamW, one-cycle schedule, random packed blocks)."""
+    torch.manual_seed(cfg["seed"])
+    texts = [t for task in SOURCES for t in data.train[task]]
+    tok = wrap_tokenizer(train_bpe(texts + [p + a for p, a in data.target_train], cfg["vocab"]))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["mlp"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["heads"],
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    blocks = packed_blocks(texts, tok, cfg["block"], cfg["seed"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, cfg["lr"], total_steps=cfg["steps"], pct_start=0.05
+    )
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    model.train()
+    bar = tqdm(
+        range(cfg["steps"]),
+        disable=not progress,
+        desc="pretraining the real-text model (once)",
+        unit="step",
+    )
+    for _ in bar:
+        ids = blocks[torch.randint(len(blocks), (cfg["batch"],), generator=gen)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+    return model.eval(), tok
+
+
+# --- learning and forgetting --------------------------------------------------------------------
+
+
+def evaluate(
+    model: nn.Module, tok, data: RealText, batch_size: int = 32, max_length: int = 256
+) -> dict[str, Any]:
+    """Per-token NLL of the held-out source text (per task and pooled over all their tokens)
+    and of the GSM8K test answers given their questions."""
+    source, total, count = {}, 0.0, 0
+    for task in SOURCES:
+        texts = sorted(data.eval[task], key=len)  # less padding; the sums ignore order
+        s, n = token_nll(model, text_batches(texts, tok, batch_size, max_length))
+        source[task] = s / n
+        total, count = total + s, count + n
+    pairs = sorted(data.target_test, key=lambda pa: len(pa[0]) + len(pa[1]))
+    s, n = token_nll(model, make_batches(pairs, tok, batch_size=batch_size, max_length=max_length))
+    return {"source": source, "source_all": total / count, "target": s / n, "target_tokens": n}
+
+
+def finetune(
+    model: nn.Module,
+    tok,
+    data: RealText,
+    *,
+    precision_structure: str | None = None,
+    lam: float = 0.0,
+    estimator: str = "mc",
+    mc_samples: int = 1,
+    fit_texts: int = 128,
+    steps: int = 200,
+    lr: float = 2e-3,
+    rank: int = 8,
+    targets: tuple[str, ...] = ALL_LINEAR,
+    batch_size: int = 8,
+    max_length: int = 256,
+    before: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """LoRA on GSM8K train, optionally with a Laplace penalty fitted on held-in source text.
+
+    The precision is fitted per source task on ``fit_texts`` seeded training texts of that task
+    (the model's own pretraining text) and the three are summed. ``before`` skips measuring the
+    untouched model again. Returns the NLLs before and after, ``source_increase`` (pooled source
+    NLL after minus before: forgetting) and ``target_decrease`` (GSM8K NLL before minus after:
+    learning).
+    """
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
+    )
+    before = before or evaluate(peft_model, tok, data, max_length=max_length)
+    rng = random.Random(seed)
+    precision = None
+    if precision_structure is not None:
+        for task in SOURCES:
+            texts = rng.sample(data.train[task], min(fit_texts, len(data.train[task])))
+            p = lc.fit_precision(
+                peft_model,
+                text_batches(texts, tok, batch_size=16, max_length=max_length),
+                structure=precision_structure,
+                estimator=estimator,
+                mc_samples=mc_samples if estimator == "mc" else 1,
+                progress=False,
+                sources=[task],
+                seed=seed,
+            )
+            precision = p if precision is None else precision + p
+    pairs = rng.sample(data.target_train, min(steps * batch_size, len(data.target_train)))
+    train = make_batches(pairs, tok, batch_size=batch_size, max_length=max_length)
+    log = lc.train(
+        peft_model, train, precision, lam, lr=lr, max_steps=steps, seed=seed, progress=progress
+    )
+    after = evaluate(peft_model, tok, data, max_length=max_length)
+    return {
+        "before": before,
+        "after": after,
+        "source_increase": after["source_all"] - before["source_all"],
+        "target_decrease": before["target"] - after["target"],
+        "final_penalty": log[-1]["penalty"] if log else None,
+    }

@@ -1,0 +1,226 @@
+"""The real-text scenario: texts from the real files, per-token NLL, tokenizer, short pretraining."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lalora_curv.tasks import load_records
+from lalora_curv.testbed import realtext as rt
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (the shared data) is absent")
+
+TINY = {
+    "vocab": 300,
+    "hidden": 16,
+    "layers": 1,
+    "heads": 2,
+    "mlp": 32,
+    "block": 32,
+    "steps": 10,
+    "batch": 4,
+    "lr": 2e-2,
+}
+
+
+@pytest.fixture(scope="module")
+def data() -> rt.RealText:
+    return rt.RealText(DATA, eval_sample=40)
+
+
+@pytest.fixture(scope="module")
+def small(data) -> rt.RealText:
+    """The same data with 60 training texts per task and 30 GSM8K pairs (fast pretraining)."""
+    d = copy.copy(data)
+    d.train = {t: v[:60] for t, v in data.train.items()}
+    d.target_train = data.target_train[:30]
+    return d
+
+
+def test_source_texts_of_hand_checked_records():
+    wino = load_records("winogrande", DATA, limit=2)  # answer "2" (Maria), then "1" (Sarah)
+    assert rt.source_text("winogrande", wino[0]) == (
+        "Sarah was a much better surgeon than Maria so Maria always got the easier cases."
+    )
+    assert rt.source_text("winogrande", wino[1]) == (
+        "Sarah was a much better surgeon than Maria so Sarah always got the harder cases."
+    )
+    hella = load_records("hellaswag", DATA, limit=1)[0]  # label 3
+    assert rt.source_text("hellaswag", hella) == (
+        "Pole vault: Pole vault is a sport where you run with a pole and stop and swing your "
+        "body. A few women are in the gym practicing to do this pole vault, trying to do their "
+        "best."
+    )
+    arc = load_records("arc_challenge", DATA, limit=1)[0]  # answerKey C
+    assert rt.source_text("arc_challenge", arc) == (
+        "Question: An astronomer observes that a planet rotates faster after a meteorite "
+        "impact. Which is the most likely effect of this increase in rotation?\n"
+        "Answer: Planetary days will become shorter."
+    )
+    with pytest.raises(rt.TaskDataError, match="not a source task"):
+        rt.source_text("gsm8k", {})
+
+
+def test_hellaswag_pretraining_text_leaves_out_every_held_out_item():
+    items = rt.hellaswag_full_texts(DATA)
+    assert len(items) == 10042
+    # line 37 of the file: gold 2 of four endings (hand-checked), moved to the front
+    ctx, endings = items[6]
+    assert ctx.startswith("Playing harmonica: A man is standing in front of a camera.")
+    assert endings[0] == "rocks back and forth to the music as he goes."
+    train = rt.source_texts("hellaswag", DATA, "train")
+    assert train[0] == (
+        "Playing harmonica: A man is standing in front of a camera. He starts playing a "
+        "harmonica for the camera. he rocks back and forth to the music as he goes."
+    )
+    # items 0-5 (the first two below) are in hellaswag.jsonl
+    gone = ("Roof shingle removal: A man is sitting on a roof.", "Clean and jerk: A lady walks")
+    assert not any(t.startswith(gone) for t in train)
+    held = {rt._norm(t) for t in rt.source_texts("hellaswag", DATA, "eval")}
+    assert len(held) == 1000 and not held & {rt._norm(t) for t in train}
+    assert 8900 < len(train) < 10042 - 1000 + 1
+
+
+def test_data_files_hash_as_the_manifest_says(data):
+    manifest = {m["file"]: m["sha256"] for m in json.loads((DATA / "MANIFEST.json").read_text())}
+    fingerprint = data.fingerprint()
+    assert len(fingerprint) == 8 and set(fingerprint) <= set(manifest)
+    for name, digest in fingerprint.items():
+        assert digest == manifest[name], name
+    assert data.target_train[0][0].startswith("Question: ") and data.target_train[0][0].endswith(
+        "\nAnswer:"
+    )
+    assert data.target_train[0][1].startswith(" ") and "\n#### " in data.target_train[0][1]
+    assert all(len(v) == 40 for v in data.eval.values()) and len(data.target_test) == 40
+
+
+@torch.no_grad()
+def _reference_nll(model, ids: list[int], labels: list[int]) -> tuple[float, int]:
+    """Sum over positions t of -log softmax(logits_t)[labels_{t+1}], one unpadded sequence."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    total, count = 0.0, 0
+    for t in range(len(ids) - 1):
+        if labels[t + 1] == -100:
+            continue
+        z = logits[t]
+        total += float(torch.logsumexp(z, 0) - z[labels[t + 1]])
+        count += 1
+    return total, count
+
+
+def test_token_nll_against_a_manual_computation_with_padding_and_masked_labels():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        attn_implementation="eager",
+    )
+    model = LlamaForCausalLM(config).double().eval()
+    seqs = [[3, 5, 7, 9, 11, 2], [4, 6, 8], [1, 2, 3, 4, 5, 6, 7, 8]]
+    labs = [[-100, -100, 7, 9, 11, 2], [-100, 6, 8], [-100, 2, -100, 4, 5, -100, 7, 8]]
+    width = max(map(len, seqs))
+    batch = {
+        "input_ids": torch.zeros(3, width, dtype=torch.long),
+        "attention_mask": torch.zeros(3, width, dtype=torch.long),
+        "labels": torch.full((3, width), -100),
+    }
+    for i, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
+        batch["input_ids"][i, : len(s)] = torch.tensor(s)
+        batch["input_ids"][i, len(s) :] = 13  # padding ids the mask must hide
+        batch["attention_mask"][i, : len(s)] = 1
+        batch["labels"][i, : len(s)] = torch.tensor(lab)
+    total, count = rt.token_nll(model, [batch])
+    ref = [_reference_nll(model, s, lab) for s, lab in zip(seqs, labs, strict=True)]
+    assert count == sum(c for _, c in ref) == 4 + 2 + 5
+    assert total == pytest.approx(sum(t for t, _ in ref), rel=1e-10)
+    # split into two batches: the same sums
+    halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
+    assert rt.token_nll(model, halves) == pytest.approx((total, count), rel=1e-10)
+
+
+def test_text_batches_supervise_every_text_token_and_the_closing_eos(data):
+    tok = rt.wrap_tokenizer(rt.train_bpe(data.train["winogrande"][:200], 400))
+    texts = data.eval["winogrande"][:3]
+    (batch,) = rt.text_batches(texts, tok, batch_size=3)
+    for i, text in enumerate(texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        row = batch["input_ids"][i, : len(ids) + 2].tolist()
+        assert row == [tok.eos_token_id, *ids, tok.eos_token_id]
+        assert batch["labels"][i].tolist() == (
+            [-100, *ids, tok.eos_token_id] + [-100] * (batch["labels"].shape[1] - len(ids) - 2)
+        )
+
+
+def test_tokenizer_is_deterministic_across_processes_and_round_trips(data):
+    texts = data.train["arc_challenge"][:300] + [p + a for p, a in data.target_train[:100]]
+    here = rt.train_bpe(texts, 600)
+    assert here.get_vocab_size() == 600 and here.token_to_id(rt.PAD) == 0
+    assert here.token_to_id(rt.EOS) == 1
+    script = (
+        "import json, sys; from lalora_curv.testbed.realtext import train_bpe; "
+        "print(train_bpe(json.load(sys.stdin), 600).to_str())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    other = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout.strip()
+    assert (
+        hashlib.sha256(other.encode()).digest() == hashlib.sha256(here.to_str().encode()).digest()
+    )
+    tok = rt.wrap_tokenizer(here)
+    for t in [*data.eval["arc_challenge"][:20], "Unseen ✓ bytes: ü\n"]:
+        assert tok.decode(tok(t, add_special_tokens=False)["input_ids"]) == t
+
+
+def test_short_pretraining_is_reproducible_and_cached(small, tmp_path, monkeypatch):
+    model_a, tok_a = rt.pretrain(small, {**TINY, "seed": 1}, progress=False)
+    model_b, tok_b = rt.pretrain(small, {**TINY, "seed": 1}, progress=False)
+    model_c, _ = rt.pretrain(small, {**TINY, "seed": 2}, progress=False)
+    assert tok_a.backend_tokenizer.to_str() == tok_b.backend_tokenizer.to_str()
+    assert len(tok_a) == 300
+    for (n, p), (_, q) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert not torch.equal(model_a.lm_head.weight, model_c.lm_head.weight)
+    # it trained: it fits its own training blocks better than an untrained model does
+    blocks = rt.packed_blocks(
+        [t for task in rt.SOURCES for t in small.train[task]], tok_a, 32, seed=1
+    )[:16]
+    untrained = LlamaForCausalLM(model_a.config).eval()
+    batch = [{"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks}]
+    assert rt.token_nll(model_a, batch)[0] < rt.token_nll(untrained, batch)[0] - 0.1 * 16 * 31
+
+    monkeypatch.setenv("LALORA_CURV_CACHE", str(tmp_path))
+    settings = {k: v for k, v in TINY.items()}
+    first, tok = rt.pretrained(small, settings, seed=1, progress=False)
+    again, _ = rt.pretrained(small, settings, seed=1, progress=False)
+    for (n, p), (_, q) in zip(model_a.named_parameters(), first.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    for (n, p), (_, q) in zip(first.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    entries = os.listdir(tmp_path / "realtext")
+    assert len(entries) == 1 and not entries[0].startswith(".")
+    saved = json.loads((tmp_path / "realtext" / entries[0] / "realtext.json").read_text())
+    assert saved["data"] == small.fingerprint() and saved["hidden"] == 16
+    result = rt.evaluate(first, tok, small, batch_size=16)
+    assert set(result["source"]) == set(rt.SOURCES) and result["target_tokens"] > 0
+    # a 300-token vocabulary: a model barely trained is near log(300) = 5.7 per token
+    assert 3.0 < result["source_all"] < 7.0 and 3.0 < result["target"] < 7.0
