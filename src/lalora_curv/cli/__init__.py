@@ -41,7 +41,8 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str, str]] = {
 }
 
 EPILOG = """examples:
-  lalora-curv fit --model ./llama --data_dir ../shared/data --out runs/fit
+  lalora-curv fit --model ./llama --data_dir ../shared/data \\
+      --sources winogrande,arc_challenge --out runs/fit
   lalora-curv inspect --precision runs/fit --out runs/inspect
   lalora-curv train --model ./llama --adapter runs/fit --precision runs/fit --lam 1000 \\
       --data_dir ../shared/data --out runs/train

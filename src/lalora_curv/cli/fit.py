@@ -43,8 +43,9 @@ Backend = Literal["hooks", "curvlinops", "backpack", "laplace"]
 
 EXAMPLES = """examples:
   lalora-curv fit --model ./llama --data_dir ../shared/data \\
-      --sources hellaswag,winogrande,arc_challenge --limit 256 \\
+      --sources winogrande,arc_challenge --limit 256 \\
       --structure kfac --estimator mc --mc_samples 4 --out runs/fit-kfac
+  lalora-curv fit --model ./llama --sources hellaswag,winogrande,arc_challenge  # from the hub
   lalora-curv fit --config runs/fit-kfac/config.yaml --structure diag --out runs/fit-diag
   lalora-curv fit --model ./llama --data_dir ../shared/data --print_config > fit.yaml
 """

@@ -136,7 +136,8 @@ def plot_spectra(report: dict[str, Any], path: Path) -> Path | None:
                 continue
             kind = factor.split("[")[0]
             ranks = f.get("ranks", list(range(len(f["eigenvalues"]))))
-            label = module + factor[len(kind) :]
+            label = module.removeprefix("base_model.model.").removeprefix("model.")
+            label += factor[len(kind) :]
             panels.setdefault(kind, []).append((label, ranks, f["eigenvalues"]))
     if not panels:
         return None
