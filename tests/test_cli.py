@@ -9,6 +9,7 @@ precision, the trained adapter loaded back with peft.
 from __future__ import annotations
 
 import json
+import shutil
 import typing
 from pathlib import Path
 
@@ -334,6 +335,25 @@ def test_train_rebases_a_kfac_precision_onto_a_new_adapter(workspace, fitted, tm
     assert "re-basing" in capsys.readouterr().out
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[0]["penalty"] == 0.0 and steps[1]["penalty"] > 0.0  # mu = the new init
+
+
+def test_train_resumes_from_its_checkpoints(workspace, fitted, tmp_path):
+    out = tmp_path / "train"
+    args = ["train", "--model", str(workspace["model"]), "--adapter", str(fitted)]
+    args += ["--precision", str(fitted), "--lam", "10", "--data-dir", str(workspace["data"])]
+    args += ["--limit", "4", "--batch_size", "2", "--checkpoint_every", "1", "--lr", "1e-2"]
+    args += ["--device", "cpu", "--no-progress", "--out", str(out)]
+    assert main([*args, "--max_steps", "3"]) == 0
+    whole = load_file(out / "adapter" / "adapter_model.safetensors")
+    first = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (out / "metrics.jsonl").unlink()
+    shutil.rmtree(out / "checkpoints" / "checkpoint-3")
+    assert main([*args, "--max_steps", "3", "--resume"]) == 0
+    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [3]  # steps 1-2 came from checkpoint-2
+    assert resumed[0]["nll"] == pytest.approx(first[2]["nll"], rel=1e-6)
+    again = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(whole[k], again[k], rtol=1e-5, atol=1e-7) for k in whole)
 
 
 def test_bad_inputs_exit_with_a_message_naming_them(workspace, fitted, tmp_path, capsys):

@@ -3,7 +3,7 @@
 Each command is a plain typed function (one module each): its parameters are the options,
 its docstring the help, and ``--config FILE.yaml`` / ``--print_config`` come for free.
 Option names are the parameters' (``--data_dir``); ``--data-dir`` is accepted as well, and a
-boolean ``--progress`` also reads ``--no_progress`` / ``--no-progress``.
+boolean option ``--progress`` reads ``--progress``, ``--progress false`` and ``--no_progress``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import argparse
 import re
 from collections.abc import Callable
 from inspect import signature
-from typing import Any
+from typing import Any, get_type_hints
 
+import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
 from lalora_curv.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
@@ -69,13 +70,17 @@ def command_parser(name: str) -> ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of options")
-    parser.add_function_arguments(fn, skip={"progress"}, as_group=False)
-    if "progress" in signature(fn).parameters:
+    flags = [n for n, t in get_type_hints(fn).items() if t is bool and n != "return"]
+    parser.add_function_arguments(fn, skip=set(flags), as_group=False)
+    docs = {p.arg_name: p.description for p in docstring_parser.parse(fn.__doc__ or "").params}
+    defaults = {n: p.default for n, p in signature(fn).parameters.items()}
+    for flag in flags:  # --flag, --flag true|false, --no_flag
         parser.add_argument(
-            "--progress",
+            f"--{flag}",
             action=ActionYesNo,
-            default=True,
-            help="show progress bars (--no_progress: hide them)",
+            nargs="?",
+            default=defaults[flag],
+            help=f"{docs.get(flag, '')} (--no_{flag}: off)",
         )
     return parser
 
