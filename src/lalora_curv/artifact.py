@@ -64,6 +64,8 @@ KNOWN_KEYS = frozenset(
         "tensors_sha256",
         "rebased",
         "granularity",
+        "storage",
+        "tensor_aliases",
     }
 )
 
@@ -79,13 +81,51 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save_precision(prec: Precision, path: str | Path) -> Path:
-    """Save ``prec`` as the directory ``path`` (created or atomically replaced)."""
+def deduplicate(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of byte-identical content (same dtype, shape and bytes) stored once.
+
+    Returns the tensors to store and ``{alias: stored name}`` for the others; the stored one is
+    the first name in sorted order. Identity is checked on the content (SHA-256 of the bytes,
+    confirmed by comparing them), never inferred from names.
+    """
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, list[str]] = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
+        key = (str(t.dtype), tuple(t.shape), hashlib.sha256(raw.numpy()).hexdigest())
+        for other in seen.get(key, []):
+            if torch.equal(raw, stored[other].reshape(-1).view(torch.uint8)):
+                aliases[name] = other
+                break
+        else:
+            stored[name] = t
+            seen.setdefault(key, []).append(name)
+    return stored, aliases
+
+
+def save_precision(prec: Precision, path: str | Path, *, dedup: bool = True) -> Path:
+    """Save ``prec`` as the directory ``path`` (created or atomically replaced).
+
+    ``dedup``: store byte-identical tensors once (see :func:`deduplicate`).
+    """
     path = Path(path)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in sorted(prec.all_tensors().items())}
+    aliases: dict[str, str] = {}
+    if dedup:
+        tensors, aliases = deduplicate(tensors)
+    else:  # safetensors refuses tensors sharing memory: give each its own copy
+        seen: set[int] = set()
+        for n, t in tensors.items():
+            if t.untyped_storage().data_ptr() in seen:
+                tensors[n] = t.clone()
+            seen.add(tensors[n].untyped_storage().data_ptr())
     # one header key: safetensors does not keep the order of several, and saves must be stable
     blob = st_save(tensors, metadata={"format": f"{KIND}/{FORMAT_VERSION}"})
     meta = prec.metadata
+    if aliases:
+        meta["tensor_aliases"] = aliases
     meta.update(
         {
             "kind": KIND,
@@ -180,6 +220,19 @@ def load_precision(path: str | Path) -> Precision:
             raise ArtifactError(f"{tensor_path}: tensor {name!r} has NaN/inf entries")
 
     _check_metadata_values(meta, meta_path)
+    aliases = meta.pop("tensor_aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        raise ArtifactError(f"{meta_path}: 'tensor_aliases' must map tensor names to names")
+    for alias, target in aliases.items():
+        if alias in tensors:
+            raise ArtifactError(f"{tensor_path}: tensor {alias!r} is both stored and an alias")
+        if target not in tensors:
+            raise ArtifactError(
+                f"{meta_path}: alias {alias!r} refers to {target!r}, which is not stored"
+            )
+        tensors[alias] = tensors[target]
     structure = meta.get("structure")
     if structure not in STRUCTURE_CLASSES:
         raise ArtifactError(f"{meta_path}: unknown structure {structure!r}")
@@ -217,6 +270,11 @@ def load_precision(path: str | Path) -> Precision:
     if extra:
         raise ArtifactError(
             f"{tensor_path}: unexpected tensor {extra[0]!r} for structure {structure!r}"
+        )
+    if "storage" in meta and meta["storage"] != prec.metadata.get("storage"):
+        raise ArtifactError(
+            f"{meta_path}: 'storage' says {meta['storage']!r} but the tensors are stored as "
+            f"{prec.metadata.get('storage')!r}"
         )
     return prec
 

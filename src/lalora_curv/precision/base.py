@@ -340,12 +340,25 @@ class Precision(ABC):
 
         return to_laplace(self, model, adapter_name, prior_precision)
 
+    def with_storage(self, storage: str, rank: int | None = None) -> Precision:
+        """The same precision with its large factors in another storage (K-FAC family:
+        ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"lowrank"`` with ``rank``)."""
+        raise LaloraError(
+            f"storage options apply to the K-FAC family (kfac, tri-kfac, merged-kfac); a "
+            f"{self.structure!r} precision is stored as fitted (use .to(dtype=...) to cast it)"
+        )
+
     # ------------------------------------------------------------------ artifact
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/precision.safetensors`` and ``path/precision.json`` atomically."""
+    def save(self, path: str | Path, *, dedup: bool = True) -> Path:
+        """Write ``path/precision.safetensors`` and ``path/precision.json`` atomically.
+
+        ``dedup``: store tensors of identical content (the input factor shared by q/k/v or by
+        gate/up, zero ``B0`` of equal shape) once, the others as ``metadata["tensor_aliases"]``.
+        Choose the storage of the K-FAC factors with :meth:`with_storage` before saving.
+        """
         from lalora_curv.artifact import save_precision
 
-        return save_precision(self, path)
+        return save_precision(self, path, dedup=dedup)
 
 
 def _now() -> str:
