@@ -374,6 +374,7 @@ def test_bad_inputs_exit_with_a_message_naming_them(workspace, fitted, tmp_path,
     train += ["--device", "cpu", "--no-progress", "--out", str(tmp_path / "t")]
     fails([*train, "--precision", str(tmp_path / "nowhere"), "--lam", "1"], "no such directory")
     fails([*train, "--lam", "1"], "--lam > 0 needs --precision")
+    fails([*train, "--out", str(fitted)], "is a fit run directory; give train its own --out")
 
     other = get_peft_model(  # another base model: hidden size 24 instead of 16
         tiny_llama(vocab_size=len(byte_tokenizer()), hidden_size=24, num_heads=2, num_kv_heads=1),

@@ -24,6 +24,8 @@ from lalora_curv.errors import LaloraError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+#: names the command that owns a run directory, so another command does not overwrite it
+COMMAND_FILE = ".lalora-curv-command"
 
 
 class CliError(LaloraError):
@@ -52,17 +54,31 @@ class RunDir:
     """A command's output directory; creating it writes ``config.yaml`` from ``config``.
 
     Args:
+        command: the command writing it; a directory of another command is refused.
         out: the directory (created).
         config: the command's arguments (``locals()`` at its start); written as YAML so the
             run can be repeated with ``--config OUT/config.yaml``.
         fresh_metrics: start ``metrics.jsonl`` afresh (it is appended to otherwise).
     """
 
-    def __init__(self, out: str | Path, config: Mapping[str, Any], fresh_metrics: bool = True):
+    def __init__(
+        self,
+        command: str,
+        out: str | Path,
+        config: Mapping[str, Any],
+        fresh_metrics: bool = True,
+    ):
         self.path = Path(out)
         if self.path.exists() and not self.path.is_dir():
             raise CliError(f"--out {self.path} exists and is not a directory")
+        owner = self.path / COMMAND_FILE
+        if owner.is_file() and owner.read_text().strip() != command:
+            raise CliError(
+                f"--out {self.path} is a {owner.read_text().strip()} run directory; give "
+                f"{command} its own --out"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(owner, command + "\n")
         clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
         atomic_write_text(
             self.path / CONFIG_FILE, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True)

@@ -60,7 +60,7 @@ def evaluate(
     """
     if output is None and out is None:
         raise CliError("give --output FILE.json, --out DIR, or both")
-    run = RunDir(out, locals()) if out is not None else None
+    run = RunDir("eval", out, locals()) if out is not None else None
     from lalora_curv.cli._model import resolve_adapter
     from lalora_curv.tasks.evaluate import evaluate as score
     from lalora_curv.tasks.evaluate import load_model

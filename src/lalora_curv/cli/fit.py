@@ -121,7 +121,7 @@ def fit(
     Returns:
         ``{source: precision, ..., "sum": pooled precision}``.
     """
-    run = RunDir(out, locals())
+    run = RunDir("fit", out, locals())
     names = split_names(sources)
     if SUM_NAME in names:
         raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")

@@ -213,7 +213,7 @@ def inspect(precision: str, out: str = "runs/inspect", top: int = 5) -> dict[str
     Returns:
         The report written to ``report.json``.
     """
-    run = RunDir(out, locals())
+    run = RunDir("inspect", out, locals())
     path = resolve_precision(precision)
     prec = lc.load_precision(path)
     report = precision_report(prec)

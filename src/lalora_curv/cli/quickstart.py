@@ -26,7 +26,7 @@ def quickstart(
     Returns:
         The summary written to ``OUT/summary.json``.
     """
-    RunDir(out, locals())
+    RunDir("quickstart", out, locals())
     from lalora_curv.quickstart import run
 
     return run(out, steps=steps, progress=progress, seed=seed)

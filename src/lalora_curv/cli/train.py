@@ -146,7 +146,7 @@ def train(
     Returns:
         lc.train's log records.
     """
-    run = RunDir(out, locals(), fresh_metrics=not resume)
+    run = RunDir("train", out, locals(), fresh_metrics=not resume)
     if lam < 0:
         raise CliError(f"--lam must be >= 0, got {lam}")
     if lam > 0 and precision is None:
