@@ -327,12 +327,12 @@ def test_train_starts_at_the_fit_init_and_saves_a_peft_adapter(workspace, fitted
 
 def test_train_rebases_a_kfac_precision_onto_a_new_adapter(workspace, fitted, tmp_path, capsys):
     out = tmp_path / "train"
-    args = ["train", "--model", str(workspace["model"]), "--r", "2", "--lora_alpha", "4"]
+    args = ["train", "--model", str(workspace["model"]), "--r", "3", "--lora_alpha", "6"]
     args += ["--seed", "7", "--precision", str(fitted), "--lam", "10", "--max_steps", "2"]
     args += ["--data-dir", str(workspace["data"]), "--limit", "2", "--batch_size", "2"]
     args += ["--device", "cpu", "--no-progress", "--out", str(out)]
     assert main(args) == 0
-    assert "re-basing" in capsys.readouterr().out
+    assert "re-based" in capsys.readouterr().out  # another rank and seed than the fit's
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[0]["penalty"] == 0.0 and steps[1]["penalty"] > 0.0  # mu = the new init
 

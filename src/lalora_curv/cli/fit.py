@@ -20,8 +20,11 @@ of batches (e.g. text the model generates itself) is another function returning 
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Literal
+
+import torch
 
 import lalora_curv as lc
 from lalora_curv.cli._model import (
@@ -132,9 +135,6 @@ def fit(
     peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
     init_dir = save_adapter(peft_model, run / ADAPTER_INIT_DIR)
     print(f"adapter init (the mode mu): {init_dir}")
-
-    import torch
-
     settings = dict(
         structure=structure,
         backend=backend,
@@ -187,6 +187,9 @@ def fit(
         )
         precisions[SUM_NAME] = total
         print(f"pooled {'+'.join(names)} -> {path}")
+    for old in (run / PRECISION_DIR).iterdir():  # artifacts of an earlier run into this --out
+        if old.name not in precisions and (old / "precision.json").is_file():
+            shutil.rmtree(old)
     plot = plot_spectra(precision_report(precisions[SUM_NAME]), run / "spectra.png")
     print(
         f"run directory: {run.path} (config.yaml, metrics.jsonl{', spectra.png' if plot else ''})"

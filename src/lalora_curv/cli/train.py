@@ -42,17 +42,22 @@ EXAMPLES = """examples:
 
 
 def _matching_precision(prec: lc.Precision, peft_model, path) -> lc.Precision:
-    """``prec`` with its mode at the adapter's current weights (re-based if it must be)."""
+    """``prec`` with its mode at the adapter's current weights (re-based if it must be).
+
+    A K-FAC-family or merged-diag precision moves onto another adapter of the same base
+    model (another rank, alpha, seed); a diag or ekfac precision must match exactly.
+    """
+    fitted = prec.metadata.get("base_model", {}).get("name_or_path", "another model")
+    mismatch = f"--precision {path} does not fit this model's adapter (fitted on {fitted})"
     try:
         params = prec.adapter_params(peft_model)
+        same = all(
+            torch.equal(p.detach().to("cpu", prec.dtype), prec.mode[n]) for n, p in params.items()
+        )
     except lc.AdapterMismatchError as e:
-        fitted = prec.metadata.get("base_model", {}).get("name_or_path", "another model")
-        raise CliError(
-            f"--precision {path} does not fit this model's adapter (fitted on {fitted}): {e}"
-        ) from None
-    same = all(
-        torch.equal(p.detach().to("cpu", prec.dtype), prec.mode[n]) for n, p in params.items()
-    )
+        if not prec.rebasable:
+            raise CliError(f"{mismatch}: {e}") from None
+        same = False
     if same:
         return prec
     if not prec.rebasable:
@@ -61,8 +66,12 @@ def _matching_precision(prec: lc.Precision, peft_model, path) -> lc.Precision:
             f"{prec.structure!r} precision cannot be re-based; start from the adapter init "
             "that fit saved (--adapter FIT_RUN)"
         )
-    print(f"the adapter's init differs from the precision's mode: re-basing {path} onto it")
-    return prec.rebase(peft_model)
+    try:
+        rebased = prec.rebase(peft_model)
+    except lc.LaloraError as e:
+        raise CliError(f"{mismatch}: {e}") from None
+    print(f"the adapter differs from the precision's mode: re-based {path} onto it")
+    return rebased
 
 
 def _warn_other_base(prec: lc.Precision, peft_model, model: str) -> None:
