@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,6 +118,8 @@ def test_log_has_nll_and_penalty_separately(tmp_path):
         ({"resume": True}, "need a checkpoint_dir"),
         ({"max_steps": 0}, "max_steps >= 1"),
         ({"warmup_steps": -1}, "warmup_steps >= 0"),
+        ({"lam": 0.0, "source_nll_budget": 0.1}, "start lam > 0"),
+        ({"source_nll_budget": -0.1}, "must be > 0"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -302,3 +306,49 @@ def test_a_step_with_only_masked_batches_logs_no_nll():
     records = lc.train(model, masked, prec, 1.0, max_steps=1, grad_accum_steps=2, progress=False)
     assert records[0]["nll"] is None and records[0]["loss"] is None
     json.dumps(records)  # still valid JSON
+
+
+def test_source_nll_budget_follows_its_update_rule_and_binds():
+    """lam_{t+1} = lam_t exp(eta clip(pen_t / (2 eps) - 1, -1, 1)) from the logged penalties,
+    and the projected source-NLL increase pen / 2 ends near the budget while unconstrained
+    training overshoots it many times; a larger budget lets the adapter move further."""
+    eps, eta = 1e-4, 0.2
+    free, target, prec = setup()
+    lc.train(free, target, None, 0.0, lr=1e-2, max_steps=60, progress=False)
+    free_q = 0.5 * float(prec.penalty(free).detach())
+    assert free_q > 10 * eps
+    ends = []
+    for budget in (eps, 4 * eps):
+        model, _, _ = setup()
+        records = lc.train(
+            model,
+            target,
+            prec,
+            1.0,
+            lr=1e-2,
+            max_steps=60,
+            source_nll_budget=budget,
+            budget_rate=eta,
+            progress=False,
+        )
+        for a, b in itertools.pairwise(records):
+            excess = min(1.0, max(-1.0, a["penalty"] / (2 * budget) - 1))
+            assert b["lam"] == pytest.approx(a["lam"] * math.exp(eta * excess), rel=1e-12)
+        ends.append(0.5 * float(prec.penalty(model).detach()))
+        assert ends[-1] < 2.5 * budget, (ends[-1], budget)
+    assert ends[1] > ends[0]
+
+
+def test_budget_lambda_survives_a_resume(tmp_path):
+    kw = dict(lr=1e-2, schedule="constant", source_nll_budget=1e-3, budget_rate=0.2, progress=False)
+    whole, target, prec = setup()
+    full = lc.train(whole, target, prec, 1.0, max_steps=8, **kw)
+    part, _, _ = setup()
+    lc.train(part, target, prec, 1.0, max_steps=4, checkpoint_dir=tmp_path, **kw)
+    rest = lc.train(
+        part, target, prec, 1.0, max_steps=8, checkpoint_dir=tmp_path, resume=True, **kw
+    )
+    assert [r["lam"] for r in rest] == [r["lam"] for r in full[4:]]
+    assert len({r["lam"] for r in full}) == 8  # lambda moved every step
+    for n, p in adapter_state(whole).items():
+        assert torch.equal(p, adapter_state(part)[n]), n

@@ -9,6 +9,13 @@ step it minimises
 over ``K`` accumulated micro-batches (each NLL the model's mean over its supervised tokens).
 The penalty does not depend on the batch, so it is computed and back-propagated once per
 optimizer step, not once per micro-batch.
+
+Instead of a fixed ``lambda``, a *source-NLL budget* ``epsilon`` (nats per source token) can
+set it: the precision is the mean Fisher per source token, so to second order the fine-tuned
+adapter raises the mean source NLL by ``q = (theta-mu)^T P (theta-mu) / 2``. Training then
+solves ``min NLL_target  s.t.  q <= epsilon`` by multiplicative dual ascent on ``lambda``:
+
+.. math:: \\lambda_{t+1} = \\lambda_t \\exp\\big(\\eta\\, \\mathrm{clip}(q_t/\\epsilon - 1, -1, 1)\\big).
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ def train(
     seed: int = 0,
     adapter_name: str = "default",
     progress: bool = True,
+    source_nll_budget: float | None = None,
+    budget_rate: float = 0.02,
 ) -> list[dict[str, float | None]]:
     """Fine-tune the LoRA adapter of ``model`` on ``train_batches`` with ``lam * penalty``.
 
@@ -97,7 +106,7 @@ def train(
             pass). Shuffle it yourself, seeded, for other orders. Under DDP each rank passes
             its shard; the run stops at the shortest rank's step count.
         precision: the source precision; ``None`` trains plain LoRA.
-        lam: penalty strength ``lambda >= 0``.
+        lam: penalty strength ``lambda >= 0`` (with ``source_nll_budget``: its start value).
         lr, weight_decay: AdamW settings (the paper: lr 5e-4).
         warmup_steps, schedule: linear warm-up, then ``"linear"``, ``"cosine"`` or
             ``"constant"``.
@@ -116,10 +125,15 @@ def train(
         seed: seeds torch, numpy and python's RNG (dropout).
         adapter_name: the peft adapter to train and penalise.
         progress: tqdm bar with target NLL and penalty.
+        source_nll_budget: ``epsilon``: adapt ``lambda`` each step so that the projected
+            increase of the mean source NLL, ``penalty / 2``, stays near ``epsilon`` (see the
+            module docstring); ``None`` keeps ``lambda`` fixed.
+        budget_rate: ``eta``, the log-step of the ``lambda`` update (at most
+            ``exp(eta)`` per step).
 
     Returns:
         The log records (dicts with ``step``, ``nll`` (None if every micro-batch of the step
-        was skipped), ``penalty``, ``loss``, ``lr`` (of that step), ``grad_norm``,
+        was skipped), ``penalty``, ``lam`` (of that step), ``loss``, ``lr``, ``grad_norm``,
         ``skipped_batches``; evaluations as ``eval/<metric>``).
 
     Raises:
@@ -130,6 +144,14 @@ def train(
         raise TrainingError(f"lam must be >= 0, got {lam}")
     if lam > 0 and precision is None:
         raise TrainingError("lam > 0 needs a precision")
+    if source_nll_budget is not None:
+        if precision is None or not lam > 0:
+            raise TrainingError("source_nll_budget needs a precision and a start lam > 0")
+        if not source_nll_budget > 0 or not budget_rate > 0:
+            raise TrainingError(
+                f"source_nll_budget and budget_rate must be > 0, got {source_nll_budget} "
+                f"and {budget_rate}"
+            )
     if grad_accum_steps < 1:
         raise TrainingError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     if schedule not in ("linear", "cosine", "constant"):
@@ -179,6 +201,7 @@ def train(
         autocast = torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
     extra = {"lam": lam, "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed}
+    lam_now = lam  # changes only under a source-NLL budget
 
     start = 0
     if resume:
@@ -206,6 +229,7 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
+            lam_now = float(saved.get("lam_now", lam))
             start = int(state["step"])
             logger.info("resumed from %s (step %d)", ckpt, start)
     if start >= total:
@@ -245,7 +269,7 @@ def train(
                 optimizer,
                 scheduler,  # type: ignore[arg-type]
                 scaler,
-                extra,
+                {**extra, "lam_now": lam_now},
             )
         barrier()
 
@@ -294,12 +318,12 @@ def train(
                         loss = nll / grad_accum_steps
                     if last and precision is not None:
                         # the penalty enters once per optimizer step, in the synced backward
-                        with torch.no_grad() if lam == 0 else nullcontext():
+                        with torch.no_grad() if lam_now == 0 else nullcontext():
                             penalty = precision.penalty(model, adapter_name)
                         if not bool(torch.isfinite(penalty)) and not problem:
                             problem = f"the penalty is {penalty.item()}"
-                        if lam > 0:
-                            loss = loss + lam * penalty
+                        if lam_now > 0:
+                            loss = loss + lam_now * penalty
                     scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -323,12 +347,16 @@ def train(
                 "step": step,
                 "nll": nll_mean,
                 "penalty": pen,
-                "loss": None if nll_mean is None else nll_mean + lam * pen,
+                "lam": lam_now,
+                "loss": None if nll_mean is None else nll_mean + lam_now * pen,
                 "lr": lr_used,
                 "grad_norm": float(grad_norm),
                 "skipped_batches": skipped,
             }
             emit(record)
+            if source_nll_budget is not None:  # dual ascent on lambda (module docstring)
+                excess = min(1.0, max(-1.0, 0.5 * pen / source_nll_budget - 1.0))
+                lam_now *= math.exp(budget_rate * excess)
             bar.update(1)
             bar.set_postfix(
                 nll=f"{nll_mean:.4f}" if nll_mean is not None else "-", penalty=f"{pen:.3e}"
