@@ -183,6 +183,12 @@ def test_fit_writes_one_artifact_per_source_equal_to_a_direct_fit(workspace, fit
         assert saved.metadata["sources"] == [task]
         delta = _displacement(saved)
         assert _close(saved.quad(delta), direct[task].quad(delta))
+        for m in saved.modules:  # and factor by factor
+            for got, want in (
+                (saved.input_cov, direct[task].input_cov),
+                (saved.grad_cov, direct[task].grad_cov),
+            ):
+                torch.testing.assert_close(got[m], want[m], rtol=REL, atol=1e-12)
         for name, mu in saved.mode.items():  # mu is the saved init, which is seed 3's
             assert torch.equal(mu, dict(fresh.named_parameters())[_live(name)].detach())
         assert (
