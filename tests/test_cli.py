@@ -207,6 +207,66 @@ def test_fit_writes_one_artifact_per_source_equal_to_a_direct_fit(workspace, fit
     assert total.counts["supervised_tokens"] == sum(n.values())
 
 
+def test_fit_on_self_generated_samples_records_how_they_were_drawn(workspace, tmp_path, capsys):
+    out = tmp_path / "self"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Question:\n\nAnswer:\n")
+    args = [
+        "fit",
+        "--model",
+        str(workspace["model"]),
+        "--self_generated",
+        "5",
+        "--prompts",
+        str(prompts),
+        "--max_length",
+        "14",
+        "--batch_size",
+        "2",
+        "--r",
+        "2",
+        "--estimator",
+        "mc",
+        "--seed",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    saved = lc.load_precision(out / "precision" / "self-generated")
+    assert saved.metadata["sources"] == ["self-generated"]
+    (settings,) = saved.metadata["self_generated"]
+    assert settings["num_sequences"] == 5 and settings["max_length"] == 14
+    assert settings["prompts"] == ["Question:", "Answer:"] and settings["seed"] == 4
+    # the reference: the library on the saved init, with the same settings
+    model = _peft_model(workspace, out / "adapter_init")
+    batches = lc.self_generated_batches(
+        model,
+        byte_tokenizer(),
+        5,
+        14,
+        ["Question:", "Answer:"],
+        seed=4,
+        batch_size=2,
+        progress=False,
+    )
+    direct = lc.fit_precision(model, batches, "kfac", estimator="mc", seed=4, progress=False)
+    assert saved.counts == direct.counts
+    delta = _displacement(saved)
+    assert _close(saved.quad(delta), direct.quad(delta))
+    summed = lc.load_precision(out / "precision" / "sum")
+    assert summed.metadata["self_generated"] == [settings]
+    (tmp_path / "empty.txt").write_text("\n")
+    bad = list(args)
+    bad[bad.index(str(prompts))] = str(tmp_path / "empty.txt")
+    bad[-1] = str(tmp_path / "bad")
+    assert main(bad) == 1
+    assert "holds no prompt" in capsys.readouterr().err
+
+
 def _live(param_name: str) -> str:
     """peft's saved key -> the live parameter name of the default adapter."""
     return param_name.replace(".weight", ".default.weight")

@@ -14,14 +14,17 @@ Run directory::
     OUT/metrics.jsonl          one line per artifact: counts, seconds, trace
     OUT/spectra.png            the spectra of the sum (as ``lalora-curv inspect`` plots them)
 
-Batches come from :func:`batch_sources`, a mapping ``{source name: batches}``: another source
-of batches (e.g. text the model generates itself) is another function returning that mapping.
+Batches come from :func:`batch_sources`, a mapping ``{source name: batches}``: the named
+tasks' records, or (``--self_generated N``) one source ``self-generated`` of ``N`` sequences
+sampled from the base model itself (:func:`lalora_curv.self_generated_batches`), for when the
+source data is not available; the artifact's metadata then records the sampling settings.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -51,6 +54,8 @@ EXAMPLES = """examples:
   lalora-curv fit --model ./llama --sources hellaswag,winogrande,arc_challenge  # from the hub
   lalora-curv fit --config runs/fit-kfac/config.yaml --structure diag --out runs/fit-diag
   lalora-curv fit --model ./llama --data_dir ../shared/data --print_config > fit.yaml
+  lalora-curv fit --model ./llama --self_generated 512 --max_length 256 \
+      --structure kfac --estimator mc --mc_samples 4 --out runs/fit-self   # no source data
 """
 
 
@@ -65,6 +70,41 @@ def batch_sources(
 ) -> dict[str, list[Batch]]:
     """``{source name: supervised batches}``: each named task's records, formatted."""
     return task_batches(sources, tokenizer, data_dir, split, limit, batch_size, max_length)
+
+
+def self_generated_source(
+    model,
+    tokenizer,
+    num_sequences: int,
+    max_length: int,
+    prompts: str | None,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, lc.SelfGeneratedBatches]:
+    """``{"self-generated": batches}`` sampled from the base model (prompts from a file)."""
+    lines = None
+    if prompts is not None:
+        path = Path(prompts)
+        if not path.is_file():
+            raise CliError(f"--prompts {prompts}: no such file")
+        lines = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+        if not lines:
+            raise CliError(f"--prompts {prompts}: the file holds no prompt")
+    return {
+        "self-generated": lc.self_generated_batches(
+            model,
+            tokenizer,
+            num_sequences,
+            max_length,
+            prompts=lines,
+            temperature=temperature,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    }
 
 
 def fit(
@@ -91,6 +131,9 @@ def fit(
     dtype: Dtype = "float32",
     device: str = "auto",
     progress: bool = True,
+    self_generated: int | None = None,
+    prompts: str | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, lc.Precision]:
     """Fit a Laplace precision of a LoRA adapter on each source sub-dataset, and their sum.
 
@@ -120,6 +163,12 @@ def fit(
         dtype: model weights' dtype.
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
         progress: progress bars.
+        self_generated: instead of --sources, sample this many sequences from the base model
+            (its adapter disabled) and fit on them: curvature without source data.
+        prompts: with --self_generated, a text file of prompts to continue (one per line;
+            their tokens are not supervised); default: unconditional samples from BOS.
+        temperature: with --self_generated, the sampling temperature (1.0: the model's own
+            distribution).
 
     Returns:
         ``{source: precision, ..., "sum": pooled precision}``.
@@ -131,8 +180,22 @@ def fit(
     if len(set(names)) != len(names):
         raise CliError(f"--sources names a source twice: {names}")
     base, tokenizer = load_base(model, dtype, device)
-    batches = batch_sources(tokenizer, names, data_dir, split, limit, batch_size, max_length)
     peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
+    if self_generated is None:
+        batches = batch_sources(tokenizer, names, data_dir, split, limit, batch_size, max_length)
+    else:
+        batches = self_generated_source(
+            peft_model,
+            tokenizer,
+            self_generated,
+            max_length,
+            prompts,
+            temperature,
+            seed,
+            batch_size,
+            progress,
+        )
+        names = list(batches)
     init_dir = save_adapter(peft_model, run / ADAPTER_INIT_DIR)
     print(f"adapter init (the mode mu): {init_dir}")
     settings = dict(
