@@ -39,7 +39,7 @@ def main() -> None:
             world,
             steps=steps,
             lr=args.lr,
-            precision_structure="kfac" if lam else None,
+            precision="kfac" if lam else None,
             lam=lam,
         )
         source = sum(result["after"]["source"].values()) / 3

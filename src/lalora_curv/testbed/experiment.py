@@ -58,13 +58,91 @@ def source_batches(world: World, tok, source: str, batch_size: int = 16) -> list
     return make_batches(examples, tok, batch_size=batch_size, max_length=64)
 
 
+def source_precision(
+    model: nn.Module,
+    tok,
+    world: World,
+    *,
+    source: str = "facts",
+    structure: str = "kfac",
+    estimator: str = "mc",
+    mc_samples: int = 8,
+    tokens: int | None = None,
+    seed: int = 0,
+) -> lc.Precision:
+    """The precision the penalty uses, fitted at the adapter's init on one of two sources.
+
+    ``source="facts"``: each source sub-domain's facts (answers supervised), one precision per
+    sub-domain, pooled. ``source="self-generated"``: unconditional samples of the base model
+    (:func:`lalora_curv.self_generated_batches`, up to 32 tokens) until at least ``tokens``
+    supervised tokens (default: as many as the facts hold), no source data used.
+    """
+    mc = mc_samples if estimator == "mc" else 1
+    fit = dict(structure=structure, estimator=estimator, mc_samples=mc, progress=False, seed=seed)
+    if source == "facts":
+        precisions = [
+            lc.fit_precision(model, source_batches(world, tok, s), sources=[s], **fit)
+            for s in SOURCES
+        ]
+        return sum(precisions[1:], precisions[0])
+    if source != "self-generated":
+        raise ValueError(f"source must be 'facts' or 'self-generated', got {source!r}")
+    if tokens is None:
+        tokens = sum(
+            int((b["labels"] != -100).sum()) for s in SOURCES for b in source_batches(world, tok, s)
+        )
+    num = 8
+    while True:  # the fewest sequences (doubling) that reach the token count
+        batches = lc.self_generated_batches(model, tok, num, 32, seed=seed, progress=False)
+        if batches.provenance["supervised_tokens"] >= tokens:
+            break
+        num *= 2
+    return lc.fit_precision(model, _first_tokens(batches, tokens), **fit)
+
+
+def _first_tokens(batches: lc.SelfGeneratedBatches, tokens: int) -> lc.SelfGeneratedBatches:
+    """The shortest prefix of whole sequences holding at least ``tokens`` supervised tokens."""
+    kept = lc.SelfGeneratedBatches()
+    total = 0
+    for batch in batches:
+        per_row = (batch["labels"] != -100).sum(1).cumsum(0)
+        rows = int((per_row < tokens - total).sum()) + 1
+        kept.append({k: v[:rows] for k, v in batch.items()})
+        total += int(per_row[min(rows, len(per_row)) - 1])
+        if total >= tokens:
+            break
+    kept.provenance = {**batches.provenance, "num_sequences": sum(len(b["labels"]) for b in kept)}
+    kept.provenance["supervised_tokens"] = total
+    return kept
+
+
+def mean_curvature(precision: lc.Precision) -> float:
+    """``tr(P) / num_params`` of a ``kfac`` or ``diag`` precision: with ``lam = c / mean``
+    the penalty's strength ``c`` is comparable across sources and estimators, whose raw
+    scales differ by orders of magnitude (``tr(G (x) C) = tr(G) tr(C)`` per block)."""
+    if isinstance(precision, lc.DiagPrecision):
+        total = sum(float(t.sum()) for t in precision.structure_tensors().values())
+    elif type(precision) is lc.KFACPrecision:
+        total = 0.0
+        for name in precision.modules:
+            b = precision.blocks(name)
+            tr = lambda m: m.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
+            total += float((tr(b.lora_B_grad_cov) * tr(b.lora_B_input_cov)).sum())
+            total += float((tr(b.lora_A_grad_cov) * tr(b.input_cov)).sum())
+    else:
+        raise ValueError(f"mean_curvature supports kfac and diag, not {precision.structure!r}")
+    return total / precision.num_params
+
+
 def finetune(
     model: nn.Module,
     tok,
     world: World,
     *,
-    precision_structure: str | None = None,
+    precision: str | lc.Precision | None = None,
     lam: float = 0.0,
+    relative_lam: bool = False,
+    source: str = "facts",
     estimator: str = "mc",
     mc_samples: int = 8,
     steps: int = 300,
@@ -76,7 +154,12 @@ def finetune(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """LoRA on the target, optionally with a Laplace penalty fitted on the source facts."""
+    """LoRA on the target, optionally with a Laplace penalty ``lam * penalty``.
+
+    ``precision`` is a structure name (fitted here at the adapter's init with
+    :func:`source_precision` on ``source``) or ``None`` for plain LoRA. With
+    ``relative_lam`` the penalty weight is ``lam / mean_curvature(P)``.
+    """
     torch.manual_seed(seed)
     peft_model = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
@@ -86,24 +169,22 @@ def finetune(
         "source": source_accuracy(peft_model, tok, world),
         "target": target_accuracy(peft_model, tok, test),
     }
-    precision = None
-    if precision_structure is not None:
-        for source in SOURCES:
-            p = lc.fit_precision(
-                peft_model,
-                source_batches(world, tok, source),
-                structure=precision_structure,
-                estimator=estimator,
-                mc_samples=mc_samples if estimator == "mc" else 1,
-                progress=False,
-                sources=[source],
-                seed=seed,
-            )
-            precision = p if precision is None else precision + p
+    prec, weight, scale = None, 0.0, None
+    if precision is not None:
+        prec = source_precision(
+            peft_model,
+            tok,
+            world,
+            source=source,
+            structure=precision,
+            estimator=estimator,
+            mc_samples=mc_samples,
+            seed=seed,
+        )
+        scale = mean_curvature(prec) if relative_lam else 1.0
+        weight = lam / scale
     train = make_batches(world.problems("train", train_problems), tok, batch_size=16, max_length=64)
-    lc.train(
-        peft_model, train, precision, lam, lr=lr, max_steps=steps, seed=seed, progress=progress
-    )
+    lc.train(peft_model, train, prec, weight, lr=lr, max_steps=steps, seed=seed, progress=progress)
     after = {
         "source": source_accuracy(peft_model, tok, world),
         "target": target_accuracy(peft_model, tok, test),
@@ -114,4 +195,7 @@ def finetune(
         "after": after,
         "source_drop": mean(before["source"]) - mean(after["source"]),
         "target_gain": after["target"] - before["target"],
+        "lam_applied": weight,
+        "mean_curvature": scale if relative_lam else None,
+        "source_tokens": prec.counts["supervised_tokens"] if prec is not None else 0,
     }
