@@ -106,3 +106,24 @@ def test_lalora_at_a_milora_init_has_a_and_cross_curvature():
     delta = {n: 0.01 * torch.randn_like(t) for n, t in prec.mode.items()}
     only_a = {n: (d if "lora_A" in n else torch.zeros_like(d)) for n, d in delta.items()}
     assert float(prec.quad(only_a)) > 0  # A moves are penalised at this init
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_lalora_at_peft_nonzero_inits(init):
+    """PiSSA/OLoRA change the base weights and start with B0 != 0: the precision's mode is that
+    init, its penalty is zero there, and A moves are penalised."""
+    from peft import LoraConfig, get_peft_model
+
+    from lalora_curv.toy import tiny_llama
+
+    base = tiny_llama(vocab_size=48, hidden_size=16, intermediate_size=24)  # peft: not float64
+    model = get_peft_model(
+        base,
+        LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], init_lora_weights=init),
+    )
+    prec = lc.fit_precision(model, make_batches(2), structure="tri-kfac", progress=False)
+    assert prec.metadata["lora_B_init_zero"] is False
+    assert float(prec.penalty(model)) == 0.0
+    delta = {n: 0.01 * torch.randn_like(t) for n, t in prec.mode.items()}
+    only_a = {n: (d if "lora_A" in n else torch.zeros_like(d)) for n, d in delta.items()}
+    assert float(prec.quad(only_a)) > 0
