@@ -7,8 +7,9 @@ module. Every K-FAC penalty touches a factor only through products ``F M`` with 
 
 * **dense** (``"float32"``, ``"float64"``, ``"bfloat16"``): ``F`` itself. bfloat16 keeps 8
   significant bits (each entry rounded to nearest, relative error <= 2^-9) and halves the
-  float32 bytes; products are computed after upcasting to the compute dtype (the dtype of the
-  mode), so only the rounding of ``F`` is lost.
+  float32 bytes of the artifact; products are computed after upcasting to the compute dtype
+  (the dtype of the mode; the copy is made on first use and kept), so only the rounding of
+  ``F`` is lost.
 * **lowrank** (eigen-truncated with a diagonal correction): with ``F = Q diag(lam) Q^T``,
   ``lam_1 >= ... >= lam_D``,
 
@@ -22,7 +23,7 @@ module. Every K-FAC penalty touches a factor only through products ``F M`` with 
   The diagonal of ``F`` is kept exactly, the approximation stays positive semi-definite
   (negative rounding eigenvalues are clipped to 0), its error has zero trace (an isotropic
   random displacement sees no error in expectation), and ``k = D`` reproduces ``F`` up to
-  rounding. Products cost :math:`O(D k m)` and never form the ``D x D`` matrix:
+  rounding (with ``d = 0`` exactly). Products cost :math:`O(D k m)` and never form the ``D x D`` matrix:
   ``F M = U_k (l_k \\odot (U_k^\\top M)) + d \\odot M``. Bytes: ``(D k + k + D)`` numbers
   instead of ``D^2``. The eigendecomposition runs in float64.
 """
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -90,9 +91,14 @@ class Factor(ABC):
 
 @dataclass(frozen=True, eq=False)
 class DenseFactor(Factor):
-    """``F`` itself, ``matrix`` of shape ``(K, D, D)``."""
+    """``F`` itself, ``matrix`` of shape ``(K, D, D)``.
+
+    A matrix stored in another dtype than the products' (bfloat16) is upcast once, on first
+    use, and the copy kept: the penalty then costs what a float32 factor costs.
+    """
 
     matrix: Tensor
+    _upcast: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -103,7 +109,11 @@ class DenseFactor(Factor):
         return {"format": "dense", "dtype": _dtype_name(self.matrix.dtype)}
 
     def mm(self, M: Tensor) -> Tensor:
-        return self.matrix.to(M.dtype) @ M
+        if self.matrix.dtype == M.dtype:
+            return self.matrix @ M
+        if M.dtype not in self._upcast:
+            self._upcast[M.dtype] = self.matrix.to(M.dtype)
+        return self._upcast[M.dtype] @ M
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.matrix if dtype is None else self.matrix.to(dtype)
@@ -185,9 +195,11 @@ def lowrank(factor: Factor, rank: int, dtype: torch.dtype) -> LowRankFactor:
     k = min(rank, F.shape[-1])
     lam = lam.flip(-1)[..., :k].clamp_min(0)
     U = Q.flip(-1)[..., :k]
-    d = (torch.diagonal(F, dim1=-2, dim2=-1) - (U.square() * lam.unsqueeze(-2)).sum(-1)).clamp_min(
-        0
-    )
+    if k == F.shape[-1]:  # nothing discarded: d = 0 exactly
+        d = torch.zeros(F.shape[:-1], dtype=F.dtype)
+    else:
+        d = torch.diagonal(F, dim1=-2, dim2=-1) - (U.square() * lam.unsqueeze(-2)).sum(-1)
+        d = d.clamp_min(0)
     return LowRankFactor(U.to(dtype).contiguous(), lam.to(dtype), d.to(dtype))
 
 
