@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/lalora-curv quickstart --out runs/quickstart
+	$(VENV)/bin/lalora-curv demo --out runs/demo
 
 test: install
 	$(PY) -m ruff check src tests benchmarks

@@ -17,6 +17,8 @@ from typing import Any, get_type_hints
 import docstring_parser
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
+from lalora_curv.cli.demo import EXAMPLES as DEMO_EXAMPLES
+from lalora_curv.cli.demo import demo
 from lalora_curv.cli.evaluate import EXAMPLES as EVAL_EXAMPLES
 from lalora_curv.cli.evaluate import evaluate
 from lalora_curv.cli.fit import EXAMPLES as FIT_EXAMPLES
@@ -25,6 +27,8 @@ from lalora_curv.cli.inspect_precision import EXAMPLES as INSPECT_EXAMPLES
 from lalora_curv.cli.inspect_precision import inspect
 from lalora_curv.cli.quickstart import EXAMPLES as QUICKSTART_EXAMPLES
 from lalora_curv.cli.quickstart import quickstart
+from lalora_curv.cli.sweep import EXAMPLES as SWEEP_EXAMPLES
+from lalora_curv.cli.sweep import sweep
 from lalora_curv.cli.train import EXAMPLES as TRAIN_EXAMPLES
 from lalora_curv.cli.train import train
 
@@ -33,6 +37,12 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str, str]] = {
     "fit": (fit, "stage 1: a precision per source sub-dataset, and their sum", FIT_EXAMPLES),
     "train": (train, "stage 2: fine-tune the adapter with lam * penalty", TRAIN_EXAMPLES),
     "eval": (evaluate, "score on hellaswag, winogrande, arc_challenge, gsm8k", EVAL_EXAMPLES),
+    "sweep": (
+        sweep,
+        "a grid of methods x settings x seeds: fronts, curves, tables",
+        SWEEP_EXAMPLES,
+    ),
+    "demo": (demo, "the embedded benchmark end to end in minutes (start here)", DEMO_EXAMPLES),
     "inspect": (inspect, "a precision's metadata, norms, traces, spectra", INSPECT_EXAMPLES),
     "quickstart": (
         quickstart,
@@ -42,6 +52,8 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str, str]] = {
 }
 
 EPILOG = """examples:
+  lalora-curv demo --out runs/demo           # start here: LoRA vs LALoRA in minutes
+  lalora-curv sweep --grid sweeps/front.yaml --out runs/front
   lalora-curv fit --model ./llama --data_dir ../shared/data \\
       --sources winogrande,arc_challenge --out runs/fit
   lalora-curv inspect --precision runs/fit --out runs/inspect

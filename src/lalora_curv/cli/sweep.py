@@ -1,0 +1,95 @@
+"""``lalora-curv sweep``: a grid of methods x settings x seeds on the embedded benchmark.
+
+The grid file (YAML, format in docs/cli.md and :mod:`lalora_curv.testbed.sweep`) expands to
+cells (one training run each); the cells not yet in ``OUT/runs.jsonl`` run in ``--workers``
+processes and each one's evaluations (step 0 and every ``eval_every`` steps) are appended as
+it finishes, so an interrupted sweep resumes where it stopped. Then, from every record:
+
+    OUT/config.yaml      the resolved arguments
+    OUT/grid.yaml        the grid as given
+    OUT/runs.jsonl       one JSON object per cell and evaluation step
+    OUT/pareto.png       source accuracy vs target exact match, each method's front
+    OUT/curves.png       source and target accuracy against the step, per method
+    OUT/table.csv        mean +- std over seeds: final points, best front point per method
+    OUT/summary.json     the same, the fronts and every configuration's curve
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from lalora_curv.cli._run import CliError, RunDir, atomic_write_text
+from lalora_curv.testbed.sweep import GridError, expand_grid, load_grid, read_runs, run_sweep
+from lalora_curv.testbed.sweep_report import format_table, report
+
+EXAMPLES = """examples:
+  lalora-curv sweep --grid sweeps/demo.yaml --out runs/sweep-demo
+  lalora-curv sweep --grid sweeps/front.yaml --out runs/front --workers 2   # hours; resumable
+  lalora-curv sweep --grid sweeps/front.yaml --out runs/front --dry_run     # count the cells
+"""
+
+
+def run_grid(
+    grid: dict[str, Any],
+    run: RunDir,
+    workers: int,
+    threshold: float | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Expand, run (resuming), report and print; shared by ``sweep`` and ``demo``."""
+    try:
+        cells = expand_grid(grid)
+    except GridError as e:
+        raise CliError(f"--grid: {e}") from None
+    atomic_write_text(run / "grid.yaml", yaml.safe_dump(grid, sort_keys=False))
+    counts = run_sweep(cells, run.path, workers=workers, progress=progress)
+    print(
+        f"{counts['cells']} cells: {counts['done']} already in {run / 'runs.jsonl'}, "
+        f"{counts['ran']} trained now"
+    )
+    result = report(read_runs(run / "runs.jsonl"), run.path, threshold)
+    print(format_table(result["rows"], result["threshold"]))
+    print("\nfiles: " + ", ".join(result["files"]))
+    return result
+
+
+def sweep(
+    grid: str,
+    out: str = "runs/sweep",
+    workers: int = 2,
+    threshold: float | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a grid of fine-tuning runs on the embedded benchmark; fronts, curves and tables.
+
+    Args:
+        grid: the grid, a YAML file (per method name: its settings, a list is swept).
+        out: run directory; running again into it skips the cells already in runs.jsonl.
+        workers: processes training cells at once (one torch thread each).
+        threshold: target exact match of the table's best front point per method (default:
+            0.9 x the smallest of the methods' best target).
+        dry_run: print the cells and stop.
+        progress: progress bar over the cells.
+
+    Returns:
+        The summary (also OUT/summary.json), with the table rows and the written files.
+    """
+    args = dict(locals())
+    if workers < 1:
+        raise CliError(f"--workers must be >= 1, got {workers}")
+    try:
+        spec = load_grid(grid)
+        cells = expand_grid(spec)
+    except GridError as e:
+        raise CliError(f"--grid: {e}") from None
+    if dry_run:
+        for cell in cells:
+            shown = {k: v for k, v in cell.items() if k != "benchmark"}
+            print(" ".join(f"{k}={v}" for k, v in shown.items()))
+        print(f"{len(cells)} cells")
+        return {"cells": cells}
+    run = RunDir("sweep", out, args, fresh_metrics=False)
+    return run_grid(spec, run, workers, threshold, progress)

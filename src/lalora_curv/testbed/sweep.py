@@ -1,0 +1,464 @@
+"""A grid of fine-tuning runs on the embedded benchmark, run in worker processes, resumable.
+
+A *cell* is one training run: a method (``lora``, ``lalora``, ``migu``) with its settings and
+a seed. Each cell trains once to ``steps`` and evaluates at step 0 and every ``eval_every``
+steps (and at the end): source accuracy per sub-domain and their mean (forgetting), target
+exact match (learning). Every evaluation is a point of the method's learning-forgetting
+front: early stopping is part of a method.
+
+LALoRA's strength is one of
+
+* ``lam``: the raw ``lambda`` of ``lam * (theta - mu)^T P (theta - mu)``;
+* ``c``: ``lambda = c / m(P)`` with ``m(P) = tr(P) / num_params`` the mean curvature
+  (:func:`lalora_curv.testbed.experiment.mean_curvature`), dimensionless, so comparable
+  across estimators and sources;
+* ``budget``: ``epsilon`` nats per source token; ``lambda`` follows the dual ascent of
+  :func:`lalora_curv.train` (``source_nll_budget``) from ``c / m(P)`` (``c`` default 0.01).
+
+The grid file (YAML) maps each *method name* (one front in the plots) to its settings; a list
+is swept, a scalar fixed; ``common`` applies to every method (a method's own entry wins)::
+
+    benchmark: {train_problems: 2000, test_problems: 300, pretrain_seed: 0, pretrain: {}}
+    seeds: [0, 1, 2]
+    common: {lr: [1.0e-3, 3.0e-3], steps: 1000, eval_every: 200, rank: 8, targets: all}
+    methods:
+      lora: {}
+      lalora-kfac-mc: {method: lalora, structure: kfac, estimator: mc, c: [0.003, 0.03]}
+      migu: {threshold: [0.5, 0.7]}
+
+:func:`run_sweep` appends each finished cell's records to ``OUT/runs.jsonl`` (the whole file
+rewritten atomically) and skips cells already there (key: a hash of the cell's settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+
+import lalora_curv as lc
+from lalora_curv.baselines import migu, milora_init
+from lalora_curv.errors import LaloraError
+from lalora_curv.tasks.formatting import make_batches
+from lalora_curv.testbed.experiment import (
+    ALL_LINEAR,
+    mean_curvature,
+    source_accuracy,
+    source_precision,
+    target_accuracy,
+)
+from lalora_curv.testbed.model import PRETRAIN, pretrained
+
+RUNS_FILE = "runs.jsonl"
+KINDS = ("lora", "lalora", "migu")
+STRUCTURES = ("diag", "kfac", "tri-kfac", "merged-kfac", "merged-diag")
+ESTIMATORS = ("empirical", "mc", "batch-grad-squared")
+INITS = ("default", "pissa", "olora", "milora")
+SOURCES = ("facts", "self-generated")
+#: settings of every method, with their defaults
+COMMON = {
+    "lr": 3e-3,
+    "steps": 1000,
+    "eval_every": 200,
+    "rank": 8,
+    "targets": "all",
+    "init": "default",
+}
+#: each method's own settings, with their defaults (None: not set)
+METHOD = {
+    "lora": {},
+    "lalora": {
+        "structure": "kfac",
+        "estimator": "mc",
+        "mc_samples": 8,
+        "source": "facts",
+        "lam": None,
+        "c": None,
+        "budget": None,
+    },
+    "migu": {"threshold": 0.7},
+}
+BENCHMARK = {"pretrain_seed": 0, "pretrain": {}, "train_problems": 2000, "test_problems": 300}
+DEFAULT_START_C = 0.01
+
+
+class GridError(LaloraError):
+    """A sweep grid is malformed; the message names the entry and the setting."""
+
+
+# ---------------------------------------------------------------------------------- the grid
+def load_grid(path: str | Path) -> dict[str, Any]:
+    """The grid of a YAML file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"grid file {path} does not exist")
+    try:
+        grid = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise GridError(f"grid file {path} is not valid YAML: {e}") from None
+    if not isinstance(grid, dict):
+        raise GridError(f"grid file {path}: expected a mapping, got {type(grid).__name__}")
+    return grid
+
+
+def _as_list(where: str, value: Any) -> list:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise GridError(f"{where}: an empty list sweeps nothing")
+    return values
+
+
+def _check(where: str, key: str, value: Any) -> Any:
+    """``value`` of setting ``key``, validated and normalised (a float lr, "all" targets)."""
+    at = f"{where}.{key}"
+
+    def number(kind: type, low: float, strict: bool = True):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GridError(f"{at}: expected a number, got {value!r}")
+        if kind is int and value != int(value):
+            raise GridError(f"{at}: expected an integer, got {value!r}")
+        if (value <= low) if strict else (value < low):
+            raise GridError(f"{at}: must be {'>' if strict else '>='} {low}, got {value!r}")
+        return kind(value)
+
+    def choice(options: Iterable[str]):
+        if value not in options:
+            raise GridError(f"{at}: unknown {value!r}; valid: {', '.join(options)}")
+        return value
+
+    if key in ("lr", "budget"):
+        return number(float, 0)
+    if key in ("lam", "c"):
+        return number(float, 0, strict=False)
+    if key in ("steps", "eval_every", "rank", "mc_samples"):
+        return number(int, 0)
+    if key == "threshold":
+        t = number(float, 0, strict=False)
+        if t >= 1:
+            raise GridError(f"{at}: a quantile in [0, 1), got {value!r}")
+        return t
+    if key == "targets":
+        if value == "all":
+            return value
+        names = value.split(",") if isinstance(value, str) else None
+        if not names or any(n.strip() not in ALL_LINEAR for n in names):
+            raise GridError(
+                f"{at}: 'all' or comma-separated modules of {', '.join(ALL_LINEAR)}; got {value!r}"
+            )
+        return ",".join(sorted(n.strip() for n in names))
+    if key == "init":
+        return choice(INITS)
+    if key == "structure":
+        return choice(STRUCTURES)
+    if key == "estimator":
+        return choice(ESTIMATORS)
+    if key == "source":
+        return choice(SOURCES)
+    raise AssertionError(key)
+
+
+def _benchmark(grid: Mapping[str, Any]) -> dict[str, Any]:
+    bench = grid.get("benchmark") or {}
+    if not isinstance(bench, dict):
+        raise GridError("benchmark: expected a mapping")
+    unknown = set(bench) - set(BENCHMARK)
+    if unknown:
+        raise GridError(
+            f"benchmark: unknown setting(s) {sorted(unknown)}; valid: {list(BENCHMARK)}"
+        )
+    out = {**BENCHMARK, **bench}
+    if not isinstance(out["pretrain"], dict) or set(out["pretrain"]) - set(PRETRAIN):
+        raise GridError(f"benchmark.pretrain: a mapping of {list(PRETRAIN)}, got {out['pretrain']}")
+    for key in ("train_problems", "test_problems"):
+        if not isinstance(out[key], int) or out[key] < 1:
+            raise GridError(f"benchmark.{key}: a positive integer, got {out[key]!r}")
+    return out
+
+
+def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The cells of ``grid``: per method, the product of its settings' lists, times the seeds.
+
+    Every cell holds all its settings (defaults filled in, settings a method ignores dropped)
+    plus ``method`` (the grid's name), ``kind``, ``seed`` and ``benchmark``; duplicates are
+    removed, the order is the grid's.
+    """
+    unknown = set(grid) - {"benchmark", "seeds", "common", "methods"}
+    if unknown:
+        raise GridError(
+            f"unknown top-level key(s) {sorted(unknown)}; valid: benchmark, seeds, common, methods"
+        )
+    bench = _benchmark(grid)
+    seeds = [int(_check_seed(s)) for s in _as_list("seeds", grid.get("seeds", [0]))]
+    common = grid.get("common") or {}
+    if not isinstance(common, dict):
+        raise GridError("common: expected a mapping of settings")
+    methods = grid.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise GridError("methods: expected a mapping of method name -> settings, got none")
+    cells, seen = [], set()
+    for name, entry in methods.items():
+        where = f"methods.{name}"
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            raise GridError(f"{where}: expected a mapping of settings, got {entry!r}")
+        kind = entry.get("method", name)
+        if kind not in KINDS:
+            raise GridError(f"{where}.method: unknown {kind!r}; valid: {', '.join(KINDS)}")
+        valid = {**COMMON, **METHOD[kind]}
+        for source, settings in (("common", common), (where, entry)):
+            bad = set(settings) - set(valid) - {"method"}
+            if source == "common":
+                bad -= {k for m in METHOD.values() for k in m}  # another method's setting
+            if bad:
+                raise GridError(
+                    f"{source}: unknown setting(s) {sorted(bad)} for method {kind!r}; "
+                    f"valid: {', '.join(valid)}"
+                )
+        merged = {k: v for k, v in {**common, **entry}.items() if k in valid and v is not None}
+        names = list(valid)
+        lists = [
+            [_check(where, k, v) for v in _as_list(f"{where}.{k}", merged[k])]
+            if k in merged
+            else [valid[k]]
+            for k in names
+        ]
+        for values in itertools.product(*lists):
+            settings = dict(zip(names, values, strict=True))
+            settings = _normalise(where, kind, settings)
+            for seed in seeds:
+                cell = {"method": name, "kind": kind, **settings, "seed": seed, "benchmark": bench}
+                key = cell_key(cell)
+                if key not in seen:
+                    seen.add(key)
+                    cells.append(cell)
+    return cells
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise GridError(f"seeds: integers, got {seed!r}")
+    return seed
+
+
+def _normalise(where: str, kind: str, s: dict[str, Any]) -> dict[str, Any]:
+    """Drop settings that do not apply; check the combinations."""
+    if kind != "lalora":
+        return s
+    strengths = [k for k in ("lam", "c", "budget") if s[k] is not None]
+    if strengths not in (["lam"], ["c"], ["budget"], ["c", "budget"]):
+        raise GridError(
+            f"{where}: a lalora method needs one strength: lam, c or budget (budget may "
+            f"take c as its start); got {strengths or 'none'}"
+        )
+    if s["estimator"] == "batch-grad-squared" and s["structure"] != "diag":
+        raise GridError(f"{where}: estimator batch-grad-squared needs structure diag")
+    if s["estimator"] != "mc":
+        s["mc_samples"] = 1
+    if s["init"] != "default" and s["structure"] not in ("kfac", "tri-kfac"):
+        raise GridError(
+            f"{where}: init {s['init']!r} (B0 != 0) with a penalty needs structure kfac or "
+            f"tri-kfac, got {s['structure']!r}"
+        )
+    if s["budget"] is not None and s["c"] is None:
+        s["c"] = DEFAULT_START_C
+    return {k: v for k, v in s.items() if v is not None}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cell_key(cell: Mapping[str, Any]) -> str:
+    """The cell's identity: a hash of all its settings (seed included)."""
+    return _hash(dict(cell))
+
+
+def config_key(cell: Mapping[str, Any]) -> str:
+    """The configuration's identity: a hash of all the cell's settings but the seed."""
+    return _hash({k: v for k, v in cell.items() if k != "seed"})
+
+
+# ---------------------------------------------------------------------------------- one cell
+def _targets(targets: str) -> list[str]:
+    return list(ALL_LINEAR) if targets == "all" else targets.split(",")
+
+
+def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, Any]]:
+    """Train one cell and return one record per evaluation (step 0 first)."""
+    t0 = time.perf_counter()
+    bench = cell["benchmark"]
+    model, tok, world = pretrained(bench["pretrain_seed"], bench["pretrain"], progress=False)
+    seed = cell["seed"]
+    torch.manual_seed(seed)
+    init = {"default": True, "pissa": "pissa", "olora": "olora", "milora": True}[cell["init"]]
+    config = LoraConfig(
+        r=cell["rank"],
+        lora_alpha=cell["rank"],
+        lora_dropout=0.0,
+        target_modules=_targets(cell["targets"]),
+        init_lora_weights=init,
+    )
+    peft_model = get_peft_model(model, config)
+    if cell["init"] == "milora":
+        milora_init(peft_model)
+    test = world.problems("test", bench["test_problems"])
+
+    def evaluate(m, step: int) -> dict[str, float]:
+        acc = source_accuracy(m, tok, world)
+        return {
+            **{f"source/{k}": v for k, v in acc.items()},
+            "target": target_accuracy(m, tok, test),
+        }
+
+    peft_model.eval()
+    with torch.no_grad():
+        at_start = evaluate(peft_model, 0)
+    prec, lam, scale, budget = None, 0.0, None, None
+    if cell["kind"] == "lalora":
+        prec = source_precision(
+            peft_model,
+            tok,
+            world,
+            source=cell["source"],
+            structure=cell["structure"],
+            estimator=cell["estimator"],
+            mc_samples=cell["mc_samples"],
+            seed=seed,
+        )
+        if "lam" in cell:
+            lam = cell["lam"]
+        else:
+            scale = mean_curvature(prec)
+            lam = cell["c"] / scale
+        budget = cell.get("budget")
+    train = make_batches(
+        world.problems("train", bench["train_problems"]), tok, batch_size=16, max_length=64
+    )
+    guard = migu(peft_model, cell["threshold"]) if cell["kind"] == "migu" else _nothing()
+    with guard:
+        log = lc.train(
+            peft_model,
+            train,
+            prec,
+            lam,
+            lr=cell["lr"],
+            max_steps=cell["steps"],
+            seed=seed,
+            eval_fn=evaluate,
+            eval_every=cell["eval_every"],
+            source_nll_budget=budget,
+            progress=progress,
+        )
+    lam_at = {r["step"]: r["lam"] for r in log if "lam" in r}
+    evals = [(0, at_start)] + [
+        (r["step"], {k[5:]: v for k, v in r.items() if k.startswith("eval/")})
+        for r in log
+        if any(k.startswith("eval/") for k in r)
+    ]
+    seconds = round(time.perf_counter() - t0, 2)
+    key, config_id = cell_key(cell), config_key(cell)
+    records = []
+    for step, metrics in evals:
+        source = {k[7:]: v for k, v in metrics.items() if k.startswith("source/")}
+        records.append(
+            {
+                "key": key,
+                "config": config_id,
+                "method": cell["method"],
+                "seed": seed,
+                "step": int(step),
+                "source": source,
+                "source_mean": sum(source.values()) / len(source),
+                "target": metrics["target"],
+                "lam": lam_at.get(step, lam) if prec is not None else 0.0,
+                "mean_curvature": scale,
+                "seconds": seconds,
+                "cell": dict(cell),
+            }
+        )
+    return records
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _one_thread() -> None:
+    """Worker initialiser: one torch thread (2 threads on 2 shared cores is ~15x slower)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------- the sweep
+def read_runs(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``runs.jsonl`` (none if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _append(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append ``records`` to ``path`` atomically: the whole file is rewritten, then renamed."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    new = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(old + new, encoding="utf-8")
+    tmp.replace(path)
+
+
+def run_sweep(
+    cells: list[dict[str, Any]], out: str | Path, workers: int = 2, progress: bool = True
+) -> dict[str, int]:
+    """Run the cells not yet in ``OUT/runs.jsonl`` in ``workers`` processes (spawned, one torch
+    thread each; ``workers=1``: in this process) and append each one's records as it finishes.
+
+    Returns ``{"cells": all, "done": already there, "ran": trained now}``.
+    """
+    if workers < 1:
+        raise GridError(f"workers must be >= 1, got {workers}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / RUNS_FILE
+    done = {r["key"] for r in read_runs(runs)}
+    todo = [c for c in cells if cell_key(c) not in done]
+    # the longest first, so that the last cells do not leave a worker idle
+    todo.sort(key=lambda c: -c["steps"] * (2 if c["kind"] == "lalora" else 1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the parent's pretraining and workers=1 too
+    try:
+        for bench in {json.dumps(c["benchmark"], sort_keys=True) for c in todo}:
+            b = json.loads(bench)  # pretrain (once, cached) before the workers load it
+            pretrained(b["pretrain_seed"], b["pretrain"], progress=progress)
+        bar = tqdm(total=len(todo), disable=not progress, desc="sweep cells", unit="cell")
+        if workers == 1 or len(todo) <= 1:
+            for cell in todo:
+                _append(runs, run_cell(cell))
+                bar.update()
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+                futures = [pool.submit(run_cell, cell) for cell in todo]
+                for future in as_completed(futures):
+                    _append(runs, future.result())
+                    bar.update()
+    finally:
+        torch.set_num_threads(threads)
+    bar.close()
+    return {"cells": len(cells), "done": len(cells) - len(todo), "ran": len(todo)}

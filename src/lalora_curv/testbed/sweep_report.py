@@ -1,0 +1,330 @@
+"""Fronts, curves and tables of a sweep's ``runs.jsonl`` (paper Figs. 2-5 and Table 1 style).
+
+* :func:`aggregate`: per method configuration (every setting but the seed) and evaluation
+  step, the mean and standard deviation over seeds of the mean source accuracy, of each
+  source sub-domain's accuracy and of the target exact match;
+* :func:`pareto_front`: the points no other point beats on both axes (higher source accuracy
+  *and* higher target exact match, one of them strictly);
+* :func:`report`: each method's front over all its configurations and evaluation steps
+  (seed-averaged points) -> ``pareto.png``; accuracy against step per method ->
+  ``curves.png``; ``table.csv`` and ``summary.json``: the final point of every configuration
+  and, per method, the front's point of highest source accuracy with target >= a threshold.
+
+Every record of ``runs.jsonl`` enters the plots: nothing is filtered.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lalora_curv.cli._run import atomic_write_text, write_json
+
+SETTINGS_SKIPPED_IN_LABELS = ("method", "kind", "seed", "benchmark")
+
+
+def pareto_front(source: Sequence[float], target: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points, by increasing target (ties: input order).
+
+    Point ``i`` is dominated when some ``j`` has ``target_j >= target_i``,
+    ``source_j >= source_i`` and one of them strictly greater. Sorted by decreasing target
+    (then source), a point is on the front iff it has the largest source of its target and
+    beats the largest source of every strictly larger target: ``O(n log n)``.
+    """
+    s, t = np.asarray(source, float), np.asarray(target, float)
+    if s.shape != t.shape or s.ndim != 1:
+        raise ValueError(f"source and target must be 1-d of one length, got {s.shape}, {t.shape}")
+    order = np.lexsort((-s, -t))  # by target desc, then source desc
+    front, best_above, i = [], -math.inf, 0
+    while i < len(order):
+        j = i
+        while j < len(order) and t[order[j]] == t[order[i]]:
+            j += 1
+        top = s[order[i]]  # the largest source at this target
+        if top > best_above:
+            front += [int(k) for k in order[i:j] if s[k] == top]
+        best_above = max(best_above, top)
+        i = j
+    return sorted(front, key=lambda k: (t[k], k))
+
+
+def _label(cell: dict[str, Any], varying: Sequence[str]) -> str:
+    parts = [
+        f"{k}={cell[k]:g}" if isinstance(cell[k], float) else f"{k}={cell[k]}" for k in varying
+    ]
+    return cell["method"] + (" " + " ".join(parts) if parts else "")
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per configuration: ``method``, ``label`` (the settings that vary within its
+    method), ``cell`` (without the seed), ``seeds`` and per step ``points``: ``step``, ``n``,
+    mean and std (over seeds, ``ddof=0``) of ``source_mean``, ``target`` and each
+    ``source/<domain>``, and the seeds' mean ``lam``."""
+    by_config: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_config[r["config"]].append(r)
+    configs_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rs in by_config.values():
+        cell = {k: v for k, v in rs[0]["cell"].items() if k != "seed"}
+        configs_of[cell["method"]].append(cell)
+    varying = {}
+    for method, cells in configs_of.items():
+        keys = sorted({k for c in cells for k in c} - set(SETTINGS_SKIPPED_IN_LABELS))
+        varying[method] = [
+            k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in cells}) > 1
+        ]
+    out = []
+    for config, rs in by_config.items():
+        cell = {k: v for k, v in rs[0]["cell"].items() if k != "seed"}
+        steps: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for r in rs:
+            steps[r["step"]].append(r)
+        points = []
+        for step in sorted(steps):
+            group = steps[step]
+            point: dict[str, Any] = {"step": step, "n": len(group)}
+            values = {"source_mean": [r["source_mean"] for r in group]}
+            values["target"] = [r["target"] for r in group]
+            for domain in group[0]["source"]:
+                values[f"source/{domain}"] = [r["source"][domain] for r in group]
+            for name, v in values.items():
+                point[name] = float(np.mean(v))
+                point[f"{name}_std"] = float(np.std(v))
+            point["lam"] = float(np.mean([r["lam"] for r in group]))
+            points.append(point)
+        out.append(
+            {
+                "config": config,
+                "method": cell["method"],
+                "label": _label(cell, varying[cell["method"]]),
+                "cell": cell,
+                "seeds": sorted({r["seed"] for r in rs}),
+                "points": points,
+            }
+        )
+    out.sort(key=lambda c: (c["method"], c["label"]))
+    return out
+
+
+def method_fronts(configs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per method: its front over all its configurations' seed-averaged points (every step),
+    each point with its configuration's ``label`` and ``config``."""
+    points_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in configs:
+        for p in c["points"]:
+            points_of[c["method"]].append({**p, "label": c["label"], "config": c["config"]})
+    fronts = {}
+    for method, pts in points_of.items():
+        idx = pareto_front([p["source_mean"] for p in pts], [p["target"] for p in pts])
+        fronts[method] = [pts[i] for i in idx]
+    return fronts
+
+
+def default_threshold(fronts: dict[str, list[dict[str, Any]]]) -> float:
+    """``0.9 * min over methods of the method's best target``: every method has a point."""
+    return 0.9 * min(max(p["target"] for p in front) for front in fronts.values())
+
+
+def _row(kind: str, method: str, point: dict[str, Any], label: str, seeds: int) -> dict:
+    return {
+        "kind": kind,
+        "method": method,
+        "config": label,
+        "step": point["step"],
+        "seeds": seeds,
+        "source": round(point["source_mean"], 4),
+        "source_std": round(point["source_mean_std"], 4),
+        "target": round(point["target"], 4),
+        "target_std": round(point["target_std"], 4),
+    }
+
+
+def tables(
+    configs: list[dict[str, Any]], threshold: float | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of ``table.csv`` (``kind`` ``final``: every configuration's last step;
+    ``front``: per method, the front point of highest source accuracy with target >=
+    ``threshold``; default :func:`default_threshold`) and ``summary.json``."""
+    fronts = method_fronts(configs)
+    if threshold is None:
+        threshold = default_threshold(fronts)
+    rows = [
+        _row("final", c["method"], c["points"][-1], c["label"], len(c["seeds"])) for c in configs
+    ]
+    seeds_of = {c["config"]: len(c["seeds"]) for c in configs}
+    best = {}
+    for method, front in sorted(fronts.items()):
+        eligible = [p for p in front if p["target"] >= threshold]
+        if eligible:
+            p = max(eligible, key=lambda p: (p["source_mean"], p["target"]))
+            best[method] = p
+            rows.append(_row("front", method, p, p["label"], seeds_of[p["config"]]))
+    summary = {
+        "threshold": threshold,
+        "methods": {
+            m: {
+                "configs": sum(c["method"] == m for c in configs),
+                "runs": sum(len(c["seeds"]) for c in configs if c["method"] == m),
+                "front": fronts[m],
+                "best_at_threshold": best.get(m),
+            }
+            for m in sorted(fronts)
+        },
+        "configs": configs,
+    }
+    return rows, summary
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional (extra "bench")
+        return None
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Target exact match (x) against mean source accuracy (y): every seed-averaged point
+    faint, each method's front as a step line with its points' seed std as error bars."""
+    plt = _plt()
+    if plt is None:
+        return None
+    fronts = method_fronts(configs)
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
+    for i, method in enumerate(sorted(fronts)):
+        colour = f"C{i % 10}"
+        pts = [p for c in configs if c["method"] == method for p in c["points"]]
+        ax.scatter(
+            [p["target"] for p in pts], [p["source_mean"] for p in pts], s=12, alpha=0.25, c=colour
+        )
+        front = fronts[method]
+        x, y = [p["target"] for p in front], [p["source_mean"] for p in front]
+        ax.step(x, y, where="pre", color=colour, lw=1.8, label=f"{method} ({len(pts)} points)")
+        ax.errorbar(
+            x,
+            y,
+            xerr=[p["target_std"] for p in front],
+            yerr=[p["source_mean_std"] for p in front],
+            fmt="o",
+            ms=4,
+            color=colour,
+            alpha=0.8,
+            capsize=2,
+        )
+    ax.set_xlabel("target exact match (learning)")
+    ax.set_ylabel("mean source accuracy (forgetting)")
+    ax.set_title("learning-forgetting fronts (every evaluation, seed means)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(configs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Per method (rows): source accuracy and target exact match against the step, every
+    configuration a line (seed mean) with a band of one std."""
+    plt = _plt()
+    if plt is None:
+        return None
+    methods = sorted({c["method"] for c in configs})
+    fig, axes = plt.subplots(
+        len(methods), 2, figsize=(11, 2.6 * len(methods) + 0.4), dpi=110, squeeze=False
+    )
+    for row, method in enumerate(methods):
+        mine = [c for c in configs if c["method"] == method]
+        for i, c in enumerate(mine):
+            steps = [p["step"] for p in c["points"]]
+            for ax, key in zip(axes[row], ("source_mean", "target"), strict=True):
+                m = np.array([p[key] for p in c["points"]])
+                s = np.array([p[f"{key}_std"] for p in c["points"]])
+                colour = f"C{i % 10}"
+                label = c["label"][len(method) :].strip() or method
+                ax.plot(steps, m, marker=".", color=colour, label=f"{label} (n={len(c['seeds'])})")
+                ax.fill_between(steps, m - s, m + s, color=colour, alpha=0.15)
+        axes[row][0].set_ylabel(f"{method}\nsource accuracy")
+        axes[row][1].set_ylabel("target exact match")
+        axes[row][1].legend(fontsize=6, loc="best", ncol=1 + len(mine) // 8)
+        for ax in axes[row]:
+            ax.grid(True, alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def report(
+    records: list[dict[str, Any]], out: str | Path, threshold: float | None = None
+) -> dict[str, Any]:
+    """Write ``table.csv``, ``summary.json``, ``pareto.png`` and ``curves.png`` into ``out``
+    from every record; returns the summary plus ``rows`` and the written ``files``."""
+    if not records:
+        raise ValueError("no records: the sweep has not finished any cell")
+    out = Path(out)
+    configs = aggregate(records)
+    rows, summary = tables(configs, threshold)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "table.csv", buffer.getvalue())
+    write_json(out / "summary.json", summary)
+    files = [out / "table.csv", out / "summary.json"]
+    for plot, name in ((plot_pareto, "pareto.png"), (plot_curves, "curves.png")):
+        if plot(configs, out / name) is not None:
+            files.append(out / name)
+    return {**summary, "rows": rows, "files": [str(f) for f in files]}
+
+
+def format_table(rows: list[dict[str, Any]], threshold: float) -> str:
+    """The rows as aligned text: the final points, then each method's best front point."""
+    width = max(len(r["config"]) for r in rows) + 2
+    lines = []
+    for kind, title in (
+        ("final", "final point of each configuration (mean +- std over seeds)"),
+        ("front", f"best front point with target >= {threshold:.3f}, per method"),
+    ):
+        lines += [
+            "",
+            title,
+            f"{'configuration':<{width}}{'step':>6}  {'source':>15}  {'target':>15}",
+        ]
+        for r in rows:
+            if r["kind"] == kind:
+                lines.append(
+                    f"{r['config']:<{width}}{r['step']:>6}  {r['source']:.3f} +- {r['source_std']:.3f}"
+                    f"  {r['target']:.3f} +- {r['target_std']:.3f}"
+                )
+    return "\n".join(lines[1:])
+
+
+__all__ = [
+    "aggregate",
+    "default_threshold",
+    "format_table",
+    "method_fronts",
+    "pareto_front",
+    "report",
+    "tables",
+]
