@@ -257,3 +257,28 @@ def test_quad_rejects_bad_deltas(kfac_nonzero):
         kfac_nonzero.quad({**d, "foo.lora_A.weight": torch.zeros(1)})
     with pytest.raises(lc.LaloraError, match="has shape"):
         kfac_nonzero.quad({**d, name: torch.zeros(2, 2, dtype=torch.float64)})
+
+
+@pytest.mark.parametrize("init_B_std", [0.0, 0.3])
+@pytest.mark.parametrize("structure", ["diag", "kfac", "tri-kfac", "ekfac"])
+def test_trace_equals_the_dense_trace(batches, structure, init_B_std):
+    model = make_model(init_B_std=init_B_std)
+    prec = fit(model, batches[:1], structure)
+    if structure != "ekfac":  # pooled: K = 2 components for the K-FAC family
+        prec = prec + fit(model, batches[1:], structure)
+    dense = float(prec.to_dense().diagonal().sum())
+    assert prec.trace() == pytest.approx(dense, rel=1e-10)
+    assert sum(prec.module_trace(n) for n in prec.modules) == pytest.approx(prec.trace())
+
+
+def test_merged_traces_are_over_the_merged_update(kfac_nonzero, batches, model):
+    """merged-kfac: tr(sum_k w_k G_k (x) C_k); merged-diag: sum of D_W."""
+    merged = kfac_nonzero.with_structure("merged-kfac")
+    want = sum(
+        w * torch.trace(torch.kron(merged.grad_cov[n][k], merged.input_cov[n][k]))
+        for n in merged.modules
+        for k, w in enumerate(merged.weights)
+    )
+    assert merged.trace() == pytest.approx(float(want), rel=1e-10)
+    md = lc.fit_precision(model, batches, structure="merged-diag", progress=False)
+    assert md.trace() == pytest.approx(float(sum(t.sum() for t in md.weight_diag.values())))

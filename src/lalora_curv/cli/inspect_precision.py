@@ -63,11 +63,6 @@ def _factor(t: Tensor, symmetric: bool, spectra: bool, weight: float | None = No
     return entry
 
 
-def _tr(t: Tensor) -> Tensor:
-    """Traces of a stack of square matrices (K, n, n) -> (K,)."""
-    return t.double().diagonal(dim1=-2, dim2=-1).sum(-1)
-
-
 def _module_report(prec: lc.Precision, name: str, spectra: bool) -> dict[str, Any]:
     spec = prec.modules[name]
     factors: dict[str, Any] = {}
@@ -78,32 +73,21 @@ def _module_report(prec: lc.Precision, name: str, spectra: bool) -> dict[str, An
             weight = w[k] if len(w) > 1 else None
             factors[f"input_cov{tag}"] = _factor(C[k], True, spectra, weight)
             factors[f"grad_cov{tag}"] = _factor(G[k], True, spectra, weight)
-        if isinstance(prec, lc.MergedKFACPrecision):
-            wt = torch.tensor(w, dtype=torch.float64)
-            trace = float((wt * _tr(G) * _tr(C)).sum())
-        else:
-            b = prec.blocks(name)
-            trace = float((_tr(b.lora_B_grad_cov) * _tr(b.lora_B_input_cov)).sum())
-            if not b.b0_zero:
-                trace += float((_tr(b.lora_A_grad_cov) * _tr(b.input_cov)).sum())
     elif isinstance(prec, lc.DiagPrecision):
         factors["lora_A"] = _factor(prec.diag[spec.lora_A_name], False, spectra)
         factors["lora_B"] = _factor(prec.diag[spec.lora_B_name], False, spectra)
-        trace = factors["lora_A"]["trace"] + factors["lora_B"]["trace"]
     elif isinstance(prec, lc.MergedDiagPrecision):
         factors["weight_diag"] = _factor(prec.weight_diag[name], False, spectra)
-        trace = factors["weight_diag"]["trace"]
     elif isinstance(prec, lc.EKFACPrecision):
         factors["lora_A"] = _factor(prec.eigenvalues[spec.lora_A_name], False, spectra)
         factors["lora_B"] = _factor(prec.eigenvalues[spec.lora_B_name], False, spectra)
-        trace = factors["lora_A"]["trace"] + factors["lora_B"]["trace"]
     else:  # a structure added later: say so rather than guess
         raise lc.LaloraError(f"inspect does not know structure {prec.structure!r}")
     return {
         "shape": {"in_features": spec.in_features, "out_features": spec.out_features},
         "rank": spec.rank,
         "scaling": spec.scaling,
-        "trace": trace,
+        "trace": prec.module_trace(name),
         "factors": factors,
     }
 
@@ -115,7 +99,7 @@ def precision_report(prec: lc.Precision, spectra: bool = True) -> dict[str, Any]
         "structure": prec.structure,
         "metadata": prec.metadata,
         "num_params": prec.num_params,
-        "trace": sum(m["trace"] for m in modules.values()),
+        "trace": prec.trace(),
         "modules": modules,
     }
 

@@ -81,6 +81,17 @@ class Precision(ABC):
         )
 
     @abstractmethod
+    def module_trace(self, name: str) -> float:
+        """Trace of module ``name``'s precision block over its LoRA parameters (for the merged
+        structures, which have no matrix over ``(A, B)``: over the merged update ``dW``)."""
+
+    def trace(self) -> float:
+        """``tr(P) = sum over modules of`` :meth:`module_trace`: the precision's scale, e.g.
+        ``trace() / num_params`` is its mean eigenvalue, which makes ``lam`` comparable across
+        estimators and source data (``lam = c * num_params / trace()``)."""
+        return sum(self.module_trace(name) for name in self.modules)
+
+    @abstractmethod
     def structure_tensors(self) -> dict[str, Tensor]:
         """The structure's tensors, keyed as in the artifact (mode tensors excluded)."""
 

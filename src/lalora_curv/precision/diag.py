@@ -50,6 +50,12 @@ class DiagPrecision(Precision):
             self.diag[spec.lora_B_name] * dB.square()
         ).sum()
 
+    def module_trace(self, name: str) -> float:
+        spec = self.modules[name]
+        return float(self.diag[spec.lora_A_name].double().sum()) + float(
+            self.diag[spec.lora_B_name].double().sum()
+        )
+
     def _module_dense(self, spec: LoraModuleSpec) -> Tensor:
         return torch.diag(
             torch.cat(
@@ -106,6 +112,10 @@ class MergedDiagPrecision(Precision):
         A0, B0 = self.mode[spec.lora_A_name], self.mode[spec.lora_B_name]
         dW = spec.scaling * (dB @ (A0 + dA) + B0 @ dA)  # = s (B A - B0 A0), exact at the mode
         return (self.weight_diag[spec.name] * dW.square()).sum()
+
+    def module_trace(self, name: str) -> float:
+        """``sum D_W``: the trace over the merged update ``dW``."""
+        return float(self.weight_diag[name].double().sum())
 
     def structure_tensors(self) -> dict[str, Tensor]:
         return {f"weight_diag.{n}": t for n, t in self.weight_diag.items()}

@@ -63,6 +63,13 @@ class EKFACPrecision(Precision):
     def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
         return self._param_quad(spec.lora_A_name, dA) + self._param_quad(spec.lora_B_name, dB)
 
+    def module_trace(self, name: str) -> float:
+        """The refitted eigenvalues' sum (the rotations are orthogonal)."""
+        spec = self.modules[name]
+        return float(self.eigenvalues[spec.lora_A_name].double().sum()) + float(
+            self.eigenvalues[spec.lora_B_name].double().sum()
+        )
+
     def _param_dense(self, name: str) -> Tensor:
         Q = torch.kron(self.grad_eigvecs[name], self.input_eigvecs[name])
         return Q @ torch.diag(self.eigenvalues[name].flatten()) @ Q.T

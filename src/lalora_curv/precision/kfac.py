@@ -337,6 +337,11 @@ class KroneckerPrecision(Precision):
         )
 
 
+def _tr(t: Tensor) -> Tensor:
+    """Traces of a stack of square matrices (K, n, n) -> (K,), in float64."""
+    return t.double().diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
 class KFACPrecision(KroneckerPrecision):
     """B-K-FAC: Kronecker blocks for lora_A and lora_B of each module (cross blocks dropped)."""
 
@@ -351,11 +356,20 @@ class KFACPrecision(KroneckerPrecision):
         aa, _, bb = self._block_kfac(self.blocks(spec.name))
         return torch.block_diag(aa, bb)
 
+    def module_trace(self, name: str) -> float:
+        """``sum_k tr(G_B,k) tr(C_u,k) + tr(G_AA,k) tr(C_x,k)`` (``tr(G (x) C) = tr G tr C``)."""
+        b = self.blocks(name)
+        trace = float((_tr(b.lora_B_grad_cov) * _tr(b.lora_B_input_cov)).sum())
+        if not b.b0_zero:
+            trace += float((_tr(b.lora_A_grad_cov) * _tr(b.input_cov)).sum())
+        return trace
+
 
 class TriKFACPrecision(KroneckerPrecision):
     """B-TRI-K-FAC: B-K-FAC plus the cross lora_A/lora_B blocks of each module."""
 
     structure = "tri-kfac"
+    module_trace = KFACPrecision.module_trace  # the cross blocks are off the diagonal
 
     def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
         b = self.blocks(spec.name)
@@ -388,6 +402,11 @@ class MergedKFACPrecision(KroneckerPrecision):
         UGU = U.T @ b.grad_mm(U) / spec.scaling**2
         VCV = V @ b.input_factor.mm(V.T)
         return (UGU * VCV).sum()
+
+    def module_trace(self, name: str) -> float:
+        """``sum_k w_k tr(G_k) tr(C_k)``: the trace over the merged update ``dW``."""
+        w = torch.tensor(self.weights, dtype=torch.float64)
+        return float((w * _tr(self.grad_cov[name]) * _tr(self.input_cov[name])).sum())
 
 
 KFAC_CLASSES: dict[str, type[KroneckerPrecision]] = {

@@ -117,21 +117,10 @@ def _first_tokens(batches: lc.SelfGeneratedBatches, tokens: int) -> lc.SelfGener
 
 
 def mean_curvature(precision: lc.Precision) -> float:
-    """``tr(P) / num_params`` of a ``kfac`` or ``diag`` precision: with ``lam = c / mean``
+    """``tr(P) / num_params`` (:meth:`lalora_curv.Precision.trace`): with ``lam = c / mean``
     the penalty's strength ``c`` is comparable across sources and estimators, whose raw
-    scales differ by orders of magnitude (``tr(G (x) C) = tr(G) tr(C)`` per block)."""
-    if isinstance(precision, lc.DiagPrecision):
-        total = sum(float(t.sum()) for t in precision.structure_tensors().values())
-    elif type(precision) is lc.KFACPrecision:
-        total = 0.0
-        for name in precision.modules:
-            b = precision.blocks(name)
-            tr = lambda m: m.diagonal(dim1=-2, dim2=-1).sum(-1)  # noqa: E731
-            total += float((tr(b.lora_B_grad_cov) * tr(b.lora_B_input_cov)).sum())
-            total += float((tr(b.lora_A_grad_cov) * tr(b.input_cov)).sum())
-    else:
-        raise ValueError(f"mean_curvature supports kfac and diag, not {precision.structure!r}")
-    return total / precision.num_params
+    scales differ by orders of magnitude."""
+    return precision.trace() / precision.num_params
 
 
 def finetune(
