@@ -128,6 +128,28 @@ def testbed() -> str:
     return "\n".join(rows)
 
 
+def realtext() -> str:
+    r = load("realtext.json")
+    b = r["before"]
+    rows = [
+        "| method | lambda | source NLL (increase) | HellaSwag | WinoGrande | ARC-C "
+        "| GSM8K NLL (decrease) |",
+        "|---|---|---|---|---|---|---|",
+        f"| pretrained | - | {b['source_all']:.3f} | {b['source']['hellaswag']:.3f} "
+        f"| {b['source']['winogrande']:.3f} | {b['source']['arc_challenge']:.3f} "
+        f"| {b['target']:.3f} |",
+    ]
+    for x in r["runs"]:
+        a = x["after"]
+        rows.append(
+            f"| {x['method']} | {x['lam']:g} | {a['source_all']:.3f} "
+            f"({x['source_increase']:+.3f}) | {a['source']['hellaswag']:.3f} "
+            f"| {a['source']['winogrande']:.3f} | {a['source']['arc_challenge']:.3f} "
+            f"| {a['target']:.3f} ({x['target_decrease']:+.3f}) |"
+        )
+    return "\n".join(rows)
+
+
 TABLES = {
     "core-fit": core_fit,
     "core-penalty": core_penalty,
@@ -137,6 +159,7 @@ TABLES = {
     "train-steps": train_steps,
     "train-scaling": train_scaling,
     "testbed": testbed,
+    "realtext": realtext,
 }
 
 

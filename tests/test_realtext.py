@@ -224,3 +224,28 @@ def test_short_pretraining_is_reproducible_and_cached(small, tmp_path, monkeypat
     assert set(result["source"]) == set(rt.SOURCES) and result["target_tokens"] > 0
     # a 300-token vocabulary: a model barely trained is near log(300) = 5.7 per token
     assert 3.0 < result["source_all"] < 7.0 and 3.0 < result["target"] < 7.0
+
+
+def test_finetune_measures_both_sides_and_a_zero_lambda_penalty_changes_nothing(small):
+    model, tok = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    kw = dict(steps=3, lr=1e-2, batch_size=4, max_length=64, fit_texts=8)
+    plain = rt.finetune(copy.deepcopy(model), tok, small, eval_every=2, **kw)
+    assert [c["step"] for c in plain["trajectory"]] == [2, 3]  # every 2 steps and the end
+    assert {k: v for k, v in plain["trajectory"][-1].items() if k != "step"} == plain["after"]
+    zero = rt.finetune(copy.deepcopy(model), tok, small, precision_structure="kfac", **kw)
+    assert plain["before"] == zero["before"]
+    assert plain["after"] == zero["after"]  # same training pairs, penalty weighted by 0
+    assert plain["after"]["target"] != plain["before"]["target"]
+    a, b = plain["after"], plain["before"]
+    assert plain["source_increase"] == pytest.approx(a["source_all"] - b["source_all"])
+    assert plain["target_decrease"] == pytest.approx(b["target"] - a["target"])
+    # the pooled source NLL is the token-weighted mean of the per-task NLLs
+    counts = {
+        t: rt.token_nll(model, rt.text_batches(small.eval[t], tok, 16, 64))[1] for t in rt.SOURCES
+    }
+    pooled = sum(counts[t] * b["source"][t] for t in rt.SOURCES) / sum(counts.values())
+    assert b["source_all"] == pytest.approx(pooled, rel=1e-6)
+    strong = rt.finetune(
+        copy.deepcopy(model), tok, small, precision_structure="kfac", lam=1e4, **kw
+    )
+    assert strong["final_penalty"] > 0 and strong["after"] != plain["after"]

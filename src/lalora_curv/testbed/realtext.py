@@ -263,6 +263,8 @@ def packed_blocks(texts: Sequence[str], tokenizer, block: int, seed: int) -> Ten
 
 def pretrain(data: RealText, cfg: dict, progress: bool = True):
     """Train the tokenizer and the model (AdamW, one-cycle schedule, random packed blocks)."""
+    if cfg["steps"] < 4:
+        raise ValueError(f"pretraining needs at least 4 steps, got {cfg['steps']}")
     torch.manual_seed(cfg["seed"])
     texts = [t for task in SOURCES for t in data.train[task]]
     tok = wrap_tokenizer(train_bpe(texts + [p + a for p, a in data.target_train], cfg["vocab"]))
@@ -284,7 +286,10 @@ def pretrain(data: RealText, cfg: dict, progress: bool = True):
     blocks = packed_blocks(texts, tok, cfg["block"], cfg["seed"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, cfg["lr"], total_steps=cfg["steps"], pct_start=0.05
+        optimizer,
+        cfg["lr"],
+        total_steps=cfg["steps"],
+        pct_start=max(0.05, 2 / cfg["steps"]),  # OneCycleLR divides by pct * steps - 1
     )
     gen = torch.Generator().manual_seed(cfg["seed"])
     model.train()
@@ -342,6 +347,7 @@ def finetune(
     batch_size: int = 8,
     max_length: int = 256,
     before: dict[str, Any] | None = None,
+    eval_every: int | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -350,19 +356,20 @@ def finetune(
     The precision is fitted per source task on ``fit_texts`` seeded training texts of that task
     (the model's own pretraining text) and the three are summed. ``before`` skips measuring the
     untouched model again. Returns the NLLs before and after, ``source_increase`` (pooled source
-    NLL after minus before: forgetting) and ``target_decrease`` (GSM8K NLL before minus after:
-    learning).
+    NLL after minus before: forgetting), ``target_decrease`` (GSM8K NLL before minus after:
+    learning) and, with ``eval_every``, the ``trajectory`` of checkpoints every ``eval_every``
+    steps (the run's own early-stopping front; its last entry is ``after``).
     """
     torch.manual_seed(seed)
     peft_model = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
     )
     before = before or evaluate(peft_model, tok, data, max_length=max_length)
-    rng = random.Random(seed)
     precision = None
     if precision_structure is not None:
+        fit_rng = random.Random(f"fit-{seed}")  # apart: every method trains on the same pairs
         for task in SOURCES:
-            texts = rng.sample(data.train[task], min(fit_texts, len(data.train[task])))
+            texts = fit_rng.sample(data.train[task], min(fit_texts, len(data.train[task])))
             p = lc.fit_precision(
                 peft_model,
                 text_batches(texts, tok, batch_size=16, max_length=max_length),
@@ -374,16 +381,38 @@ def finetune(
                 seed=seed,
             )
             precision = p if precision is None else precision + p
-    pairs = rng.sample(data.target_train, min(steps * batch_size, len(data.target_train)))
-    train = make_batches(pairs, tok, batch_size=batch_size, max_length=max_length)
-    log = lc.train(
-        peft_model, train, precision, lam, lr=lr, max_steps=steps, seed=seed, progress=progress
+    pairs = random.Random(seed).sample(
+        data.target_train, min(steps * batch_size, len(data.target_train))
     )
-    after = evaluate(peft_model, tok, data, max_length=max_length)
-    return {
+    train = make_batches(pairs, tok, batch_size=batch_size, max_length=max_length)
+    trajectory: list[dict[str, Any]] = []
+
+    def checkpoint(model: nn.Module, step: int) -> dict[str, float]:
+        trajectory.append({"step": step, **evaluate(model, tok, data, max_length=max_length)})
+        return {"source_nll": trajectory[-1]["source_all"], "target_nll": trajectory[-1]["target"]}
+
+    log = lc.train(
+        peft_model,
+        train,
+        precision,
+        lam,
+        lr=lr,
+        max_steps=steps,
+        seed=seed,
+        progress=progress,
+        eval_fn=checkpoint if eval_every else None,
+        eval_every=eval_every,
+    )
+    after = trajectory[-1] if trajectory else evaluate(peft_model, tok, data, max_length=max_length)
+    after = {k: v for k, v in after.items() if k != "step"}
+    steps_logged = [r for r in log if "penalty" in r]
+    result = {
         "before": before,
         "after": after,
         "source_increase": after["source_all"] - before["source_all"],
         "target_decrease": before["target"] - after["target"],
-        "final_penalty": log[-1]["penalty"] if log else None,
+        "final_penalty": steps_logged[-1]["penalty"] if steps_logged else None,
     }
+    if eval_every:
+        result["trajectory"] = trajectory
+    return result
