@@ -4,7 +4,8 @@ A *cell* is one training run: a method (``lora``, ``lalora``, ``migu``) with its
 a seed. Each cell trains once to ``steps`` and evaluates at step 0 and every ``eval_every``
 steps (and at the end): source accuracy per sub-domain and their mean (forgetting), target
 exact match (learning). Every evaluation is a point of the method's learning-forgetting
-front: early stopping is part of a method.
+front: early stopping is part of a method. The seed sets the adapter's init, the Monte-Carlo
+labels and the order of the training problems; the pretrained model is the benchmark's.
 
 LALoRA's strength is one of
 
@@ -37,7 +38,9 @@ import itertools
 import json
 import multiprocessing
 import os
+import random
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -343,9 +346,9 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
             scale = mean_curvature(prec)
             lam = cell["c"] / scale
         budget = cell.get("budget")
-    train = make_batches(
-        world.problems("train", bench["train_problems"]), tok, batch_size=16, max_length=64
-    )
+    problems = world.problems("train", bench["train_problems"])
+    random.Random(seed).shuffle(problems)  # the seed varies the data order too
+    train = make_batches(problems, tok, batch_size=16, max_length=64)
     guard = migu(peft_model, cell["threshold"]) if cell["kind"] == "migu" else _nothing()
     with guard:
         log = lc.train(
@@ -403,6 +406,16 @@ def _one_thread() -> None:
     """Worker initialiser: one torch thread (2 threads on 2 shared cores is ~15x slower)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    _quiet()
+
+
+def _quiet() -> None:
+    """In a worker: no per-cell loading bars or library deprecation notes around the sweep's
+    bar."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 # ---------------------------------------------------------------------------------- the sweep
@@ -453,11 +466,14 @@ def run_sweep(
                 bar.update()
         else:
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread)
+            try:
                 futures = [pool.submit(run_cell, cell) for cell in todo]
                 for future in as_completed(futures):
                     _append(runs, future.result())
                     bar.update()
+            finally:  # a failed cell (or ^C) stops the sweep: the queued cells do not start
+                pool.shutdown(wait=True, cancel_futures=True)
     finally:
         torch.set_num_threads(threads)
     bar.close()
