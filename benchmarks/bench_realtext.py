@@ -6,8 +6,10 @@ HellaSwag, WinoGrande and ARC-Challenge (cached after the first run), is fine-tu
 chance, so forgetting is the increase of the per-token NLL of held-out source text and learning
 the decrease of the per-token NLL of GSM8K test answers. LALoRA fits a K-FAC precision with the
 MC Fisher on each source task's held-in (pretraining) text and sums them; plain LoRA is also
-measured every quarter of its run (its own early-stopping front). One seed, one learning rate
-and step count. Prints a table, writes ``results/realtext.json`` and
+measured every quarter of its run (its own early-stopping front). ``--selfgen-lams``: LALoRA
+with the precision fitted instead on the base model's own samples of the same token count (no
+source data), at the same strength relative to each precision's mean eigenvalue
+(``lam_text * mean(P_text) / mean(P_self)``). One seed, one learning rate and step count. Prints a table, writes ``results/realtext.json`` and
 ``results/realtext.png``. Data: ``--data-dir`` (a folder laid out like ../shared/data, the
 default where it exists) or ``--data-dir hub``.
 """
@@ -34,6 +36,11 @@ def main() -> None:
         "exists, else the hub)",
     )
     parser.add_argument("--lams", default="100,1000,10000")
+    parser.add_argument(
+        "--selfgen-lams",
+        default="1000",
+        help="lambdas (on the text precision's scale) for the self-generated precision",
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-sample", type=int, default=400, help="held-out texts per task")
@@ -41,9 +48,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     steps, lams = args.steps, [float(x) for x in args.lams.split(",")]
+    selfgen_lams = [float(x) for x in args.selfgen_lams.split(",") if x]
     settings = None
     if args.quick:
-        steps, lams = 20, lams[:1]
+        steps, lams, selfgen_lams = 20, lams[:1], lams[:1]
         settings = {"hidden": 32, "mlp": 64, "layers": 2, "steps": 20, "vocab": 1024}
     t0 = time.perf_counter()
     data_dir = args.data_dir or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else "hub")
@@ -58,31 +66,34 @@ def main() -> None:
         f"{before['target']:.3f}"
     )
     runs = []
-    for lam in [0.0, *lams]:
+    cells = [("lora", 0.0), *[("lalora-kfac-mc", x) for x in lams]]
+    cells += [("lalora-kfac-mc-selfgen", x) for x in selfgen_lams]
+    text_scale = None  # the text precision's mean eigenvalue (seed 0, the same for every lam)
+    for method, lam in cells:
         model, tok = rt.pretrained(data, settings, progress=False)
         t1 = time.perf_counter()
+        selfgen = method.endswith("selfgen")
+        if selfgen and text_scale is None:
+            raise SystemExit("--selfgen-lams needs at least one --lams run for the scale")
         result = rt.finetune(
             model,
             tok,
             data,
             precision_structure="kfac" if lam else None,
-            lam=lam,
+            lam=lam * text_scale if selfgen else lam,
+            relative_lam=selfgen,
+            source="self-generated" if selfgen else "texts",
             steps=steps,
             lr=args.lr,
             before=before,
             eval_every=None if lam else max(1, steps // 4),  # plain LoRA's own front
         )
-        runs.append(
-            {
-                "method": "lalora-kfac-mc" if lam else "lora",
-                "lam": lam,
-                "seconds": time.perf_counter() - t1,
-                **result,
-            }
-        )
+        if lam and not selfgen:
+            text_scale = result["mean_curvature"]
+        runs.append({"method": method, "lam": lam, "seconds": time.perf_counter() - t1, **result})
         a = result["after"]
         print(
-            f"{runs[-1]['method']:<15} lam {lam:>6.0e}: source NLL {a['source_all']:.3f} "
+            f"{runs[-1]['method']:<22} lam {lam:>6.0e}: source NLL {a['source_all']:.3f} "
             f"({result['source_increase']:+.3f}) {_fmt(a['source'])}, GSM8K NLL "
             f"{a['target']:.3f} ({-result['target_decrease']:+.3f})"
         )
@@ -140,8 +151,10 @@ def _plot(runs: list[dict], path: Path, lr: float, steps: int) -> None:
                 color="tab:red",
             )
     for i, r in enumerate(runs):
-        colour = "tab:red" if r["method"] == "lora" else "tab:blue"
-        label = "plain LoRA" if r["method"] == "lora" else f"K-FAC lam {r['lam']:g}"
+        colour = {"lora": "tab:red", "lalora-kfac-mc": "tab:blue"}.get(r["method"], "tab:green")
+        label = {"lora": "plain LoRA", "lalora-kfac-mc": f"K-FAC lam {r['lam']:g}"}.get(
+            r["method"], f"self-generated K-FAC lam~{r['lam']:g}"
+        )
         ax.scatter([r["target_decrease"]], [r["source_increase"]], color=colour, s=40)
         ax.annotate(
             label,

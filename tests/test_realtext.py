@@ -249,3 +249,25 @@ def test_finetune_measures_both_sides_and_a_zero_lambda_penalty_changes_nothing(
         copy.deepcopy(model), tok, small, precision_structure="kfac", lam=1e4, **kw
     )
     assert strong["final_penalty"] > 0 and strong["after"] != plain["after"]
+
+
+def test_finetune_on_a_self_generated_precision_of_the_same_token_count(small):
+    model, tok = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    kw = dict(steps=2, lr=1e-2, batch_size=4, max_length=64, fit_texts=8)
+    texts = rt.finetune(copy.deepcopy(model), tok, small, precision_structure="kfac", **kw)
+    own = rt.finetune(
+        copy.deepcopy(model),
+        tok,
+        small,
+        precision_structure="kfac",
+        source="self-generated",
+        lam=0.5,
+        relative_lam=True,
+        **kw,
+    )
+    n = texts["source_tokens"]
+    assert n <= own["source_tokens"] < n + 64  # at most one sequence more than the texts
+    assert own["lam_applied"] == pytest.approx(0.5 / own["mean_curvature"])
+    assert own["final_penalty"] > 0
+    with pytest.raises(ValueError, match="source"):
+        rt.finetune(model, tok, small, precision_structure="kfac", source="web", **kw)

@@ -240,3 +240,20 @@ def test_bad_arguments_are_named(kwargs, message):
     args = {"num_sequences": 4, "max_length": 6, **kwargs}
     with pytest.raises(lc.LaloraError, match=message):
         lc.self_generated_batches(model, tok, progress=False, **args)
+
+
+def test_first_tokens_keeps_whole_sequences_up_to_a_token_count():
+    model, tok = lora_model(12), word_tokenizer(12)
+    batches = lc.self_generated_batches(model, tok, 20, 8, seed=2, batch_size=6, progress=False)
+    counts = [int(n) for b in batches for n in (b["labels"] != -100).sum(1)]
+    for want in (1, counts[0], counts[0] + 1, sum(counts[:9]), sum(counts), 10**6):
+        kept = batches.first_tokens(want)
+        rows = sum(len(b["labels"]) for b in kept)
+        got = sum(counts[:rows])
+        assert kept.provenance["supervised_tokens"] == got
+        assert kept.provenance["num_sequences"] == rows
+        assert got >= min(want, sum(counts))  # enough tokens ...
+        assert rows == len(counts) or sum(counts[: rows - 1]) < want  # ... with no extra row
+        flat = torch.cat([b["input_ids"][:, :2] for b in kept])
+        first = torch.cat([b["input_ids"][:, :2] for b in batches])[:rows]
+        assert torch.equal(flat, first)  # a prefix, in order

@@ -40,6 +40,25 @@ class SelfGeneratedBatches(list):
 
     provenance: dict[str, Any]
 
+    def first_tokens(self, tokens: int) -> SelfGeneratedBatches:
+        """The shortest prefix of whole sequences holding at least ``tokens`` supervised
+        tokens (all of them if there are fewer): a source of a given token count."""
+        kept = SelfGeneratedBatches()
+        total = 0
+        for batch in self:
+            per_row = (batch["labels"] != -100).sum(1).cumsum(0)
+            rows = min(int((per_row < tokens - total).sum()) + 1, len(per_row))
+            kept.append({k: v[:rows] for k, v in batch.items()})
+            total += int(per_row[rows - 1])
+            if total >= tokens:
+                break
+        kept.provenance = {
+            **self.provenance,
+            "num_sequences": sum(len(b["labels"]) for b in kept),
+            "supervised_tokens": total,
+        }
+        return kept
+
 
 def self_generated_batches(
     model: nn.Module,

@@ -97,23 +97,7 @@ def source_precision(
         if batches.provenance["supervised_tokens"] >= tokens:
             break
         num *= 2
-    return lc.fit_precision(model, _first_tokens(batches, tokens), **fit)
-
-
-def _first_tokens(batches: lc.SelfGeneratedBatches, tokens: int) -> lc.SelfGeneratedBatches:
-    """The shortest prefix of whole sequences holding at least ``tokens`` supervised tokens."""
-    kept = lc.SelfGeneratedBatches()
-    total = 0
-    for batch in batches:
-        per_row = (batch["labels"] != -100).sum(1).cumsum(0)
-        rows = int((per_row < tokens - total).sum()) + 1
-        kept.append({k: v[:rows] for k, v in batch.items()})
-        total += int(per_row[min(rows, len(per_row)) - 1])
-        if total >= tokens:
-            break
-    kept.provenance = {**batches.provenance, "num_sequences": sum(len(b["labels"]) for b in kept)}
-    kept.provenance["supervised_tokens"] = total
-    return kept
+    return lc.fit_precision(model, batches.first_tokens(tokens), **fit)
 
 
 def mean_curvature(precision: lc.Precision) -> float:

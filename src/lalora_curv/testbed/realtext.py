@@ -337,6 +337,8 @@ def finetune(
     *,
     precision_structure: str | None = None,
     lam: float = 0.0,
+    relative_lam: bool = False,
+    source: str = "texts",
     estimator: str = "mc",
     mc_samples: int = 1,
     fit_texts: int = 128,
@@ -354,7 +356,11 @@ def finetune(
     """LoRA on GSM8K train, optionally with a Laplace penalty fitted on held-in source text.
 
     The precision is fitted per source task on ``fit_texts`` seeded training texts of that task
-    (the model's own pretraining text) and the three are summed. ``before`` skips measuring the
+    (the model's own pretraining text) and the three are summed; with
+    ``source="self-generated"`` it is fitted instead on the base model's own unconditional
+    samples (:func:`lalora_curv.self_generated_batches`, up to ``max_length`` tokens) holding
+    as many supervised tokens as those texts. With ``relative_lam`` the penalty weight is
+    ``lam / (tr(P) / num_params)``. ``before`` skips measuring the
     untouched model again. Returns the NLLs before and after, ``source_increase`` (pooled source
     NLL after minus before: forgetting), ``target_decrease`` (GSM8K NLL before minus after:
     learning) and, with ``eval_every``, the ``trajectory`` of checkpoints every ``eval_every``
@@ -365,22 +371,39 @@ def finetune(
         model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
     )
     before = before or evaluate(peft_model, tok, data, max_length=max_length)
-    precision = None
+    if source not in ("texts", "self-generated"):
+        raise ValueError(f"source must be 'texts' or 'self-generated', got {source!r}")
+    precision, weight = None, lam
     if precision_structure is not None:
+        fit = dict(
+            structure=precision_structure,
+            estimator=estimator,
+            mc_samples=mc_samples if estimator == "mc" else 1,
+            progress=False,
+            seed=seed,
+        )
         fit_rng = random.Random(f"fit-{seed}")  # apart: every method trains on the same pairs
+        per_task = {}
         for task in SOURCES:
             texts = fit_rng.sample(data.train[task], min(fit_texts, len(data.train[task])))
-            p = lc.fit_precision(
-                peft_model,
-                text_batches(texts, tok, batch_size=16, max_length=max_length),
-                structure=precision_structure,
-                estimator=estimator,
-                mc_samples=mc_samples if estimator == "mc" else 1,
-                progress=False,
-                sources=[task],
-                seed=seed,
-            )
-            precision = p if precision is None else precision + p
+            per_task[task] = text_batches(texts, tok, batch_size=16, max_length=max_length)
+        if source == "texts":
+            for task, batches in per_task.items():
+                p = lc.fit_precision(peft_model, batches, sources=[task], **fit)
+                precision = p if precision is None else precision + p
+        else:
+            tokens = sum(int((b["labels"] != -100).sum()) for bs in per_task.values() for b in bs)
+            num = 32
+            while True:  # the fewest sequences (doubling) that reach the token count
+                sampled = lc.self_generated_batches(
+                    peft_model, tok, num, max_length, seed=seed, batch_size=16, progress=False
+                )
+                if sampled.provenance["supervised_tokens"] >= tokens:
+                    break
+                num *= 2
+            precision = lc.fit_precision(peft_model, sampled.first_tokens(tokens), **fit)
+        if relative_lam:
+            weight = lam / (precision.trace() / precision.num_params)
     pairs = random.Random(seed).sample(
         data.target_train, min(steps * batch_size, len(data.target_train))
     )
@@ -395,7 +418,7 @@ def finetune(
         peft_model,
         train,
         precision,
-        lam,
+        weight,
         lr=lr,
         max_steps=steps,
         seed=seed,
@@ -412,6 +435,9 @@ def finetune(
         "source_increase": after["source_all"] - before["source_all"],
         "target_decrease": before["target"] - after["target"],
         "final_penalty": steps_logged[-1]["penalty"] if steps_logged else None,
+        "lam_applied": weight,
+        "mean_curvature": precision.trace() / precision.num_params if precision else None,
+        "source_tokens": precision.counts["supervised_tokens"] if precision else 0,
     }
     if eval_every:
         result["trajectory"] = trajectory
