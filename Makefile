@@ -27,6 +27,7 @@ bench: install
 	$(PY) benchmarks/bench_backends.py
 	$(PY) benchmarks/bench_approx.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_testbed.py
 	$(PY) benchmarks/bench_realtext.py
 	$(PY) benchmarks/report.py

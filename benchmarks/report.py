@@ -150,6 +150,41 @@ def realtext() -> str:
     return "\n".join(rows)
 
 
+def storage_measured() -> str:
+    r = load("storage.json")["measured"]
+    rows = [
+        "| structure | storage | artifact MiB (without dedup) | penalty rel. error, median "
+        "(max) | penalty fwd+bwd / training step |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["rows"]:
+        st = f"lowrank k={x['rank']}" if x["storage"] == "lowrank" else x["storage"]
+        rows.append(
+            f"| {x['structure']} | {st} | {x['payload_bytes'] / 2**20:.1f} "
+            f"({x['payload_bytes_no_dedup'] / 2**20:.1f}) | {x['penalty_rel_error_median']:.1e} "
+            f"({x['penalty_rel_error_max']:.1e}) | {100 * x['penalty_time_ratio_to_step']:.2f} % |"
+        )
+    return "\n".join(rows)
+
+
+def storage_3b() -> str:
+    r = load("storage.json")["llama3b"]
+    flops = {(x["structure"], x["storage"]): x["ratio_to_step"] for x in r["penalty_flops"]}
+    rows = [
+        "| structure | storage | artifact MB | without dedup | penalty fwd+bwd FLOPs / "
+        "training step |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["bytes"]:
+        key = (x["structure"], "float32" if x["storage"] == "bfloat16" else x["storage"])
+        share = f"{100 * flops[key]:.3f} %" if key in flops else "-"
+        rows.append(
+            f"| {x['structure']} | {x['storage'].replace('lowrank-', 'lowrank k=')} | "
+            f"{x['bytes'] / 1e6:,.0f} | {x['bytes_no_dedup'] / 1e6:,.0f} | {share} |"
+        )
+    return "\n".join(rows)
+
+
 TABLES = {
     "core-fit": core_fit,
     "core-penalty": core_penalty,
@@ -159,6 +194,8 @@ TABLES = {
     "train-steps": train_steps,
     "train-scaling": train_scaling,
     "testbed": testbed,
+    "storage-measured": storage_measured,
+    "storage-3b": storage_3b,
     "realtext": realtext,
 }
 
