@@ -8,7 +8,9 @@ measured in the same process. Peak memory: each case runs in a fresh subprocess 
 allocations are mmapped (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors leave the resident
 set); the kernel's resident high-water mark is reset (``/proc/self/clear_refs``) just before
 the case, and the figure is that mark minus the resident memory at the reset, relative to the
-same figure for a plain forward+backward. Writes ``results/backends.json``.
+same figure for a plain forward+backward. kronfluence's K-FAC factor fitting (an optional
+comparator, ``benchmarks/kronfluence_kfac.py``) runs on the same batches, and its factors are
+checked against ours on the equivalent statistic. Writes ``results/backends.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,9 +34,11 @@ CASES = [  # (backend, structure, estimator, granularity)
     ("hooks", "kfac", "empirical", "token"),
     ("curvlinops", "kfac", "empirical", "token"),
     ("laplace", "kfac", "empirical", "token"),
+    ("kronfluence", "kfac", "empirical", "token"),
     ("hooks", "kfac", "mc", "token"),
     ("curvlinops", "kfac", "mc", "token"),
     ("laplace", "kfac", "mc", "token"),
+    ("kronfluence", "kfac", "mc", "token"),
     ("hooks", "diag", "empirical", "token"),
     ("hooks", "diag", "empirical", "sequence"),
     ("backpack", "diag", "empirical", "sequence"),
@@ -80,6 +85,39 @@ def run_case(model, batches, case) -> None:
     )
 
 
+def prepare(model, batches, case) -> Callable[[], None]:
+    """The case as a function of no arguments; kronfluence (a comparator, not one of our
+    backends) wraps a copy of the model once, outside the timed fit."""
+    if case[0] == "kronfluence":
+        from kronfluence_kfac import KronfluenceKFAC
+
+        return KronfluenceKFAC(model, batches, case[2]).fit
+    return lambda: run_case(model, batches, case)
+
+
+def kronfluence_agreement(model, batches) -> dict[str, float]:
+    """Largest relative Frobenius difference between kronfluence's factors (our normalisation)
+    and the hooks backend's, empirical Fisher, float64 statistics."""
+    from kronfluence_kfac import KronfluenceKFAC
+
+    ours = lc.fit_precision(model, batches, progress=False, stats_dtype=torch.float64)
+    kf = KronfluenceKFAC(model, batches, "empirical", dtype=torch.float64)
+    kf.fit()
+    theirs = kf.factors(ours.modules, ours.counts["supervised_tokens"])
+
+    def rel(a, b) -> float:
+        return float((a.double() - b).norm() / b.norm())
+
+    return {
+        "input_cov_max_rel_diff": max(
+            rel(theirs[n]["C_x"], ours.input_cov[n][0]) for n in ours.modules
+        ),
+        "grad_cov_max_rel_diff": max(
+            rel(theirs[n]["G_h"], ours.grad_cov[n][0]) for n in ours.modules
+        ),
+    }
+
+
 def proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -92,14 +130,16 @@ def memory_child(index: int, quick: bool) -> None:
     """Print this case's peak resident memory above the resident memory before it."""
     import backpack  # noqa: F401  (imports are not the case's memory)
     import curvlinops  # noqa: F401
+    import kronfluence  # noqa: F401
     import laplace  # noqa: F401
 
     model, batches, _, _ = setup(quick)
     plain(model, batches[:1])
+    case = (lambda: plain(model, batches)) if index < 0 else prepare(model, batches, CASES[index])
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the resident high-water mark (VmHWM) to the current RSS
     before = proc_status_bytes("VmRSS")
-    (plain if index < 0 else lambda m, b: run_case(m, b, CASES[index]))(model, batches)
+    case()
     peak = proc_status_bytes("VmHWM")
     print(json.dumps({"peak_above_start_bytes": max(peak - before, 0)}))
 
@@ -132,7 +172,7 @@ def main() -> None:
     )
     rows = []
     for i, case in enumerate(CASES):
-        t = timed(lambda case=case: run_case(model, batches, case), repeats)
+        t = timed(prepare(model, batches, case), repeats)
         mem = measure_memory(i, args.quick)
         row = {
             "backend": case[0],
@@ -148,7 +188,7 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{case[0]:<11}{case[1]:<6}{case[2]:<10}{case[3]:<9} "
+            f"{case[0]:<12}{case[1]:<6}{case[2]:<10}{case[3]:<9} "
             f"{row['time_ratio']:6.2f}x time ({row['time_ratio_q1']:.2f}-"
             f"{row['time_ratio_q3']:.2f})  {row['memory_ratio']:5.2f}x memory"
         )
@@ -163,8 +203,16 @@ def main() -> None:
         },
         "plain_forward_backward": {**base, "peak_memory_bytes": base_mem},
         "cases": rows,
+        "kronfluence_agreement": kronfluence_agreement(model, batches),
         "environment": environment(),
     }
+    agreement = result["kronfluence_agreement"]
+    print(
+        "kronfluence vs hooks factors (float64, our normalisation), largest relative "
+        f"difference: {agreement}"
+    )
+    if max(agreement.values()) > 1e-10:
+        raise SystemExit(f"kronfluence's factors differ from ours: {agreement}")
     name = "backends_quick.json" if args.quick else "backends.json"
     write_result(args.out, name, result)
     print(f"wrote {args.out / name}")
