@@ -209,6 +209,7 @@ def test_a_cells_records_start_at_the_pretrained_models_accuracies(cache):
         assert set(r["source"]) == set(SOURCES)
         assert r["source_mean"] == pytest.approx(sum(r["source"].values()) / 3)
         assert r["key"] == cell_key(cell) and r["config"] == config_key(cell)
+    assert start["penalty"] == 0.0 and records[-1]["penalty"] > 0  # theta = mu at step 0
     # lam = c / mean curvature, the mean curvature recomputed from the K-FAC blocks directly
     torch.manual_seed(0)
     peft_model = get_peft_model(

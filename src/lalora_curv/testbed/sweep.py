@@ -365,6 +365,7 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
             progress=progress,
         )
     lam_at = {r["step"]: r["lam"] for r in log if "lam" in r}
+    penalty_at = {r["step"]: r["penalty"] for r in log if "penalty" in r}
     evals = [(0, at_start)] + [
         (r["step"], {k[5:]: v for k, v in r.items() if k.startswith("eval/")})
         for r in log
@@ -386,6 +387,9 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
                 "source_mean": sum(source.values()) / len(source),
                 "target": metrics["target"],
                 "lam": lam_at.get(step, lam) if prec is not None else 0.0,
+                # (theta - mu)^T P (theta - mu) as lc.train logs it (before that step's
+                # update); half of it is the projected source-NLL rise a budget bounds
+                "penalty": penalty_at.get(step, 0.0) if prec is not None else None,
                 "mean_curvature": scale,
                 "seconds": seconds,
                 "cell": dict(cell),
