@@ -392,3 +392,14 @@ def test_bfloat16_artifact_storage_mismatch_rejected(tmp_path):
     )
     with pytest.raises(lc.ArtifactError, match=r"'storage' says .*bfloat16.*float32"):
         lc.load_precision(tmp_path / "bf")
+
+
+@pytest.mark.parametrize("structure", KFAC)
+def test_trace_of_compressed_precisions(prec64, structure):
+    low = prec64.with_structure(structure).with_storage("lowrank", rank=3)
+    twin = low.with_storage("float64")
+    assert low.trace() == pytest.approx(twin.trace(), rel=1e-10)
+    if structure == "merged-kfac":  # tr G tr C, and the low-rank form keeps every diagonal
+        assert low.trace() == pytest.approx(prec64.with_structure(structure).trace(), rel=1e-10)
+    bf = prec64.with_structure(structure).with_storage("bfloat16")
+    assert bf.trace() == pytest.approx(prec64.with_structure(structure).trace(), rel=1e-2)

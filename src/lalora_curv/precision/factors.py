@@ -72,6 +72,10 @@ class Factor(ABC):
         """``F_k M`` for every component, ``(K, D, m)``, in ``M``'s dtype (``M`` is ``D x m``)."""
 
     @abstractmethod
+    def trace(self) -> Tensor:
+        """``tr F_k`` per component, (K,), in float64."""
+
+    @abstractmethod
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         """The ``(K, D, D)`` matrices (forms them for low rank), in ``dtype`` if given."""
 
@@ -115,6 +119,9 @@ class DenseFactor(Factor):
             self._upcast[M.dtype] = self.matrix.to(M.dtype)
         return self._upcast[M.dtype] @ M
 
+    def trace(self) -> Tensor:
+        return self.matrix.double().diagonal(dim1=-2, dim2=-1).sum(-1)
+
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         return self.matrix if dtype is None else self.matrix.to(dtype)
 
@@ -150,6 +157,10 @@ class LowRankFactor(Factor):
         U = self.eigvecs.to(M.dtype)
         inner = self.eigvals.to(M.dtype).unsqueeze(-1) * (U.transpose(-1, -2) @ M)
         return U @ inner + self.diag.to(M.dtype).unsqueeze(-1) * M
+
+    def trace(self) -> Tensor:
+        """``sum(l) + sum(d)`` (the eigenvectors are orthonormal)."""
+        return self.eigvals.double().sum(-1) + self.diag.double().sum(-1)
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
         U = self.eigvecs if dtype is None else self.eigvecs.to(dtype)

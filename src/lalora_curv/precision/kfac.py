@@ -359,9 +359,10 @@ class KFACPrecision(KroneckerPrecision):
     def module_trace(self, name: str) -> float:
         """``sum_k tr(G_B,k) tr(C_u,k) + tr(G_AA,k) tr(C_x,k)`` (``tr(G (x) C) = tr G tr C``)."""
         b = self.blocks(name)
-        trace = float((_tr(b.lora_B_grad_cov) * _tr(b.lora_B_input_cov)).sum())
+        tr_G_B = b.grad_scale.double().view(-1) * b.grad_factor.trace()
+        trace = float((tr_G_B * _tr(b.lora_B_input_cov)).sum())
         if not b.b0_zero:
-            trace += float((_tr(b.lora_A_grad_cov) * _tr(b.input_cov)).sum())
+            trace += float((_tr(b.lora_A_grad_cov) * b.input_factor.trace()).sum())
         return trace
 
 
@@ -406,7 +407,8 @@ class MergedKFACPrecision(KroneckerPrecision):
     def module_trace(self, name: str) -> float:
         """``sum_k w_k tr(G_k) tr(C_k)``: the trace over the merged update ``dW``."""
         w = torch.tensor(self.weights, dtype=torch.float64)
-        return float((w * _tr(self.grad_cov[name]) * _tr(self.input_cov[name])).sum())
+        G, C = self.grad_factors[name], self.input_factors[name]
+        return float((w * G.trace() * C.trace()).sum())
 
 
 KFAC_CLASSES: dict[str, type[KroneckerPrecision]] = {
