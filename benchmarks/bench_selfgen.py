@@ -151,7 +151,8 @@ def plot(runs: list[dict], table: list[dict], path: Path, steps: int, lr: float)
                 f"c={row['c']:g}",
                 (row["target_mean"], row["source_mean"]),
                 fontsize=7,
-                xytext=(5, 4),
+                color=colours[row["source"]],
+                xytext=(5, 5) if row["source"] == "self-generated" else (5, -11),
                 textcoords="offset points",
             )
     ax.set_xlabel("target exact match (learning)")
