@@ -102,6 +102,12 @@ def test_grid_expands_to_the_product_of_each_methods_lists_times_the_seeds():
     assert config_key(a) == config_key(b) and cell_key(a) != cell_key(b)
 
 
+def test_yaml_numbers_without_a_dot_are_numbers():
+    grid = yaml.safe_load("methods: {lora: {lr: [3e-3, 1.0e-3], steps: 5}}")
+    assert grid["methods"]["lora"]["lr"][0] == "3e-3"  # what YAML 1.1 makes of it
+    assert [c["lr"] for c in expand_grid(grid)] == [3e-3, 1e-3]
+
+
 @pytest.mark.parametrize(
     ("grid", "message"),
     [
@@ -113,6 +119,8 @@ def test_grid_expands_to_the_product_of_each_methods_lists_times_the_seeds():
         ({"methods": {"k": {"method": "lalora"}}}, "methods.k: a lalora method needs one strength"),
         ({"methods": {"k": {"method": "lalora", "lam": 1, "c": 1}}}, "methods.k: a lalora"),
         ({"methods": {"lora": {"lr": -1}}}, "methods.lora.lr: must be > 0"),
+        ({"methods": {"lora": {"lr": "fast"}}}, "methods.lora.lr: expected a number, got 'fast'"),
+        ({"benchmark": {"test_problems": 0}, "methods": {"lora": {}}}, "benchmark.test_problems"),
         ({"methods": {"lora": {"steps": 1.5}}}, "methods.lora.steps: expected an integer"),
         ({"methods": {"lora": {"c": 1}}}, "methods.lora: unknown setting(s) ['c']"),
         ({"methods": {"lora": {"targets": "q,v"}}}, "methods.lora.targets"),

@@ -128,6 +128,12 @@ def _check(where: str, key: str, value: Any) -> Any:
     at = f"{where}.{key}"
 
     def number(kind: type, low: float, strict: bool = True):
+        nonlocal value
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise GridError(f"{at}: expected a number, got {value!r}")
         if kind is int and value != int(value):
@@ -184,8 +190,10 @@ def _benchmark(grid: Mapping[str, Any]) -> dict[str, Any]:
     out = {**BENCHMARK, **bench}
     if not isinstance(out["pretrain"], dict) or set(out["pretrain"]) - set(PRETRAIN):
         raise GridError(f"benchmark.pretrain: a mapping of {list(PRETRAIN)}, got {out['pretrain']}")
+    if isinstance(out["pretrain_seed"], bool) or not isinstance(out["pretrain_seed"], int):
+        raise GridError(f"benchmark.pretrain_seed: an integer, got {out['pretrain_seed']!r}")
     for key in ("train_problems", "test_problems"):
-        if not isinstance(out[key], int) or out[key] < 1:
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise GridError(f"benchmark.{key}: a positive integer, got {out[key]!r}")
     return out
 
