@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench,backends,hf]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,bench,backends,hf,docs]"
 	touch $(STAMP)
 
 demo: install
@@ -20,6 +20,7 @@ demo: install
 test: install
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/site
 	$(PY) -m pytest -q
 
 bench: install
@@ -30,6 +31,7 @@ bench: install
 	$(PY) benchmarks/bench_storage.py
 	$(PY) benchmarks/bench_testbed.py
 	$(PY) benchmarks/bench_realtext.py
+	$(PY) benchmarks/bench_selfgen.py
 	$(PY) benchmarks/report.py
 
 clean:

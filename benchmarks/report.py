@@ -1,4 +1,4 @@
-"""Regenerate the tables of docs/benchmarks.md and README.md from ``results/*.json``.
+"""Regenerate the docs' tables from ``results/*.json`` and copy their plots to docs/assets/.
 
 Run after the benchmarks (``make bench`` does): the tables between the ``<!-- table:NAME -->``
 and ``<!-- /table:NAME -->`` markers are replaced, nothing else is touched.
@@ -185,7 +185,24 @@ def storage_3b() -> str:
     return "\n".join(rows)
 
 
+def selfgen() -> str:
+    r = load("selfgen.json")
+    labels = {"none": "plain LoRA", "facts": "source facts", "self-generated": "self-generated"}
+    rows = [
+        "| precision fitted on | c | source tokens | source accuracy | target exact match | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for x in r["summary"]:
+        rows.append(
+            f"| {labels[x['source']]} | {x['c']:g} | {x['source_tokens']:.0f} | "
+            f"{x['source_mean']:.3f} ± {x['source_std']:.3f} | "
+            f"{x['target_mean']:.3f} ± {x['target_std']:.3f} | {x['seeds']} |"
+        )
+    return "\n".join(rows)
+
+
 TABLES = {
+    "selfgen": selfgen,
     "core-fit": core_fit,
     "core-penalty": core_penalty,
     "readme-costs": readme_costs,
@@ -209,11 +226,29 @@ def fill(path: Path) -> None:
     path.write_text(text)
 
 
+#: plots the docs site shows, copied from results/ to docs/assets/
+PLOTS = ("testbed.png", "selfgen.png", "realtext.png")
+
+
+def copy_plots() -> None:
+    assets = ROOT / "docs" / "assets"
+    assets.mkdir(exist_ok=True)
+    for name in PLOTS:
+        source = HERE / "results" / name
+        if source.is_file():
+            tmp = assets / (name + ".tmp")
+            tmp.write_bytes(source.read_bytes())
+            tmp.replace(assets / name)
+            print(f"copied {source} -> {assets / name}")
+
+
 if __name__ == "__main__":
+    copy_plots()
     for doc in (
         ROOT / "README.md",
         ROOT / "docs" / "benchmarks.md",
         ROOT / "docs" / "evaluation.md",
+        ROOT / "docs" / "selfgen.md",
     ):
         fill(doc)
         print(f"updated {doc}")
