@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -352,3 +353,21 @@ def test_cli_sweep_names_a_bad_grid(tmp_path):
         run_command(["sweep", "--grid", str(path), "--out", str(tmp_path / "o")])
     with pytest.raises(CliError, match="does not exist"):
         run_command(["sweep", "--grid", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "o")])
+
+
+def test_cli_demo_runs_its_packaged_grid_and_says_where_the_results_are(
+    cache, tmp_path, monkeypatch, capsys
+):
+    demo_module = sys.modules["lalora_curv.cli.demo"]  # (lalora_curv.cli.demo: the function)
+    tiny = tiny_grid(lora={}, kfac={"method": "lalora", "c": 0.1, "mc_samples": 2})
+    monkeypatch.setattr(demo_module, "demo_grid", lambda: tiny)  # the real one takes minutes
+    out = tmp_path / "demo"
+    summary = run_command(["demo", "--out", str(out), "--workers", "1", "--no-progress"])
+    printed = capsys.readouterr().out
+    for name in ("table.csv", "summary.json", "pareto.png", "curves.png"):
+        assert (out / name).is_file() and str(out / name) in printed, name
+    assert "final point of each configuration" in printed and "kfac" in printed
+    assert yaml.safe_load((out / "grid.yaml").read_text()) == tiny
+    assert set(summary["methods"]) == {"lora", "kfac"}
+    with pytest.raises(CliError, match="is a demo run directory"):  # it belongs to demo
+        run_command(["sweep", "--grid", str(ROOT / "sweeps" / "demo.yaml"), "--out", str(out)])
