@@ -26,8 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from lalora_curv.cli._run import atomic_write_text, write_json
-
 SETTINGS_SKIPPED_IN_LABELS = ("method", "kind", "seed", "benchmark")
 
 
@@ -194,6 +192,11 @@ def _plt():
     return plt
 
 
+def _colour(plt, i: int, n: int):
+    """Matplotlib's default cycle for up to 10 lines, tab20 (20 distinct) beyond."""
+    return f"C{i}" if n <= 10 else plt.get_cmap("tab20")(i % 20)
+
+
 def _save(fig, path: Path) -> Path:
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
@@ -208,12 +211,17 @@ def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
     if plt is None:
         return None
     fronts = method_fronts(configs)
-    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
+    many = len(fronts) > 6
+    fig, ax = plt.subplots(figsize=(11, 7) if many else (7.5, 5.5), dpi=120)
     for i, method in enumerate(sorted(fronts)):
-        colour = f"C{i % 10}"
+        colour = _colour(plt, i, len(fronts))
         pts = [p for c in configs if c["method"] == method for p in c["points"]]
         ax.scatter(
-            [p["target"] for p in pts], [p["source_mean"] for p in pts], s=12, alpha=0.25, c=colour
+            [p["target"] for p in pts],
+            [p["source_mean"] for p in pts],
+            s=12,
+            alpha=0.25,
+            color=colour,
         )
         front = fronts[method]
         x, y = [p["target"] for p in front], [p["source_mean"] for p in front]
@@ -226,14 +234,18 @@ def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
             fmt="o",
             ms=4,
             color=colour,
-            alpha=0.8,
+            alpha=0.6,
+            elinewidth=0.8,
             capsize=2,
         )
     ax.set_xlabel("target exact match (learning)")
     ax.set_ylabel("mean source accuracy (forgetting)")
     ax.set_title("learning-forgetting fronts (every evaluation, seed means)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    if many:  # beside the axes, where it hides no point
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -257,7 +269,7 @@ def plot_curves(configs: list[dict[str, Any]], path: Path) -> Path | None:
             for ax, key in zip(axes[row], ("source_mean", "target"), strict=True):
                 m = np.array([p[key] for p in c["points"]])
                 s = np.array([p[f"{key}_std"] for p in c["points"]])
-                colour = f"C{i % 10}"
+                colour = _colour(plt, i, len(mine))
                 label = c["label"][len(method) :].strip() or method
                 ax.plot(steps, m, marker=".", color=colour, label=f"{label} (n={len(c['seeds'])})")
                 ax.fill_between(steps, m - s, m + s, color=colour, alpha=0.15)
@@ -279,6 +291,8 @@ def report(
 ) -> dict[str, Any]:
     """Write ``table.csv``, ``summary.json``, ``pareto.png`` and ``curves.png`` into ``out``
     from every record; returns the summary plus ``rows`` and the written ``files``."""
+    from lalora_curv.cli._run import atomic_write_text, write_json  # (cli imports this module)
+
     if not records:
         raise ValueError("no records: the sweep has not finished any cell")
     out = Path(out)
