@@ -156,12 +156,15 @@ def _plot(runs: list[dict], path: Path, lr: float, steps: int) -> None:
             r["method"], f"self-generated K-FAC lam~{r['lam']:g}"
         )
         ax.scatter([r["target_decrease"]], [r["source_increase"]], color=colour, s=40)
+        green = colour == "tab:green"
         ax.annotate(
             label,
             (r["target_decrease"], r["source_increase"]),
             fontsize=7,
-            xytext=(4, -12 if i % 2 else 5),
+            color="tab:green" if green else "black",
+            xytext=(-90, -45) if green else (4, -12 if i % 2 else 5),
             textcoords="offset points",
+            arrowprops={"arrowstyle": "-", "color": "tab:green"} if green else None,
         )
     ax.set_xlabel("GSM8K test NLL decrease per token (learning)")
     ax.set_ylabel("held-out source NLL increase per token (forgetting)")
