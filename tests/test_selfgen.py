@@ -139,25 +139,29 @@ def test_greedy_limit_matches_transformers_generate_with_left_padding():
         assert len(got) == len(ref) or int(got[-1]) == EOS
 
 
-def test_samples_from_the_base_model_when_the_adapter_is_not_a_no_op():
-    with_b = lora_model(12, init_B_std=2.0)
-    without = lora_model(12, init_B_std=0.0)
+def test_samples_from_the_model_at_its_init_which_is_the_pretrained_one_under_milora():
+    """MiLoRA moves the minor components of W into the adapter: the base weights alone are a
+    residual model, the model at its init is the pretrained one, and so are the samples."""
+    from lalora_curv.baselines import milora_init
+
     tok = word_tokenizer(12)
-    a = lc.self_generated_batches(with_b, tok, 16, 6, seed=0, progress=False)
-    b = lc.self_generated_batches(without, tok, 16, 6, seed=0, progress=False)
-    assert torch.equal(a[0]["input_ids"], b[0]["input_ids"])
-    # and the adapter is back on afterwards
-    x = torch.tensor([[EOS, 3, 4]])
-    with torch.no_grad(), with_b.disable_adapter():
-        off = with_b(input_ids=x).logits
-    assert not torch.allclose(with_b(input_ids=x).logits, off)
+    pretrained = lora_model(12)
+    moved = milora_init(lora_model(12))
+    a = lc.self_generated_batches(pretrained, tok, 64, 8, seed=0, progress=False)
+    b = lc.self_generated_batches(moved, tok, 64, 8, seed=0, progress=False)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["input_ids"], y["input_ids"])
+    with torch.no_grad(), moved.disable_adapter():  # what disabling would have sampled
+        residual = moved(input_ids=torch.tensor([[EOS, 3]])).logits
+    with torch.no_grad():
+        assert not torch.allclose(residual, pretrained(input_ids=torch.tensor([[EOS, 3]])).logits)
 
 
 def _sequences_with_probabilities(model, max_length, vocab):
     """Every sequence the sampler can return (start EOS, stop at EOS or max_length) and its
-    probability under the base model, by enumeration."""
+    probability under the model (at its adapter's init), by enumeration."""
     out = []
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad():
         for n in range(1, max_length):
             for tail in itertools.product(range(vocab), repeat=n):
                 if EOS in tail[:-1] or (n < max_length - 1 and tail[-1] != EOS):
@@ -233,6 +237,7 @@ def test_fit_records_the_sampling_settings_and_sums_keep_them(tmp_path):
         ({"max_length": 1}, "max_length"),
         ({"prompts": "w3"}, "prompts"),
         ({"batch_size": 0}, "batch_size"),
+        ({"prompts": ["w3", ""]}, "prompt 1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):

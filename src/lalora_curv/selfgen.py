@@ -1,8 +1,10 @@
-"""Source batches without source data: sequences sampled from the base model itself.
+"""Source batches without source data: sequences sampled from the model itself.
 
 LALoRA needs batches that represent what the model knows. When the pre-training data is not
-available, sample it from the model: with the adapter disabled (a no-op at the default init
-``B0 = 0`` anyway) draw ``y_t ~ p_theta(. | y_<t)`` at temperature ``T`` from BOS (unconditional)
+available, sample it from the model at the mode the precision is fitted at (the adapter's
+init: at the default ``B0 = 0`` the adapter is a no-op, and the function-preserving inits
+PiSSA, OLoRA and MiLoRA compute the pretrained model too, although their base weights alone
+do not), draw ``y_t ~ p_theta(. | y_<t)`` at temperature ``T`` from BOS (unconditional)
 or after a user prompt, and fit on the sampled tokens. At ``T = 1`` with no truncation (no
 top-k/top-p) every sampled token is an exact draw from the model's predictive distribution, so
 the *empirical* Fisher on these sequences is an unbiased one-sample Monte-Carlo estimate of the
@@ -17,10 +19,9 @@ convergence against an exact enumeration on a tiny vocabulary).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ def self_generated_batches(
     batch_size: int = 16,
     progress: bool = True,
 ) -> SelfGeneratedBatches:
-    """Sample ``num_sequences`` sequences from ``model`` with its LoRA adapter disabled.
+    """Sample ``num_sequences`` sequences from ``model`` as it is (at its adapter's init).
 
     Each sequence starts with BOS (the tokenizer's ``bos_token_id``, or its EOS token when it
     has no BOS, the GPT-2 convention) or, when ``prompts`` are given, with a prompt (cycled over
@@ -85,8 +86,9 @@ def self_generated_batches(
     ``derive_seed(seed, "selfgen", i)``, whatever the global RNG state.
 
     Args:
-        model: a Hugging Face causal LM, with or without a peft adapter (a ``PeftModel`` is
-            sampled under ``disable_adapter()``, i.e. from the base model).
+        model: a Hugging Face causal LM, with or without a peft adapter, at the weights whose
+            predictive distribution the precision should protect (the adapter's init; not
+            ``disable_adapter()``, which for PiSSA/OLoRA/MiLoRA would leave a residual model).
         tokenizer: its tokenizer (for BOS/EOS/padding ids and the prompts).
         num_sequences: how many sequences to draw.
         max_length: maximum total length (BOS or prompt included).
@@ -111,6 +113,12 @@ def self_generated_batches(
         if isinstance(prompts, str) or not prompts:
             raise LaloraError("prompts must be a non-empty list of strings")
         starts = [tokenizer(p)["input_ids"] for p in prompts]
+        empty = [i for i, s in enumerate(starts) if not s]
+        if empty:
+            raise LaloraError(
+                f"prompt {empty[0]} ({prompts[empty[0]]!r}) has no token: the first sample "
+                "would have no context"
+            )
     else:
         starts = [[bos]]
     longest = max(len(s) for s in starts)
@@ -118,23 +126,23 @@ def self_generated_batches(
         raise LaloraError(
             f"max_length={max_length} leaves no room to generate after a start of {longest} tokens"
         )
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # inputs; logits may live elsewhere (sharded)
     batches = SelfGeneratedBatches()
     bar = tqdm(
         total=num_sequences, disable=not progress, desc="sampling source sequences", unit="seq"
     )
-    with _adapter_disabled(model), torch.no_grad():
+    with torch.no_grad():
         was_training = model.training
         model.eval()
         try:
             for index, first in enumerate(range(0, num_sequences, batch_size)):
                 count = min(batch_size, num_sequences - first)
                 chunk = [starts[(first + i) % len(starts)] for i in range(count)]
-                gen = torch.Generator(device=device).manual_seed(
-                    derive_seed(seed, "selfgen", index)
-                )
+                batch_seed = derive_seed(seed, "selfgen", index)
                 batches.append(
-                    _sample_batch(model, chunk, max_length, temperature, eos, pad, gen, device)
+                    _sample_batch(
+                        model, chunk, max_length, temperature, eos, pad, batch_seed, device
+                    )
                 )
                 bar.update(count)
         finally:
@@ -159,7 +167,7 @@ def _sample_batch(
     temperature: float,
     eos: int,
     pad: int,
-    gen: torch.Generator,
+    seed: int,
     device: torch.device,
 ) -> dict[str, Tensor]:
     """Ancestral sampling with the KV cache; starts are left-padded while generating (so every
@@ -175,7 +183,7 @@ def _sample_batch(
     generated: list[Tensor] = []
     alive: list[Tensor] = []
     cache_kw = _cache_keyword(model)
-    past, step_ids = None, ids
+    past, step_ids, gen = None, ids, None
     for _ in range(max_length - int(lengths.min())):
         room = lengths + len(generated) < max_length
         positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
@@ -187,13 +195,20 @@ def _sample_batch(
             **({cache_kw: past} if past is not None else {}),
         )
         past = out.get(cache_kw)
+        if past is None:
+            raise LaloraError(
+                f"{type(model).__name__} returned no KV cache ({cache_kw!r}) with "
+                "use_cache=True: cannot sample step by step"
+            )
         probs = torch.softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        if gen is None:  # on the logits' device (the last shard of a sharded model)
+            gen = torch.Generator(device=probs.device).manual_seed(seed)
         if not bool(torch.isfinite(probs).all()):
             raise LaloraError(
                 "the model returned non-finite logits while sampling (eager attention in "
                 "float64 gives NaN on left-padded prompts: use float32 or prompts of one length)"
             )
-        token = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        token = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(device)
         keep = ~finished & room
         token = torch.where(keep, token, torch.full_like(token, pad))
         generated.append(token)
@@ -230,14 +245,3 @@ def _cache_keyword(model: nn.Module) -> str:
     """``"cache"`` (transformers >= 5.2x) or ``"past_key_values"`` (earlier versions)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-@contextlib.contextmanager
-def _adapter_disabled(model: nn.Module) -> Iterator[None]:
-    disable = getattr(model, "disable_adapter", None)
-    if callable(disable):
-        with disable():
-            yield
-    else:
-        logger.info("the model has no disable_adapter(): sampling with its current weights")
-        yield

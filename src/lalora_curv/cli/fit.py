@@ -164,7 +164,7 @@ def fit(
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
         progress: progress bars.
         self_generated: instead of --sources, sample this many sequences from the base model
-            (its adapter disabled) and fit on them: curvature without source data.
+            (at the adapter's init) and fit on them: curvature without source data.
         prompts: with --self_generated, a text file of prompts to continue (one per line;
             their tokens are not supervised); default: unconditional samples from BOS.
         temperature: with --self_generated, the sampling temperature (1.0: the model's own
