@@ -352,3 +352,38 @@ def test_budget_lambda_survives_a_resume(tmp_path):
     assert len({r["lam"] for r in full}) == 8  # lambda moved every step
     for n, p in adapter_state(whole).items():
         assert torch.equal(p, adapter_state(part)[n]), n
+
+
+def test_budget_reads_a_scaled_precision_in_its_own_units_and_refuses_non_token_fishers():
+    """(2 P, lam0 / 2) trains exactly like (P, lam0): the projected rise is penalty / (2 scale),
+    so lambda halves in lockstep; sequence-level or squared-batch-gradient precisions are
+    refused (their penalty is not in nats per token)."""
+    kw = dict(lr=1e-2, max_steps=5, source_nll_budget=1e-4, budget_rate=0.2, progress=False)
+    a, target, prec = setup()
+    b, _, _ = setup()
+    ra = lc.train(a, target, prec, 1.0, **kw)
+    rb = lc.train(b, target, prec * 2.0, 0.5, **kw)
+    for x, y in zip(ra, rb, strict=True):
+        assert y["lam"] == pytest.approx(x["lam"] / 2, rel=1e-9)
+        assert y["penalty"] == pytest.approx(2 * x["penalty"], rel=1e-5, abs=1e-12)
+    seq = lc.fit_precision(
+        a, make_batches(1), structure="diag", granularity="sequence", progress=False
+    )
+    with pytest.raises(TrainingError, match="per-token Fisher"):
+        lc.train(a, target, seq, 1.0, **kw)
+
+
+def test_resuming_with_a_new_fixed_lambda_uses_it(tmp_path):
+    model, target, prec = setup()
+    lc.train(model, target, prec, 1.0, max_steps=2, checkpoint_dir=tmp_path, progress=False)
+    rest = lc.train(
+        model,
+        target,
+        prec,
+        1000.0,
+        max_steps=4,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
+    assert [r["lam"] for r in rest] == [1000.0, 1000.0]

@@ -152,6 +152,19 @@ def train(
                 f"source_nll_budget and budget_rate must be > 0, got {source_nll_budget} "
                 f"and {budget_rate}"
             )
+        meta = precision.metadata
+        if meta.get("granularity") == "sequence" or meta.get("estimator") == "batch-grad-squared":
+            raise TrainingError(
+                "source_nll_budget reads penalty / 2 as nats per source token, which needs a "
+                "per-token Fisher; this precision is "
+                f"{meta.get('estimator')!r} at {meta.get('granularity')!r} granularity"
+            )
+        if meta.get("scale") is None or not float(meta["scale"]) > 0:
+            raise TrainingError(
+                "source_nll_budget needs the precision's positive scale (a sum of "
+                f"differently scaled precisions has none); got {meta.get('scale')!r}"
+            )
+        budget_scale = float(meta["scale"])  # q = penalty / (2 * scale) for scale * P
     if grad_accum_steps < 1:
         raise TrainingError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
     if schedule not in ("linear", "cosine", "constant"):
@@ -229,7 +242,8 @@ def train(
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
-            lam_now = float(saved.get("lam_now", lam))
+            if source_nll_budget is not None:  # the adapted lambda goes on; a fixed one is
+                lam_now = float(saved.get("lam_now", lam))  # the caller's
             start = int(state["step"])
             logger.info("resumed from %s (step %d)", ckpt, start)
     if start >= total:
@@ -355,7 +369,8 @@ def train(
             }
             emit(record)
             if source_nll_budget is not None:  # dual ascent on lambda (module docstring)
-                excess = min(1.0, max(-1.0, 0.5 * pen / source_nll_budget - 1.0))
+                projected = 0.5 * pen / budget_scale
+                excess = min(1.0, max(-1.0, projected / source_nll_budget - 1.0))
                 lam_now *= math.exp(budget_rate * excess)
             bar.update(1)
             bar.set_postfix(
