@@ -127,3 +127,27 @@ def test_lalora_at_peft_nonzero_inits(init):
     delta = {n: 0.01 * torch.randn_like(t) for n, t in prec.mode.items()}
     only_a = {n: (d if "lora_A" in n else torch.zeros_like(d)) for n, d in delta.items()}
     assert float(prec.quad(only_a)) > 0
+
+
+def test_migu_masks_each_forward_with_its_own_rows():
+    """Two forwards, one backward: each forward's gradient is masked by its own output's rows
+    (the sum of the two separately masked gradients)."""
+    model = make_model()
+    b1, b2 = make_batches(2)
+    with migu(model, threshold=0.7):
+        model.zero_grad(set_to_none=True)
+        (model(**b1).loss + model(**b2).loss).backward()
+        both = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        g1, g2 = _grads(model, b1), _grads(model, b2)
+    for n in both:
+        assert torch.allclose(both[n], g1[n] + g2[n], rtol=1e-10, atol=1e-12), n
+
+
+def test_milora_refuses_conv1d_layers():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(lc.LaloraError, match="Conv1D"):
+        milora_init(model)

@@ -56,12 +56,15 @@ def migu(model: nn.Module, threshold: float = 0.7, adapter_name: str = "default"
     for handle in handles.values():
         state: dict[str, Tensor] = {}
 
-        def on_layer(module: nn.Module, args, output: Tensor, state=state) -> None:
-            state["mask"] = row_mask(output, threshold)
-
         def on_branch(module: nn.Module, args, output: Tensor, state=state) -> None:
-            if output.requires_grad:
-                output.register_hook(lambda grad, state=state: grad * state["mask"].to(grad.dtype))
+            if output.requires_grad:  # lora_B runs inside the layer's forward, before its hook
+                state["branch"] = output
+
+        def on_layer(module: nn.Module, args, output: Tensor, state=state) -> None:
+            branch = state.pop("branch", None)
+            if branch is not None:  # this forward's mask, bound now (a later forward has its own)
+                mask = row_mask(output, threshold).to(branch.dtype)
+                branch.register_hook(lambda grad, mask=mask: grad * mask)
 
         removers.append(handle.layer.register_forward_hook(on_layer))
         removers.append(handle.lora_B.register_forward_hook(on_branch))

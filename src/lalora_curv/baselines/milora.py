@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lalora_curv.adapter import find_lora_modules
+from lalora_curv.errors import LaloraError
 
 
 @torch.no_grad()
@@ -25,7 +26,12 @@ def milora_init(model: nn.Module, adapter_name: str = "default") -> nn.Module:
     """Re-initialise every LoRA module of ``adapter_name`` in place (see the module docstring)
     and return ``model``. The base weights change: save the base model with the adapter (or
     re-run this deterministic init) to restore the pair."""
-    for handle in find_lora_modules(model, adapter_name).values():
+    for name, handle in find_lora_modules(model, adapter_name).items():
+        if getattr(handle.layer, "fan_in_fan_out", False):
+            raise LaloraError(
+                f"{name}: MiLoRA supports Linear layers (out x in weights), not GPT-2 style "
+                "Conv1D (fan_in_fan_out=True)"
+            )
         base = handle.layer.get_base_layer()
         weight = base.weight
         r, s = handle.spec.rank, handle.spec.scaling
