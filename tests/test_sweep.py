@@ -119,6 +119,23 @@ def test_yaml_numbers_without_a_dot_are_numbers():
         ),
         ({"methods": {"k": {"method": "lalora"}}}, "methods.k: a lalora method needs one strength"),
         ({"methods": {"k": {"method": "lalora", "lam": 1, "c": 1}}}, "methods.k: a lalora"),
+        (
+            {"methods": {"b": {"method": "lalora", "budget": 1e-6, "c": 0}}},
+            "methods.b: budget needs a start c > 0",
+        ),
+        (
+            {
+                "methods": {
+                    "b": {
+                        "method": "lalora",
+                        "structure": "diag",
+                        "estimator": "batch-grad-squared",
+                        "budget": 1e-6,
+                    }
+                }
+            },
+            "methods.b: budget needs a per-token Fisher",
+        ),
         ({"methods": {"lora": {"lr": -1}}}, "methods.lora.lr: must be > 0"),
         ({"methods": {"lora": {"lr": "fast"}}}, "methods.lora.lr: expected a number, got 'fast'"),
         ({"benchmark": {"test_problems": 0}, "methods": {"lora": {}}}, "benchmark.test_problems"),
@@ -344,6 +361,14 @@ def test_cli_sweep_end_to_end_with_one_and_two_workers_gives_the_same_runs(cache
             for r in read_runs(out / "runs.jsonl")
         )
     assert len(results[1]) == 2 * 3 and results[1] == results[2]
+    # a smaller grid into the same directory: nothing trains, and its report leaves the
+    # dropped method's records out (they stay in runs.jsonl)
+    path.write_text(yaml.safe_dump(tiny_grid(lora={})))
+    summary = run_command(
+        ["sweep", "--grid", str(path), "--out", str(tmp_path / "w1"), "--no-progress"]
+    )
+    assert set(summary["methods"]) == {"lora"}
+    assert len(read_runs(tmp_path / "w1" / "runs.jsonl")) == 2 * 3
 
 
 def test_cli_sweep_names_a_bad_grid(tmp_path):

@@ -21,7 +21,14 @@ from typing import Any
 import yaml
 
 from lalora_curv.cli._run import CliError, RunDir, atomic_write_text
-from lalora_curv.testbed.sweep import GridError, expand_grid, load_grid, read_runs, run_sweep
+from lalora_curv.testbed.sweep import (
+    GridError,
+    cell_key,
+    expand_grid,
+    load_grid,
+    read_runs,
+    run_sweep,
+)
 from lalora_curv.testbed.sweep_report import format_table, report
 
 EXAMPLES = """examples:
@@ -49,7 +56,9 @@ def run_grid(
         f"{counts['cells']} cells: {counts['done']} already in {run / 'runs.jsonl'}, "
         f"{counts['ran']} trained now"
     )
-    result = report(read_runs(run / "runs.jsonl"), run.path, threshold)
+    keys = {cell_key(c) for c in cells}  # records of cells no longer in the grid stay out
+    records = [r for r in read_runs(run / "runs.jsonl") if r["key"] in keys]
+    result = report(records, run.path, threshold)
     print(format_table(result["rows"], result["threshold"]))
     print("\nfiles: " + ", ".join(result["files"]))
     return result

@@ -284,6 +284,10 @@ def _normalise(where: str, kind: str, s: dict[str, Any]) -> dict[str, Any]:
         )
     if s["budget"] is not None and s["c"] is None:
         s["c"] = DEFAULT_START_C
+    if s["budget"] is not None and not s["c"] > 0:
+        raise GridError(f"{where}: budget needs a start c > 0, got c = {s['c']}")
+    if s["budget"] is not None and s["estimator"] == "batch-grad-squared":
+        raise GridError(f"{where}: budget needs a per-token Fisher, not batch-grad-squared")
     return {k: v for k, v in s.items() if v is not None}
 
 
