@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench_core import environment, write_result
+from lalora_curv.plotting import save_figure
 from lalora_curv.testbed import realtext as rt
 
 HERE = Path(__file__).resolve().parent
@@ -173,10 +174,7 @@ def _plot(runs: list[dict], path: Path, lr: float, steps: int) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

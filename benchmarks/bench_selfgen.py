@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from bench_core import environment, write_result
+from lalora_curv.plotting import save_figure
 from lalora_curv.testbed import pretrained
 from lalora_curv.testbed.experiment import finetune
 
@@ -164,10 +165,7 @@ def plot(runs: list[dict], table: list[dict], path: Path, steps: int, lr: float)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from bench_core import environment, write_result
+from lalora_curv.plotting import save_figure
 from lalora_curv.testbed import pretrained
 from lalora_curv.testbed.experiment import finetune
 
@@ -99,10 +100,7 @@ def _plot(runs: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 import lalora_curv as lc
+from lalora_curv.plotting import save_figure
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
 
@@ -151,7 +152,4 @@ def _plot(history: dict[str, list[float]], path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

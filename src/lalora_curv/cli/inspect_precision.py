@@ -29,6 +29,7 @@ from torch import Tensor
 import lalora_curv as lc
 from lalora_curv.cli._model import resolve_precision
 from lalora_curv.cli._run import RunDir, write_json
+from lalora_curv.plotting import save_figure
 
 EXAMPLES = """examples:
   lalora-curv inspect --precision runs/fit-kfac/precision/hellaswag --out runs/inspect
@@ -141,12 +142,7 @@ def plot_spectra(report: dict[str, Any], path: Path) -> Path | None:
             ax.legend(fontsize=6)
     fig.suptitle(f"{report['structure']} precision: spectra per module")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(x: float) -> str:

@@ -32,6 +32,7 @@ from lalora_curv.cli._model import (
     with_adapter,
 )
 from lalora_curv.cli._run import CliError, RunDir, save_adapter
+from lalora_curv.plotting import save_figure
 
 EXAMPLES = """examples:
   lalora-curv train --model ./llama --adapter runs/fit-kfac --precision runs/fit-kfac \\
@@ -229,8 +230,4 @@ def _plot(log_file, path):
     for ax in (a, b):
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

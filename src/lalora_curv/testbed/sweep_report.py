@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from lalora_curv.plotting import save_figure
+
 SETTINGS_SKIPPED_IN_LABELS = ("method", "kind", "seed", "benchmark")
 
 
@@ -197,13 +199,6 @@ def _colour(plt, i: int, n: int):
     return f"C{i}" if n <= 10 else plt.get_cmap("tab20")(i % 20)
 
 
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
-    return path
-
-
 def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
     """Target exact match (x) against mean source accuracy (y): every seed-averaged point
     faint, each method's front as a step line with its points' seed std as error bars."""
@@ -247,9 +242,7 @@ def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
     else:
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_curves(configs: list[dict[str, Any]], path: Path) -> Path | None:
@@ -281,9 +274,7 @@ def plot_curves(configs: list[dict[str, Any]], path: Path) -> Path | None:
     for ax in axes[-1]:
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def report(

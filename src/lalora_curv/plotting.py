@@ -1,0 +1,22 @@
+"""One way to write a figure: atomically (a temporary sibling, then a rename) and closed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Save the matplotlib ``fig`` to ``path`` (a crash never leaves a half-written PNG) and
+    close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path
