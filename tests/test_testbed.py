@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from lalora_curv.testbed import SOURCES, World, pretrained
@@ -56,3 +57,16 @@ def test_plain_lora_forgets_while_it_learns():
     result = finetune(model, tok, world, steps=1000, lr=3e-3)
     assert result["target_gain"] >= 0.15, result
     assert result["source_drop"] >= 0.10, result
+
+
+@pytest.mark.parametrize("steps", [3, 20, 40])
+def test_pretraining_runs_at_step_counts_where_one_cycle_warmup_has_one_step(
+    steps, tmp_path, monkeypatch
+):
+    """OneCycleLR divides by pct_start * steps - 1: 20 steps at pct 0.05 used to crash."""
+    monkeypatch.setenv("LALORA_CURV_CACHE", str(tmp_path))
+    tiny = {"steps": steps, "texts": 20, "hidden": 16, "mlp": 32, "layers": 1, "heads": 2}
+    model, _, _ = pretrained(0, tiny, progress=False)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        pretrained(0, {**tiny, "steps": 2}, progress=False)

@@ -84,6 +84,8 @@ def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
 
 
 def _pretrain(world: World, cfg: dict, progress: bool):
+    if cfg["steps"] < 3:  # the one-cycle schedule needs a warm-up and an annealing step
+        raise ValueError(f"pretraining needs at least 3 steps, got {cfg['steps']}")
     torch.manual_seed(cfg["seed"])
     tok = make_tokenizer(world)
     config = LlamaConfig(
@@ -106,7 +108,10 @@ def _pretrain(world: World, cfg: dict, progress: bool):
     encoded = [tok(t + " <eos>", add_special_tokens=False)["input_ids"] for t in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, cfg["lr"], total_steps=cfg["steps"], pct_start=0.05
+        optimizer,
+        cfg["lr"],
+        total_steps=cfg["steps"],
+        pct_start=max(0.05, 2 / cfg["steps"]),  # OneCycleLR divides by pct * steps - 1
     )
     model.train()
     for _ in tqdm(
