@@ -83,37 +83,56 @@ def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
     return model.eval(), tok
 
 
+class Pretraining:
+    """What both embedded scenarios pretrain with: a Llama from ``cfg`` (hidden, mlp, layers,
+    heads; untied embeddings; EOS doubling as BOS) drawn after ``torch.manual_seed(cfg["seed"])``,
+    AdamW (weight decay 0.01) with a one-cycle schedule over ``cfg["steps"]`` at ``cfg["lr"]``,
+    and steps with gradient clipping at norm 1."""
+
+    def __init__(self, tok, cfg: dict, max_positions: int, attention: str) -> None:
+        if cfg["steps"] < 3:  # the one-cycle schedule needs a warm-up and an annealing step
+            raise ValueError(f"pretraining needs at least 3 steps, got {cfg['steps']}")
+        torch.manual_seed(cfg["seed"])
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=cfg["hidden"],
+            intermediate_size=cfg["mlp"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg["heads"],
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            attn_implementation=attention,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.eos_token_id,
+        )
+        self.model = LlamaForCausalLM(config).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+        self.schedule = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer,
+            cfg["lr"],
+            total_steps=cfg["steps"],
+            pct_start=max(0.05, 2 / cfg["steps"]),  # OneCycleLR divides by pct * steps - 1
+        )
+
+    def step(self, **batch: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on ``batch`` (``input_ids``, ``labels``, ...); returns the loss."""
+        loss = self.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
 def _pretrain(world: World, cfg: dict, progress: bool):
-    if cfg["steps"] < 3:  # the one-cycle schedule needs a warm-up and an annealing step
-        raise ValueError(f"pretraining needs at least 3 steps, got {cfg['steps']}")
-    torch.manual_seed(cfg["seed"])
     tok = make_tokenizer(world)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["mlp"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["heads"],
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    run = Pretraining(tok, cfg, max_positions=64, attention="eager")
     rng = random.Random(cfg["seed"])
     texts = world.pretraining_texts(rng, cfg["texts"])
     encoded = [tok(t + " <eos>", add_special_tokens=False)["input_ids"] for t in texts]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        cfg["lr"],
-        total_steps=cfg["steps"],
-        pct_start=max(0.05, 2 / cfg["steps"]),  # OneCycleLR divides by pct * steps - 1
-    )
-    model.train()
     for _ in tqdm(
         range(cfg["steps"]),
         disable=not progress,
@@ -128,10 +147,5 @@ def _pretrain(world: World, cfg: dict, progress: bool):
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-    return model.eval(), tok
+        run.step(input_ids=ids, attention_mask=mask, labels=labels)
+    return run.model.eval(), tok

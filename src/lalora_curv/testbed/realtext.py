@@ -40,14 +40,14 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lalora_curv as lc
 from lalora_curv.tasks.data import TASKS, TaskDataError, load_records
 from lalora_curv.tasks.formatting import make_batches, supervised_examples
 from lalora_curv.tasks.multiple_choice import hellaswag_preprocess, multiple_choice_items
 from lalora_curv.testbed.experiment import ALL_LINEAR
-from lalora_curv.testbed.model import cached
+from lalora_curv.testbed.model import Pretraining, cached
 
 SOURCES = ("hellaswag", "winogrande", "arc_challenge")
 HELLASWAG_FULL = "hellaswag/hellaswag_val_full.txt.bz2"
@@ -265,34 +265,11 @@ def pretrain(data: RealText, cfg: dict, progress: bool = True):
     """Train the tokenizer and the model (AdamW, one-cycle schedule, random packed blocks)."""
     if cfg["steps"] < 4:
         raise ValueError(f"pretraining needs at least 4 steps, got {cfg['steps']}")
-    torch.manual_seed(cfg["seed"])
     texts = [t for task in SOURCES for t in data.train[task]]
     tok = wrap_tokenizer(train_bpe(texts + [p + a for p, a in data.target_train], cfg["vocab"]))
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["mlp"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["heads"],
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    run = Pretraining(tok, cfg, max_positions=1024, attention="sdpa")
     blocks = packed_blocks(texts, tok, cfg["block"], cfg["seed"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        cfg["lr"],
-        total_steps=cfg["steps"],
-        pct_start=max(0.05, 2 / cfg["steps"]),  # OneCycleLR divides by pct * steps - 1
-    )
     gen = torch.Generator().manual_seed(cfg["seed"])
-    model.train()
     bar = tqdm(
         range(cfg["steps"]),
         disable=not progress,
@@ -301,14 +278,9 @@ def pretrain(data: RealText, cfg: dict, progress: bool = True):
     )
     for _ in bar:
         ids = blocks[torch.randint(len(blocks), (cfg["batch"],), generator=gen)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = run.step(input_ids=ids, labels=ids)
         bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
-    return model.eval(), tok
+    return run.model.eval(), tok
 
 
 # --- learning and forgetting --------------------------------------------------------------------
