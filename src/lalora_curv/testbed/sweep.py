@@ -97,6 +97,10 @@ BENCHMARK = {"pretrain_seed": 0, "pretrain": {}, "train_problems": 2000, "test_p
 DEFAULT_START_C = 0.01
 
 
+class SweepError(LaloraError):
+    """Some cells of a sweep failed; the finished ones were written."""
+
+
 class GridError(LaloraError):
     """A sweep grid is malformed; the message names the entry and the setting."""
 
@@ -476,21 +480,38 @@ def run_sweep(
             b = json.loads(bench)  # pretrain (once, cached) before the workers load it
             pretrained(b["pretrain_seed"], b["pretrain"], progress=progress)
         bar = tqdm(total=len(todo), disable=not progress, desc="sweep cells", unit="cell")
+        failed: list[tuple[dict[str, Any], BaseException]] = []
         if workers == 1 or len(todo) <= 1:
             for cell in todo:
-                _append(runs, run_cell(cell))
+                try:
+                    _append(runs, run_cell(cell))
+                except Exception as err:  # noqa: BLE001 - reported after the other cells
+                    failed.append((cell, err))
                 bar.update()
         else:
             context = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread)
             try:
-                futures = [pool.submit(run_cell, cell) for cell in todo]
+                futures = {pool.submit(run_cell, cell): cell for cell in todo}
                 for future in as_completed(futures):
-                    _append(runs, future.result())
+                    try:
+                        _append(runs, future.result())
+                    except Exception as err:  # noqa: BLE001 - reported after the other cells
+                        failed.append((futures[future], err))
                     bar.update()
-            finally:  # a failed cell (or ^C) stops the sweep: the queued cells do not start
+            finally:  # ^C: the queued cells do not start; finished ones are already written
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
         torch.set_num_threads(threads)
     bar.close()
+    if failed:
+        lines = "\n".join(
+            f"  {c['method']} lr={c['lr']} seed={c['seed']} (key {cell_key(c)}): "
+            f"{type(e).__name__}: {e}"
+            for c, e in failed
+        )
+        raise SweepError(
+            f"{len(failed)} of {len(todo)} cells failed (the others are in {runs}; "
+            f"re-running the sweep retries only the failed ones):\n{lines}"
+        ) from failed[0][1]
     return {"cells": len(cells), "done": len(cells) - len(todo), "ran": len(todo)}
