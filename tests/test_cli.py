@@ -145,6 +145,21 @@ def fitted(workspace) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def direct(workspace, fitted) -> dict[str, lc.Precision]:
+    """``lc.fit_precision`` on the batches the fit run built, from its saved init."""
+    model = _peft_model(workspace, fitted / "adapter_init")
+    tok = byte_tokenizer()
+    fits = {}
+    for task in SOURCES:
+        records = load_records(task, workspace["data"], split="train", limit=4)
+        batches = task_batches(supervised_examples(task, records), tok, 2, 512)
+        fits[task] = lc.fit_precision(
+            model, batches, "kfac", estimator="mc", mc_samples=2, seed=3, progress=False
+        )
+    return fits
+
+
 def _peft_model(ws, adapter: Path):
     base = AutoModelForCausalLM.from_pretrained(ws["model"])
     return PeftModel.from_pretrained(base, adapter, is_trainable=True)
@@ -159,25 +174,17 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = REL) -> bool:
     return abs(float(a) - float(b)) <= rel * abs(float(b))
 
 
-def test_fit_writes_one_artifact_per_source_equal_to_a_direct_fit(workspace, fitted):
+def test_fit_writes_one_artifact_per_source_equal_to_a_direct_fit(workspace, fitted, direct):
     assert (fitted / "config.yaml").is_file() and (fitted / "spectra.png").is_file()
     metrics = [json.loads(x) for x in (fitted / "metrics.jsonl").read_text().splitlines()]
     assert [m["artifact"] for m in metrics] == [*SOURCES, "sum"]
 
-    model = _peft_model(workspace, fitted / "adapter_init")
     torch.manual_seed(3)  # the documented init: peft's default after manual_seed(seed)
     fresh = get_peft_model(
         AutoModelForCausalLM.from_pretrained(workspace["model"]),
         LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
     )
-    tok = byte_tokenizer()
-    direct = {}
     for task in SOURCES:
-        records = load_records(task, workspace["data"], split="train", limit=4)
-        batches = task_batches(supervised_examples(task, records), tok, 2, 512)
-        direct[task] = lc.fit_precision(
-            model, batches, "kfac", estimator="mc", mc_samples=2, seed=3, progress=False
-        )
         saved = lc.load_precision(fitted / "precision" / task)
         assert saved.counts == direct[task].counts and saved.counts["sequences"] == 4
         assert saved.metadata["sources"] == [task]
@@ -205,6 +212,59 @@ def test_fit_writes_one_artifact_per_source_equal_to_a_direct_fit(workspace, fit
     parts = [lc.load_precision(fitted / "precision" / t) for t in SOURCES]
     assert _close(total.quad(delta), (parts[0] + parts[1]).quad(delta), 1e-12)
     assert total.counts["supervised_tokens"] == sum(n.values())
+
+
+@pytest.mark.parametrize(("storage", "rank"), [("bfloat16", None), ("lowrank", 3)])
+def test_fit_saves_every_artifact_in_the_chosen_storage(workspace, direct, tmp_path, storage, rank):
+    extra = ["--storage", storage] + (["--storage_rank", str(rank)] if rank else [])
+    assert main(fit_args(workspace, tmp_path / "fit", *extra)) == 0
+    metrics = [json.loads(x) for x in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
+    # the sum is pooled as fitted, then converted
+    want = {**direct, "sum": direct[SOURCES[0]] + direct[SOURCES[1]]}
+    for i, (name, prec) in enumerate(want.items()):
+        want[name] = prec = prec.with_storage(storage, rank)
+        saved = lc.load_precision(tmp_path / "fit" / "precision" / name)
+        assert saved.storage == prec.storage == metrics[i]["storage"]
+        assert saved.storage == (
+            {"format": "lowrank", "dtype": "float32", "rank": rank}
+            if rank
+            else {"format": "dense", "dtype": "bfloat16"}
+        )
+        assert saved.counts == prec.counts
+        for got, ref in (
+            (saved.input_factors, prec.input_factors),
+            (saved.grad_factors, prec.grad_factors),
+        ):
+            for m in saved.modules:
+                a, b = got[m].dense(torch.float64), ref[m].dense(torch.float64)
+                # the same float32 statistics up to summation order; bfloat16 may round
+                # them to neighbouring values (one unit in the 8th bit, 2^-7 relative)
+                tol = 2**-7 if storage == "bfloat16" else 1e-4
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
+        delta = _displacement(saved, seed=i)
+        assert _close(saved.quad(delta), prec.quad(delta), 1e-3 if storage == "bfloat16" else 1e-5)
+
+
+def test_fit_storage_options_are_checked_before_fitting(workspace, tmp_path, capsys):
+    def fails(extra: list[str], message: str) -> None:
+        assert main(fit_args(workspace, tmp_path / "f", *extra)) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (tmp_path / "f" / "precision").exists()  # nothing was fitted
+
+    fails(["--storage", "lowrank"], "--storage lowrank needs --storage_rank K")
+    fails(
+        ["--storage", "bfloat16", "--storage_rank", "4"],
+        "--storage_rank applies to --storage lowrank only, not 'bfloat16'",
+    )
+    fails(["--storage_rank", "4"], "--storage_rank applies to --storage lowrank only")
+    fails(["--storage", "lowrank", "--storage_rank", "0"], "--storage_rank must be >= 1, got 0")
+    fails(  # the library's refusal, as Precision.with_storage words it
+        ["--structure", "diag", "--storage", "bfloat16"], "storage options apply to the K-FAC"
+    )
+    with pytest.raises(SystemExit) as e:
+        main(fit_args(workspace, tmp_path / "f", "--storage", "fp8"))
+    assert e.value.code == 2 and "storage" in capsys.readouterr().err
 
 
 def test_fit_on_self_generated_samples_records_how_they_were_drawn(workspace, tmp_path, capsys):

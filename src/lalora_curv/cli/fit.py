@@ -18,6 +18,10 @@ Batches come from :func:`batch_sources`, a mapping ``{source name: batches}``: t
 tasks' records, or (``--self_generated N``) one source ``self-generated`` of ``N`` sequences
 sampled from the base model itself (:func:`lalora_curv.self_generated_batches`), for when the
 source data is not available; the artifact's metadata then records the sampling settings.
+
+``--storage`` converts every artifact before it is saved (``prec.with_storage``); the sum is
+pooled from the precisions as fitted and converted after, so ``sum`` is
+``with_storage(sum_s N_s P_s / sum_s N_s)``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from lalora_curv.cli.inspect_precision import plot_spectra, precision_report
 Structure = Literal["diag", "kfac", "tri-kfac", "merged-kfac", "merged-diag", "ekfac"]
 Estimator = Literal["empirical", "mc", "batch-grad-squared"]
 Backend = Literal["hooks", "curvlinops", "backpack", "laplace"]
+Storage = Literal["float32", "float64", "bfloat16", "lowrank"]
 
 EXAMPLES = """examples:
   lalora-curv fit --model ./llama --data_dir ../shared/data \\
@@ -56,7 +61,25 @@ EXAMPLES = """examples:
   lalora-curv fit --model ./llama --data_dir ../shared/data --print_config > fit.yaml
   lalora-curv fit --model ./llama --self_generated 512 --max_length 256 \
       --structure kfac --estimator mc --mc_samples 4 --out runs/fit-self   # no source data
+  lalora-curv fit --model ./llama --data_dir ../shared/data --sources winogrande \
+      --storage lowrank --storage_rank 32 --out runs/fit-small   # factors: 32 eigenpairs + diag
 """
+
+
+def check_storage(structure: str, storage: str | None, storage_rank: int | None) -> None:
+    """Refuse a --storage / --storage_rank combination before anything is fitted; whether the
+    structure offers the storage is the library's answer (``Precision.check_storage``)."""
+    if storage is None:
+        if storage_rank is not None:
+            raise CliError("--storage_rank applies to --storage lowrank only (no --storage given)")
+        return
+    if storage == "lowrank" and storage_rank is None:
+        raise CliError("--storage lowrank needs --storage_rank K (eigenpairs kept per factor)")
+    if storage != "lowrank" and storage_rank is not None:
+        raise CliError(f"--storage_rank applies to --storage lowrank only, not {storage!r}")
+    if storage_rank is not None and storage_rank < 1:
+        raise CliError(f"--storage_rank must be >= 1, got {storage_rank}")
+    lc.STRUCTURE_CLASSES[structure].check_storage(storage, storage_rank)
 
 
 def batch_sources(
@@ -134,6 +157,8 @@ def fit(
     self_generated: int | None = None,
     prompts: str | None = None,
     temperature: float = 1.0,
+    storage: Storage | None = None,
+    storage_rank: int | None = None,
 ) -> dict[str, lc.Precision]:
     """Fit a Laplace precision of a LoRA adapter on each source sub-dataset, and their sum.
 
@@ -169,11 +194,16 @@ def fit(
             their tokens are not supervised); default: unconditional samples from BOS.
         temperature: with --self_generated, the sampling temperature (1.0: the model's own
             distribution).
+        storage: save every precision in this storage (``prec.with_storage``): float32,
+            float64, bfloat16 (half the bytes of float32), or lowrank (each K-FAC factor as its
+            --storage_rank leading eigenpairs plus a diagonal); default: as fitted.
+        storage_rank: the eigenpairs kept per factor with --storage lowrank.
 
     Returns:
-        ``{source: precision, ..., "sum": pooled precision}``.
+        ``{source: precision, ..., "sum": pooled precision}``, in the saved storage.
     """
     run = RunDir("fit", out, locals())
+    check_storage(structure, storage, storage_rank)
     names = split_names(sources)
     if SUM_NAME in names:
         raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")
@@ -209,52 +239,53 @@ def fit(
         stats_dtype=getattr(torch, stats_dtype),
     )
 
-    def fit_one(name: str, source_batches: list[Batch], sources: list[str]) -> lc.Precision:
-        t0 = time.perf_counter()
-        prec = lc.fit_precision(peft_model, source_batches, sources=sources, **settings)
-        seconds = time.perf_counter() - t0
+    stored: dict[str, lc.Precision] = {}
+
+    def save_one(name: str, prec: lc.Precision, record: dict) -> Path:
+        """Convert ``prec`` to the chosen storage, save it and log it."""
+        if storage is not None:
+            prec = prec.with_storage(storage, storage_rank)
+        stored[name] = prec
         path = prec.save(run / PRECISION_DIR / name)
-        report = precision_report(prec, spectra=False)
         run.log(
             {
                 "artifact": name,
                 "path": str(path),
-                "seconds": round(seconds, 4),
-                "trace": report["trace"],
+                **record,
+                "trace": precision_report(prec, spectra=False)["trace"],
+                "storage": prec.metadata.get("storage"),
                 **{f"counts/{k}": v for k, v in prec.counts.items()},
             }
         )
+        return path
+
+    def fit_one(name: str, source_batches: list[Batch], sources: list[str]) -> lc.Precision:
+        t0 = time.perf_counter()
+        prec = lc.fit_precision(peft_model, source_batches, sources=sources, **settings)
+        seconds = time.perf_counter() - t0
+        path = save_one(name, prec, {"seconds": round(seconds, 4)})
         print(
             f"fitted {structure} on {name:<14} {prec.counts.get('supervised_tokens', 0):>8} "
             f"supervised tokens in {seconds:6.2f}s -> {path}"
         )
         return prec
 
-    precisions = {name: fit_one(name, b, [name]) for name, b in batches.items()}
-    if structure == "ekfac" and len(precisions) > 1:
+    fitted = {name: fit_one(name, b, [name]) for name, b in batches.items()}
+    if structure == "ekfac" and len(fitted) > 1:
         # EKFAC eigenbases differ between data sets: the pooled precision is one fit on all
-        precisions[SUM_NAME] = fit_one(SUM_NAME, [x for b in batches.values() for x in b], names)
-    else:
-        parts = list(precisions.values())
+        fit_one(SUM_NAME, [x for b in batches.values() for x in b], names)
+    else:  # pooled as fitted, then converted: the sum's storage sees the exact sum
+        parts = list(fitted.values())
         total = parts[0]
         for p in parts[1:]:
             total = total + p
-        path = total.save(run / PRECISION_DIR / SUM_NAME)
-        run.log(
-            {
-                "artifact": SUM_NAME,
-                "path": str(path),
-                "trace": precision_report(total, spectra=False)["trace"],
-                **{f"counts/{k}": v for k, v in total.counts.items()},
-            }
-        )
-        precisions[SUM_NAME] = total
+        path = save_one(SUM_NAME, total, {})
         print(f"pooled {'+'.join(names)} -> {path}")
     for old in (run / PRECISION_DIR).iterdir():  # artifacts of an earlier run into this --out
-        if old.name not in precisions and (old / "precision.json").is_file():
+        if old.name not in stored and (old / "precision.json").is_file():
             shutil.rmtree(old)
-    plot = plot_spectra(precision_report(precisions[SUM_NAME]), run / "spectra.png")
+    plot = plot_spectra(precision_report(stored[SUM_NAME]), run / "spectra.png")
     print(
         f"run directory: {run.path} (config.yaml, metrics.jsonl{', spectra.png' if plot else ''})"
     )
-    return precisions
+    return stored

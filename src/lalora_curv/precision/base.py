@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraModuleSpec, find_lora_modules, match_modules
 from lalora_curv.errors import IncompatiblePrecisionError, LaloraError
+from lalora_curv.precision.factors import STORAGES
 
 
 class Precision(ABC):
@@ -51,6 +52,8 @@ class Precision(ABC):
     quadratic: ClassVar[bool] = True
     #: the statistics live on the base layer, so the precision serves any adapter of the base
     rebasable: ClassVar[bool] = False
+    #: the storages :meth:`with_storage` offers (:data:`~lalora_curv.precision.factors.STORAGES`)
+    storages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -278,6 +281,11 @@ class Precision(ABC):
         meta["self_generated"] = list(self._metadata.get("self_generated", [])) + list(
             other._metadata.get("self_generated", [])
         )
+        if "lora_B_init_zero" in self._metadata or "lora_B_init_zero" in other._metadata:
+            # statistics of a model with a non-zero adapter update taint the sum (see rebase)
+            meta["lora_B_init_zero"] = bool(self._metadata.get("lora_B_init_zero", True)) and bool(
+                other._metadata.get("lora_B_init_zero", True)
+            )
         meta["created"] = _now()
         scales = {self._metadata.get("scale", 1.0), other._metadata.get("scale", 1.0)}
         meta["scale"] = scales.pop() if len(scales) == 1 else None  # mixed: no single factor
@@ -290,7 +298,8 @@ class Precision(ABC):
         if not factor >= 0:
             raise LaloraError(f"a precision can only be scaled by a factor >= 0, got {factor}")
         result = self._weighted_sum([], [float(factor)])
-        result._metadata["scale"] = float(self._metadata.get("scale", 1.0)) * float(factor)
+        scale = self._metadata.get("scale", 1.0)  # None: a sum of mixed scales stays mixed
+        result._metadata["scale"] = None if scale is None else float(scale) * float(factor)
         return result
 
     __rmul__ = __mul__
@@ -342,6 +351,43 @@ class Precision(ABC):
             "cannot be re-based; refit it, or fit a K-FAC precision, which can"
         )
 
+    def recentred(self, mode: Mapping[str, Tensor]) -> Precision:
+        """The same statistics around another point ``mode`` of the same adapter.
+
+        For the structures whose quadratic form lives in LoRA space (diag, ekfac) this keeps
+        ``P`` and moves ``mu``: ``(theta - mode)^T P (theta - mode)``, the online-EWC step.
+        For the structures built from base-layer statistics (the K-FAC family, merged-diag) the
+        LoRA-space blocks are derived again at ``mode``: e.g. the K-FAC (A, A) block
+        ``(B^T G B) (x) C`` is no longer zero once ``B != 0``, so moves of ``A`` that change the
+        function on the source data are penalised too (docs/math.md, "sequential tasks").
+
+        Args:
+            mode: ``{param name: tensor}`` for every name in :attr:`param_names`, each of the
+                mode's shape (e.g. another precision's ``.mode`` on the same adapter).
+        """
+        missing = [n for n in self.param_names if n not in mode]
+        extra = sorted(set(mode) - set(self.param_names))
+        if missing or extra:
+            name = missing[0] if missing else extra[0]
+            where = "lacks" if missing else "has extra"
+            raise IncompatiblePrecisionError(
+                f"cannot recentre: the new mode {where} parameter {name!r} (another adapter?)"
+            )
+        new_mode = {}
+        for name, old in self.mode.items():
+            t = mode[name]
+            if tuple(t.shape) != tuple(old.shape):
+                raise IncompatiblePrecisionError(
+                    f"cannot recentre: {name!r} has shape {tuple(t.shape)} in the new mode, "
+                    f"{tuple(old.shape)} in the precision (another rank?)"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise LaloraError(f"cannot recentre: the new mode's {name!r} is not finite")
+            new_mode[name] = t.detach().to(old.device, old.dtype).clone()
+        meta = self.metadata
+        meta["recentred"] = True
+        return type(self).from_tensors(self.modules, new_mode, self.structure_tensors(), meta)
+
     def to_laplace(
         self, model: nn.Module, adapter_name: str | None = None, prior_precision: float = 1.0
     ):
@@ -351,13 +397,29 @@ class Precision(ABC):
 
         return to_laplace(self, model, adapter_name, prior_precision)
 
+    @classmethod
+    def check_storage(cls, storage: str, rank: int | None = None) -> None:
+        """Raise :class:`LaloraError` naming the problem unless :meth:`with_storage` accepts
+        ``(storage, rank)`` for this structure (a check that needs no fitted precision)."""
+        if storage not in STORAGES:
+            raise LaloraError(f"unknown storage {storage!r}; valid: {', '.join(STORAGES)}")
+        if storage not in cls.storages:
+            raise LaloraError(
+                f"storage options apply to the K-FAC family (kfac, tri-kfac, merged-kfac); a "
+                f"{cls.structure!r} precision is stored as fitted (use .to(dtype=...) to cast it)"
+            )
+        if storage == "lowrank":
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise LaloraError(f"storage 'lowrank' needs an integer rank >= 1, got {rank!r}")
+        elif rank is not None:
+            raise LaloraError(f"rank applies to storage 'lowrank' only, not {storage!r}")
+
     def with_storage(self, storage: str, rank: int | None = None) -> Precision:
-        """The same precision with its large factors in another storage (K-FAC family:
-        ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"lowrank"`` with ``rank``)."""
-        raise LaloraError(
-            f"storage options apply to the K-FAC family (kfac, tri-kfac, merged-kfac); a "
-            f"{self.structure!r} precision is stored as fitted (use .to(dtype=...) to cast it)"
-        )
+        """The same precision with its large tensors in another storage (K-FAC family:
+        ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"lowrank"`` with ``rank``); invalid
+        choices raise as :meth:`check_storage` says."""
+        self.check_storage(storage, rank)
+        raise AssertionError(f"{type(self).__name__} lists storages it does not implement")
 
     # ------------------------------------------------------------------ artifact
     def save(self, path: str | Path, *, dedup: bool = True) -> Path:

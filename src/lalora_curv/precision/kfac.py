@@ -131,6 +131,7 @@ class KroneckerPrecision(Precision):
     """
 
     rebasable = True
+    storages = STORAGES
 
     def __init__(
         self,
@@ -252,13 +253,7 @@ class KroneckerPrecision(Precision):
         once and shared. A low-rank precision converts to a smaller rank or to dense storage,
         not to a larger rank.
         """
-        if storage not in STORAGES:
-            raise LaloraError(f"unknown storage {storage!r}; valid: {', '.join(STORAGES)}")
-        if storage == "lowrank":
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise LaloraError(f"storage 'lowrank' needs an integer rank >= 1, got {rank!r}")
-        elif rank is not None:
-            raise LaloraError(f"rank applies to storage 'lowrank' only, not {storage!r}")
+        self.check_storage(storage, rank)
         dtype = self.dtype
 
         def conv(f: Factor) -> Factor:
