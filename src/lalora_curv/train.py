@@ -107,8 +107,10 @@ def train(
             its shard; the run stops at the shortest rank's step count.
         precision: the source precision; ``None`` trains plain LoRA.
         lam: penalty strength ``lambda >= 0`` (with ``source_nll_budget``: its start value).
-        lr, weight_decay: AdamW settings (the paper: lr 5e-4).
-        warmup_steps, schedule: linear warm-up, then ``"linear"``, ``"cosine"`` or
+        lr: AdamW learning rate (the paper: 5e-4).
+        weight_decay: AdamW weight decay.
+        warmup_steps: steps of linear warm-up of the learning rate.
+        schedule: the learning-rate schedule after warm-up: ``"linear"``, ``"cosine"`` or
             ``"constant"``.
         max_steps: optimizer steps (default: ``epochs`` passes over the data).
         grad_accum_steps: micro-batches ``K`` per optimizer step; each NLL enters as
@@ -119,7 +121,8 @@ def train(
         eval_fn: ``eval_fn(model, step) -> metrics``, called every ``eval_every`` steps and at
             the end (in eval mode, without gradients; training mode is restored).
         log_file: JSON-lines log (appended): one record per optimizer step and evaluation.
-        checkpoint_dir, checkpoint_every: atomic checkpoints every N steps and at the end.
+        checkpoint_dir: directory of the atomic checkpoints (``None``: no checkpoints).
+        checkpoint_every: checkpoint every this many steps (and always at the end).
         resume: continue from the latest complete checkpoint in ``checkpoint_dir`` (the same
             ``grad_accum_steps`` is required; the optimizer's saved learning rate prevails).
         seed: seeds torch, numpy and python's RNG (dropout).
