@@ -21,6 +21,7 @@ from lalora_curv.errors import (
     LaloraError,
 )
 from lalora_curv.fit import fit_precision
+from lalora_curv.online import online_laplace
 from lalora_curv.precision import (
     STRUCTURE_CLASSES,
     DiagPrecision,
@@ -58,6 +59,7 @@ __all__ = [
     "__version__",
     "fit_precision",
     "load_precision",
+    "online_laplace",
     "save_precision",
     "self_generated_batches",
     "train",

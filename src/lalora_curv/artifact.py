@@ -68,6 +68,8 @@ KNOWN_KEYS = frozenset(
         "modules",
         "tensors_sha256",
         "rebased",
+        "recentred",
+        "online",
         "granularity",
         "storage",
         "tensor_aliases",
