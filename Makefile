@@ -20,7 +20,7 @@ demo: install
 test: install
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir $(VENV)/site  # no --quiet: it hides the warnings --strict fails on
 	$(PY) -m pytest -q
 
 bench: install
