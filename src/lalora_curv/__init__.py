@@ -37,6 +37,7 @@ from lalora_curv.selfgen import SelfGeneratedBatches, self_generated_batches
 from lalora_curv.train import TrainingError, train
 
 STRUCTURES = tuple(STRUCTURE_CLASSES)
+"""The structure names ``fit_precision(structure=...)`` accepts, in ``STRUCTURE_CLASSES`` order."""
 
 __all__ = [
     "STRUCTURES",
