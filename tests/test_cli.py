@@ -260,7 +260,8 @@ def test_fit_storage_options_are_checked_before_fitting(workspace, tmp_path, cap
     fails(["--storage_rank", "4"], "--storage_rank applies to --storage lowrank only")
     fails(["--storage", "lowrank", "--storage_rank", "0"], "--storage_rank must be >= 1, got 0")
     fails(  # the library's refusal, as Precision.with_storage words it
-        ["--structure", "diag", "--storage", "bfloat16"], "storage options apply to the K-FAC"
+        ["--structure", "ekfac", "--storage", "lowrank", "--storage_rank", "4"],
+        "a 'ekfac' precision has no storage 'lowrank': its eigenbases",
     )
     with pytest.raises(SystemExit) as e:
         main(fit_args(workspace, tmp_path / "f", "--storage", "fp8"))

@@ -1,8 +1,10 @@
-"""Storage of the K-FAC factors (float32, bfloat16, low rank + diagonal) and deduplication."""
+"""Storage of the precisions' tensors (float32, bfloat16, K-FAC low rank + diagonal) and
+deduplication."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -188,8 +190,8 @@ def test_storage_conversions_and_errors(prec64):
     with pytest.raises(lc.LaloraError, match="rank applies to storage 'lowrank' only"):
         prec64.with_storage("float32", rank=4)
     diag = lc.fit_precision(make_model(), make_batches(), structure="diag", progress=False)
-    with pytest.raises(lc.LaloraError, match="apply to the K-FAC family"):
-        diag.with_storage("bfloat16")
+    with pytest.raises(lc.LaloraError, match="no storage 'lowrank': a diagonal is one number"):
+        diag.with_storage("lowrank", 4)
     moved = prec64.with_storage("bfloat16").to(dtype=torch.float32)
     assert moved.storage["dtype"] == "bfloat16" and moved.dtype == torch.float32
 
@@ -403,3 +405,152 @@ def test_trace_of_compressed_precisions(prec64, structure):
         assert low.trace() == pytest.approx(prec64.with_structure(structure).trace(), rel=1e-10)
     bf = prec64.with_structure(structure).with_storage("bfloat16")
     assert bf.trace() == pytest.approx(prec64.with_structure(structure).trace(), rel=1e-2)
+
+
+# ---------------------------------------------------------------------------- other structures
+OTHERS = ("diag", "merged-diag", "ekfac")
+U = 2.0**-8  # bfloat16's unit roundoff: rounding to nearest with 8 significant bits
+
+
+@pytest.fixture(scope="module")
+def others64():
+    """float64 diag, merged-diag and EKFAC precisions at a non-zero B0 (every block live)."""
+    model = make_model()
+    return model, {
+        s: lc.fit_precision(
+            model, make_batches(), structure=s, progress=False, stats_dtype=torch.float64
+        )
+        for s in OTHERS
+    }
+
+
+def ekfac_rounding_bound(prec, delta) -> torch.Tensor:
+    """The worst-case penalty change of EKFAC's bfloat16 storage (ekfac.py's formula):
+    ``sum Lambda (u (|R| + e S)^2 + e S (2 |R| + e S))``, ``e = 2u + u^2``."""
+    e, total = 2 * U + U**2, torch.zeros((), dtype=torch.float64)
+    for name in prec.param_names:
+        Q_g, Q_a, lam, d = (
+            prec.grad_eigvecs[name],
+            prec.input_eigvecs[name],
+            prec.eigenvalues[name],
+            delta[name],
+        )
+        R = (Q_g.T @ d @ Q_a).abs()
+        S = Q_g.abs().T @ d.abs() @ Q_a.abs()
+        total = total + (lam * (U * (R + e * S) ** 2 + e * S * (2 * R + e * S))).sum()
+    return total
+
+
+@pytest.mark.parametrize("structure", OTHERS)
+def test_bfloat16_storage_of_the_other_structures(others64, structure):
+    model, precs = others64
+    ref = precs[structure]
+    bf = ref.with_storage("bfloat16")
+    assert bf.storage == {"format": "dense", "dtype": "bfloat16"}
+    assert ref.storage == {"format": "dense", "dtype": "float64"}
+    stored, exact = bf.structure_tensors(), ref.structure_tensors()
+    assert stored.keys() == exact.keys()
+    for k, t in stored.items():  # every tensor rounded to nearest: |x~ - x| <= u |x|
+        assert t.dtype == torch.bfloat16
+        assert bool(((t.double() - exact[k]).abs() <= U * exact[k].abs()).all()), k
+    errors = []
+    for d in deltas(ref, n=10, scale=0.1):
+        got, want = bf.quad(d), ref.quad(d)
+        assert got.dtype == torch.float64  # computed in the mode's dtype
+        if structure == "ekfac":
+            bound = float(ekfac_rounding_bound(ref, d))
+        else:  # sum D_i v_i^2 with D_i >= 0: each term moves by at most u of itself
+            bound = U * float(want)
+        assert abs(float(got - want)) <= bound * (1 + 1e-9), (float(got), float(want), bound)
+        errors.append(abs(float(got - want)) / float(want))
+    assert max(errors) > 0  # the rounding is real
+    torch.testing.assert_close(
+        bf.penalty(model), ref.penalty(model), rtol=U, atol=0
+    )  # at the model's adapter (the mode): both 0
+    torch.testing.assert_close(bf.trace(), ref.trace(), rtol=U, atol=0)
+    if structure == "diag":  # the dense matrix: the rounded diagonal, in the compute dtype
+        torch.testing.assert_close(bf.to_dense(), ref.to_dense(), rtol=U, atol=0)
+    elif structure == "ekfac":  # the dense matrix is the stored tensors' quadratic form
+        dense, d = bf.to_dense(), deltas(ref, n=1, seed=3)[0]
+        v = torch.cat([d[n].flatten() for n in bf.param_names])
+        assert dense.dtype == torch.float64
+        torch.testing.assert_close(v @ dense @ v, bf.quad(d), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("structure", OTHERS)
+def test_round_trip_of_the_other_structures_per_storage(tmp_path, structure):
+    model = make_model(dtype=torch.float32)
+    fitted = lc.fit_precision(model, make_batches(), structure=structure, progress=False)
+    assert fitted.storage == {"format": "dense", "dtype": "float32"}
+    with torch.no_grad():  # away from the mode
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    for storage in ("bfloat16", "float64"):
+        prec = fitted.with_storage(storage)
+        prec.save(tmp_path / storage)
+        meta = json.loads((tmp_path / storage / artifact.METADATA_FILE).read_text())
+        assert meta["storage"] == {"format": "dense", "dtype": storage} == prec.storage
+        loaded = lc.load_precision(tmp_path / storage)
+        assert loaded.storage == prec.storage
+        assert all(t.dtype == getattr(torch, storage) for t in loaded.structure_tensors().values())
+        loaded.save(tmp_path / "again")
+        for f in (artifact.TENSORS_FILE, artifact.METADATA_FILE):
+            assert (tmp_path / storage / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
+        for d in deltas(prec, n=2):
+            assert torch.equal(loaded.quad(d), prec.quad(d))
+        assert torch.equal(loaded.penalty(model), prec.penalty(model))
+        tol = U if storage == "bfloat16" else 1e-6
+        torch.testing.assert_close(prec.penalty(model), fitted.penalty(model), rtol=tol, atol=0)
+    # the storage the metadata names is checked against the tensors
+    rewrite(tmp_path / "bfloat16", lambda t: t.update({k: v.float() for k, v in t.items()}))
+    with pytest.raises(lc.ArtifactError, match=r"'storage' says .*bfloat16.*float32"):
+        lc.load_precision(tmp_path / "bfloat16")
+
+
+def test_bfloat16_diagonals_pool_scale_and_move(others64):
+    model, precs = others64
+    diag = precs["diag"]
+    other = lc.fit_precision(
+        model, make_batches(seed=5), structure="diag", progress=False, stats_dtype=torch.float64
+    )
+    pooled = diag.with_storage("bfloat16") + other.with_storage("bfloat16")
+    assert pooled.storage["dtype"] == "bfloat16"
+    exact = diag + other
+    for n, t in pooled.diag.items():  # pooled in float64, rounded once more on storing
+        want = exact.diag[n]
+        assert bool(((t.double() - want).abs() <= (2 * U + U**2) * want.abs()).all())
+    scaled = 3.0 * precs["ekfac"].with_storage("bfloat16")
+    assert scaled.storage["dtype"] == "bfloat16"
+    d = deltas(diag, n=1)[0]
+    torch.testing.assert_close(
+        scaled.quad(d), 3.0 * precs["ekfac"].with_storage("bfloat16").quad(d), rtol=U, atol=0
+    )
+    moved = precs["merged-diag"].with_storage("bfloat16").to(dtype=torch.float32)
+    assert moved.storage["dtype"] == "bfloat16" and moved.dtype == torch.float32
+    widened = precs["ekfac"].with_storage("bfloat16").with_storage("float64")
+    assert widened.storage["dtype"] == "float64"
+    assert torch.equal(widened.quad(d), precs["ekfac"].with_storage("bfloat16").quad(d))
+
+
+@pytest.mark.parametrize(
+    ("structure", "reason"),
+    [
+        ("diag", "a diagonal is one number per LoRA parameter, with no factor to truncate"),
+        ("merged-diag", "a diagonal is one number per base weight"),
+        ("ekfac", "its eigenbases Q_g, Q_a are orthogonal matrices, not PSD factors"),
+    ],
+)
+def test_lowrank_refused_where_it_is_not_natural(others64, structure, reason):
+    prec = others64[1][structure]
+    message = f"a {structure!r} precision has no storage 'lowrank': {reason}"
+    for check in (
+        lambda: prec.with_storage("lowrank", 4),
+        lambda: type(prec).check_storage("lowrank", 4),
+    ):
+        with pytest.raises(lc.LaloraError, match=re.escape(message)):
+            check()
+    with pytest.raises(lc.LaloraError, match="rank applies to storage 'lowrank' only"):
+        prec.with_storage("bfloat16", rank=4)
+    with pytest.raises(lc.LaloraError, match="unknown storage 'bf16'"):
+        prec.with_storage("bf16")

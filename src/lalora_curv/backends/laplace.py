@@ -235,7 +235,7 @@ def to_laplace(
             else:
                 H.append([n * b.lora_B_grad_cov[0], b.lora_B_input_cov[0]])
     elif structure == "diag":
-        H = n * torch.cat([prec.diag[names[id(p)]].flatten() for p in order])
+        H = n * torch.cat([prec.diag[names[id(p)]].flatten() for p in order]).to(prec.dtype)
     else:
         if [names[id(p)] for p in order] != prec.param_names:
             raise LaloraError("the model's parameter order differs from the precision's")

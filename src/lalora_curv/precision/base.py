@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraModuleSpec, find_lora_modules, match_modules
 from lalora_curv.errors import IncompatiblePrecisionError, LaloraError
-from lalora_curv.precision.factors import STORAGES
+from lalora_curv.precision.factors import DENSE_DTYPES, STORAGES, dense_storage
 
 
 class Precision(ABC):
@@ -53,7 +53,9 @@ class Precision(ABC):
     #: the statistics live on the base layer, so the precision serves any adapter of the base
     rebasable: ClassVar[bool] = False
     #: the storages :meth:`with_storage` offers (:data:`~lalora_curv.precision.factors.STORAGES`)
-    storages: ClassVar[tuple[str, ...]] = ()
+    storages: ClassVar[tuple[str, ...]] = tuple(DENSE_DTYPES)
+    #: why the structure has no ``"lowrank"`` storage (empty where it has one)
+    lowrank_refusal: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -156,10 +158,14 @@ class Precision(ABC):
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Precision:
-        """A copy with every tensor on ``device`` and/or in ``dtype``."""
+        """A copy with every tensor on ``device`` and/or in ``dtype``; a bfloat16 storage
+        (:meth:`with_storage`) is kept as stored, the mode (the compute dtype) moves."""
 
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype)
+
+        def move_stored(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=None if t.dtype == torch.bfloat16 else dtype)
 
         meta = self.metadata
         if dtype is not None:
@@ -167,7 +173,7 @@ class Precision(ABC):
         return type(self).from_tensors(
             self.modules,
             {n: move(t) for n, t in self.mode.items()},
-            {n: move(t) for n, t in self.structure_tensors().items()},
+            {n: move_stored(t) for n, t in self.structure_tensors().items()},
             meta,
         )
 
@@ -405,8 +411,8 @@ class Precision(ABC):
             raise LaloraError(f"unknown storage {storage!r}; valid: {', '.join(STORAGES)}")
         if storage not in cls.storages:
             raise LaloraError(
-                f"storage options apply to the K-FAC family (kfac, tri-kfac, merged-kfac); a "
-                f"{cls.structure!r} precision is stored as fitted (use .to(dtype=...) to cast it)"
+                f"a {cls.structure!r} precision has no storage {storage!r}: "
+                f"{cls.lowrank_refusal}; valid: {', '.join(cls.storages)}"
             )
         if storage == "lowrank":
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -414,12 +420,32 @@ class Precision(ABC):
         elif rank is not None:
             raise LaloraError(f"rank applies to storage 'lowrank' only, not {storage!r}")
 
+    @property
+    def storage(self) -> dict[str, Any]:
+        """How the structure's tensors are stored: ``{"format", "dtype"[, "rank"]}``."""
+        return dict(self._metadata["storage"])
+
+    def _record_storage(self) -> None:
+        """Set ``metadata["storage"]`` from the structure's tensors (all in one dtype)."""
+        self._metadata["storage"] = dense_storage(self.structure_tensors().values())
+
     def with_storage(self, storage: str, rank: int | None = None) -> Precision:
-        """The same precision with its large tensors in another storage (K-FAC family:
-        ``"float32"``, ``"float64"``, ``"bfloat16"``, ``"lowrank"`` with ``rank``); invalid
-        choices raise as :meth:`check_storage` says."""
+        """The same precision with its structure tensors in another storage.
+
+        Every structure offers the dense storages ``"float32"``, ``"float64"`` and
+        ``"bfloat16"``: each tensor (diagonal, EKFAC eigenbasis or eigenvalue) rounded to the
+        nearest number of that dtype, ``|x~ - x| <= u |x|`` with ``u = 2^-8`` for bfloat16
+        (half the bytes of float32). Penalties are computed in the mode's dtype, so only
+        that rounding is lost: for the diagonal structures, whose penalty is
+        ``sum_i D_i v_i^2`` with ``D_i >= 0``, the penalty moves by at most ``u`` relative.
+        The K-FAC family adds ``"lowrank"`` with ``rank``
+        (:meth:`KroneckerPrecision.with_storage`); invalid choices raise as
+        :meth:`check_storage` says.
+        """
         self.check_storage(storage, rank)
-        raise AssertionError(f"{type(self).__name__} lists storages it does not implement")
+        target = DENSE_DTYPES[storage]
+        tensors = {n: t.to(target) for n, t in self.structure_tensors().items()}
+        return type(self).from_tensors(self.modules, self.mode, tensors, self._metadata)
 
     # ------------------------------------------------------------------ artifact
     def save(self, path: str | Path, *, dedup: bool = True) -> Path:
@@ -427,7 +453,7 @@ class Precision(ABC):
 
         ``dedup``: store tensors of identical content (the input factor shared by q/k/v or by
         gate/up, zero ``B0`` of equal shape) once, the others as ``metadata["tensor_aliases"]``.
-        Choose the storage of the K-FAC factors with :meth:`with_storage` before saving.
+        Choose the storage of the structure's tensors with :meth:`with_storage` before saving.
         """
         from lalora_curv.artifact import save_precision
 

@@ -10,6 +10,11 @@ per base-weight entry, fitted on the base layer (so it re-bases onto any adapter
 .. math:: r = \\langle D_W, dW^{\\odot 2} \\rangle,
 
 a degree-4 polynomial in ``(A, B)``.
+
+Storage (:meth:`~lalora_curv.precision.Precision.with_storage`): the diagonals in float32 (as
+fitted), float64 or bfloat16; with ``D~_i = D_i (1 + e_i)``, ``|e_i| <= u = 2^-8``, the
+penalty of any displacement moves by at most ``u`` relative (every term is ``>= 0``). A
+diagonal has no factor to truncate: no low-rank storage.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from lalora_curv.adapter import LoraModuleSpec, adapter_mode, find_lora_modules
 from lalora_curv.errors import LaloraError
 from lalora_curv.precision._util import take
 from lalora_curv.precision.base import Precision
+from lalora_curv.precision.factors import upcast
 
 
 class DiagPrecision(Precision):
@@ -34,6 +40,10 @@ class DiagPrecision(Precision):
     """
 
     structure = "diag"
+    lowrank_refusal = (
+        "a diagonal is one number per LoRA parameter, with no factor to truncate "
+        "(bfloat16 halves its bytes)"
+    )
 
     def __init__(
         self,
@@ -44,11 +54,15 @@ class DiagPrecision(Precision):
     ) -> None:
         super().__init__(modules, mode, metadata)
         self.diag = dict(diag)
+        self._record_storage()
+        self._upcast: dict = {}
 
     def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
-        return (self.diag[spec.lora_A_name] * dA.square()).sum() + (
-            self.diag[spec.lora_B_name] * dB.square()
-        ).sum()
+        D_A, D_B = (
+            upcast(self.diag[n], d.dtype, self._upcast, n)
+            for n, d in ((spec.lora_A_name, dA), (spec.lora_B_name, dB))
+        )
+        return (D_A * dA.square()).sum() + (D_B * dB.square()).sum()
 
     def module_trace(self, name: str) -> float:
         spec = self.modules[name]
@@ -60,7 +74,7 @@ class DiagPrecision(Precision):
         return torch.diag(
             torch.cat(
                 [self.diag[spec.lora_A_name].flatten(), self.diag[spec.lora_B_name].flatten()]
-            )
+            ).to(self.dtype)
         )
 
     def structure_tensors(self) -> dict[str, Tensor]:
@@ -80,8 +94,8 @@ class DiagPrecision(Precision):
 
     def _weighted_sum(self, others: list[Precision], weights: list[float]) -> DiagPrecision:
         parts = [self, *others]
-        diag = {
-            n: sum(w * p.diag[n].to(t) for p, w in zip(parts, weights, strict=True))
+        diag = {  # in the compute dtype, then back to this precision's storage
+            n: sum(w * p.diag[n].to(self.dtype) for p, w in zip(parts, weights, strict=True)).to(t)
             for n, t in self.diag.items()
         }
         return DiagPrecision(self.modules, self.mode, diag, self._metadata)
@@ -97,6 +111,10 @@ class MergedDiagPrecision(Precision):
     structure = "merged-diag"
     quadratic = False
     rebasable = True
+    lowrank_refusal = (
+        "a diagonal is one number per base weight, with no factor to truncate (bfloat16 "
+        "halves its bytes; merged-kfac has a low-rank storage)"
+    )
 
     def __init__(
         self,
@@ -107,11 +125,14 @@ class MergedDiagPrecision(Precision):
     ) -> None:
         super().__init__(modules, mode, metadata)
         self.weight_diag = dict(weight_diag)
+        self._record_storage()
+        self._upcast: dict = {}
 
     def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
         A0, B0 = self.mode[spec.lora_A_name], self.mode[spec.lora_B_name]
         dW = spec.scaling * (dB @ (A0 + dA) + B0 @ dA)  # = s (B A - B0 A0), exact at the mode
-        return (self.weight_diag[spec.name] * dW.square()).sum()
+        D_W = upcast(self.weight_diag[spec.name], dW.dtype, self._upcast, spec.name)
+        return (D_W * dW.square()).sum()
 
     def module_trace(self, name: str) -> float:
         """``sum D_W``: the trace over the merged update ``dW``."""
@@ -130,8 +151,10 @@ class MergedDiagPrecision(Precision):
 
     def _weighted_sum(self, others: list[Precision], weights: list[float]) -> MergedDiagPrecision:
         parts = [self, *others]
-        wd = {
-            n: sum(w * p.weight_diag[n].to(t) for p, w in zip(parts, weights, strict=True))
+        wd = {  # in the compute dtype, then back to this precision's storage
+            n: sum(
+                w * p.weight_diag[n].to(self.dtype) for p, w in zip(parts, weights, strict=True)
+            ).to(t)
             for n, t in self.weight_diag.items()
         }
         return MergedDiagPrecision(self.modules, self.mode, wd, self._metadata)

@@ -15,6 +15,18 @@ with ``a_t`` the layer input and ``g~_t`` its output gradient (lora_A: ``x_t`` a
 ``(Q_g (x) Q_a) diag(vec Lambda) (Q_g (x) Q_a)^T``. It is exact on the diagonal of the
 per-token Fisher in the eigenbasis, which K-FAC is not. Blocks per lora_A and lora_B (no
 cross blocks); it needs a second pass over the data and depends on the adapter (no rebase).
+
+Storage (:meth:`~lalora_curv.precision.Precision.with_storage`): the eigenbases and
+eigenvalues in float32 (as fitted), float64 or bfloat16 (each entry rounded,
+``|x~ - x| <= u |x|``, ``u = 2^-8``; products after upcasting to the mode's dtype). With
+``e = 2u + u^2``, ``R = Q_g^T dW Q_a`` and ``S = |Q_g|^T |dW| |Q_a|``, the rotated
+displacement moves by ``|R~ - R| <= e S`` entrywise, so the penalty moves by at most
+
+.. math:: \\sum \\Lambda \\big(u (|R| + e S)^{\\odot 2} + e S \\odot (2 |R| + e S)\\big)
+
+(a worst case; the rounding errors mostly cancel). No low-rank storage: the eigenbases are
+orthogonal matrices, not PSD factors, and keeping ``k`` of their vectors drops whole
+directions of ``Lambda`` with no diagonal correction that keeps the penalty's diagonal.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from lalora_curv.adapter import LoraModuleSpec
 from lalora_curv.errors import IncompatiblePrecisionError
 from lalora_curv.precision._util import take
 from lalora_curv.precision.base import Precision
+from lalora_curv.precision.factors import upcast
 
 
 class EKFACPrecision(Precision):
@@ -41,6 +54,11 @@ class EKFACPrecision(Precision):
     """
 
     structure = "ekfac"
+    lowrank_refusal = (
+        "its eigenbases Q_g, Q_a are orthogonal matrices, not PSD factors: keeping k "
+        "eigenvectors would drop whole directions of the refitted eigenvalues, with no "
+        "diagonal correction (bfloat16 halves its bytes; the K-FAC structures have lowrank)"
+    )
 
     def __init__(
         self,
@@ -55,10 +73,20 @@ class EKFACPrecision(Precision):
         self.grad_eigvecs = dict(grad_eigvecs)
         self.input_eigvecs = dict(input_eigvecs)
         self.eigenvalues = dict(eigenvalues)
+        self._record_storage()
+        self._upcast: dict = {}
+
+    def _eigvecs(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(Q_g, Q_a)`` of parameter ``name`` in the compute ``dtype`` (upcast once)."""
+        return (
+            upcast(self.grad_eigvecs[name], dtype, self._upcast, ("grad", name)),
+            upcast(self.input_eigvecs[name], dtype, self._upcast, ("input", name)),
+        )
 
     def _param_quad(self, name: str, d: Tensor) -> Tensor:
-        rotated = self.grad_eigvecs[name].T @ d @ self.input_eigvecs[name]
-        return (self.eigenvalues[name] * rotated.square()).sum()
+        Q_g, Q_a = self._eigvecs(name, d.dtype)
+        lam = upcast(self.eigenvalues[name], d.dtype, self._upcast, ("eigenvalues", name))
+        return (lam * (Q_g.T @ d @ Q_a).square()).sum()
 
     def _module_quad(self, spec: LoraModuleSpec, dA: Tensor, dB: Tensor) -> Tensor:
         return self._param_quad(spec.lora_A_name, dA) + self._param_quad(spec.lora_B_name, dB)
@@ -71,8 +99,8 @@ class EKFACPrecision(Precision):
         )
 
     def _param_dense(self, name: str) -> Tensor:
-        Q = torch.kron(self.grad_eigvecs[name], self.input_eigvecs[name])
-        return Q @ torch.diag(self.eigenvalues[name].flatten()) @ Q.T
+        Q = torch.kron(*self._eigvecs(name, self.dtype))
+        return Q @ torch.diag(self.eigenvalues[name].flatten().to(self.dtype)) @ Q.T
 
     def _module_dense(self, spec: LoraModuleSpec) -> Tensor:
         return torch.block_diag(
@@ -106,7 +134,7 @@ class EKFACPrecision(Precision):
                 "EKFAC precisions fitted on different data have different eigenbases and "
                 "cannot be pooled; fit one EKFAC precision on all source batches"
             )
-        eig = {n: weights[0] * t for n, t in self.eigenvalues.items()}
+        eig = {n: (weights[0] * t.to(self.dtype)).to(t) for n, t in self.eigenvalues.items()}
         return EKFACPrecision(
             self.modules, self.mode, self.grad_eigvecs, self.input_eigvecs, eig, self._metadata
         )

@@ -1,12 +1,16 @@
 """Storage of the K-FAC factors: dense (float32, float64, bfloat16) or low rank + diagonal.
 
+The dense storages apply to every structure's tensors (diagonals, EKFAC eigenbases and
+eigenvalues: :meth:`~lalora_curv.precision.Precision.with_storage`); low rank is for the
+symmetric PSD factors of the K-FAC family only.
+
 A factor is a stack of ``K`` symmetric positive semi-definite ``D x D`` matrices ``F_k`` (one
 per pooled component): the input factor ``C_x`` or the output-gradient factor ``G_h`` of a
 module. Every K-FAC penalty touches a factor only through products ``F M`` with a thin ``M``
 (``D x m``, ``m`` = r or 2r), so each storage needs only :meth:`Factor.mm`.
 
 * **dense** (``"float32"``, ``"float64"``, ``"bfloat16"``): ``F`` itself. bfloat16 keeps 8
-  significant bits (each entry rounded to nearest, relative error <= 2^-9) and halves the
+  significant bits (each entry rounded to nearest, relative error <= u = 2^-8) and halves the
   float32 bytes of the artifact; products are computed after upcasting to the compute dtype
   (the dtype of the mode; the copy is made on first use and kept), so only the rounding of
   ``F`` is lost.
@@ -31,7 +35,7 @@ module. Every K-FAC penalty touches a factor only through products ``F M`` with 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +56,26 @@ STORAGES = (*DENSE_DTYPES, "lowrank")
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def dense_storage(tensors: Iterable[Tensor]) -> dict[str, Any]:
+    """``{"format": "dense", "dtype": ...}``: the one dtype every tensor is stored in."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1:
+        names = sorted(_dtype_name(d) for d in dtypes) or ["none"]
+        raise LaloraError(f"a precision's tensors must share one storage dtype, got {names}")
+    return {"format": "dense", "dtype": _dtype_name(dtypes.pop())}
+
+
+def upcast(t: Tensor, dtype: torch.dtype, cache: dict, key: Any = None) -> Tensor:
+    """``t`` in the compute ``dtype``: ``t`` itself if it is already, else a copy made on
+    first use and kept in ``cache`` (so a bfloat16 storage costs its float32 twin's products
+    and only the rounding of ``t`` is lost)."""
+    if t.dtype == dtype:
+        return t
+    if (key, dtype) not in cache:
+        cache[key, dtype] = t.to(dtype)
+    return cache[key, dtype]
 
 
 class Factor(ABC):
@@ -113,11 +137,7 @@ class DenseFactor(Factor):
         return {"format": "dense", "dtype": _dtype_name(self.matrix.dtype)}
 
     def mm(self, M: Tensor) -> Tensor:
-        if self.matrix.dtype == M.dtype:
-            return self.matrix @ M
-        if M.dtype not in self._upcast:
-            self._upcast[M.dtype] = self.matrix.to(M.dtype)
-        return self._upcast[M.dtype] @ M
+        return upcast(self.matrix, M.dtype, self._upcast) @ M
 
     def trace(self) -> Tensor:
         return self.matrix.double().diagonal(dim1=-2, dim2=-1).sum(-1)

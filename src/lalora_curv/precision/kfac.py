@@ -160,11 +160,6 @@ class KroneckerPrecision(Precision):
     def grad_cov(self) -> Mapping[str, Tensor]:
         return _DenseView(self.grad_factors)
 
-    @property
-    def storage(self) -> dict[str, Any]:
-        """How the factors are stored: ``{"format", "dtype"[, "rank"]}``."""
-        return dict(self._metadata["storage"])
-
     def blocks(self, name: str) -> LoraBlocks:
         """The module's LoRA blocks derived from its base factors and the mode (cached)."""
         if name not in self._blocks:
