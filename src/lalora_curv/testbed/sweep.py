@@ -485,7 +485,7 @@ def run_sweep(
             for cell in todo:
                 try:
                     _append(runs, run_cell(cell))
-                except Exception as err:  # noqa: BLE001 - reported after the other cells
+                except Exception as err:  # reported after the other cells
                     failed.append((cell, err))
                 bar.update()
         else:
@@ -496,7 +496,7 @@ def run_sweep(
                 for future in as_completed(futures):
                     try:
                         _append(runs, future.result())
-                    except Exception as err:  # noqa: BLE001 - reported after the other cells
+                    except Exception as err:  # reported after the other cells
                         failed.append((futures[future], err))
                     bar.update()
             finally:  # ^C: the queued cells do not start; finished ones are already written

@@ -11,7 +11,8 @@ ARC: knowledge the pretrained model holds):
 Target domain, scored by generated exact match (in the spirit of GSM8K):
 ``"question : {e} has {a} stones and finds {b} more . answer :"`` -> ``" {a + b}"``, ``b`` in
 1-3 (counting on), numbers single tokens 0-99; test problems name other entities than training
-ones. Pretraining text holds every fact sentence and
+ones. A second target for sequential tasks, :meth:`World.holdings`, asks how many stones each
+entity has (new facts). Pretraining text holds every fact sentence and
 counting strings (``"count : 17 18 19 ..."``), without which small models cannot learn the
 arithmetic (see the project's testbed notes).
 """
@@ -120,6 +121,22 @@ class World:
                 (f"question : {e} has {a} stones and finds {b} more . answer :", f" {a + b}")
             )
         return out
+
+    # ---------------------------------------------------------------- a second target
+    def holdings(self) -> list[tuple[str, str]]:
+        """A second target task (sequential tasks): every entity holds a number of stones,
+        ``"question : how many stones does {e} have ? answer :"`` -> ``" {n}"``, new facts
+        to memorise (train = test, like the source facts) whose template shares words with the
+        word problems, so that learning it interferes with them. Drawn from its own seed: the
+        world's other content is unchanged."""
+        rng = random.Random(f"{self.seed}/holdings")
+        return [
+            (
+                f"question : how many stones does {e} have ? answer :",
+                f" {rng.randint(0, MAX_NUMBER)}",
+            )
+            for e in self.entities
+        ]
 
     # ---------------------------------------------------------------- pretraining
     def pretraining_texts(self, rng: random.Random, n: int) -> list[str]:
