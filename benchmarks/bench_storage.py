@@ -1,14 +1,18 @@
-"""Storage benchmark: artifact bytes and penalty error of the K-FAC factor storages, and a
+"""Storage benchmark: artifact bytes and penalty error of every structure's storages, and a
 Llama-3.2-3B table computed from shapes.
 
 1. Measured on the CPU Llama of ``bench_core.py`` (34M parameters; ``--quick``: its
    ``QUICK_DIMS``) with LoRA r = 16 on q, k, v, o, gate, up, down (default init, B0 = 0): for
-   every K-FAC structure x storage (float32, bfloat16, low rank k = 8, 32, 128 + diagonal) the
-   artifact bytes with and without deduplication, the penalty's relative error against float32
-   over random displacements, and the penalty forward+backward time / a training step.
+   every K-FAC structure x storage (float32, bfloat16, low rank k = 8, 32, 128 + diagonal), and
+   for diag, merged-diag and EKFAC x (float32, bfloat16), the artifact bytes with and without
+   deduplication, the penalty's relative error against float32 over random displacements
+   (``|r~ - r| / r``; bfloat16 rounds each stored number by at most ``u = 2^-8`` relative, which
+   bounds the diagonals' error by ``u``), and the penalty forward+backward time / a training
+   step.
 2. Analytic, for a Llama-3.2-3B-shaped model (hidden 3072, 28 layers, 24 heads / 8 KV heads so
    k, v have 1024 outputs, MLP 8192, vocabulary 128256, LoRA r = 16 on the seven linears):
-   artifact bytes per structure x storage, with and without deduplication, and the penalty's
+   artifact bytes per structure x storage (EKFAC left out), with and without deduplication,
+   and the penalty's
    forward+backward FLOPs / the FLOPs of one LoRA training step at 8 x 512 tokens.
 3. The analytic formulas checked on a scaled-down model of the same shape ratios: the byte
    formula against the tensor bytes of saved artifacts (exactly), the penalty FLOP formula
@@ -39,12 +43,15 @@ HERE = Path(__file__).resolve().parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KFAC = ("kfac", "tri-kfac", "merged-kfac")
 RANKS = (8, 32, 128)
-#: (storage, rank) of every row; the K-FAC family only, the other structures are stored as fitted
+#: (storage, rank) of every K-FAC row
 STORAGES: tuple[tuple[str, int | None], ...] = (
     ("float32", None),
     ("bfloat16", None),
     *(("lowrank", k) for k in RANKS),
 )
+#: the other structures and their storages (dense only: no factor to truncate)
+OTHERS = ("diag", "merged-diag", "ekfac")
+DENSE_STORAGES: tuple[tuple[str, int | None], ...] = (("float32", None), ("bfloat16", None))
 #: the modules reading the same input (their input factors are identical)
 INPUT_GROUP = {
     "q_proj": "attn",
@@ -117,19 +124,22 @@ def artifact_bytes(
     """Tensor bytes of a precision artifact fitted at B0 = 0 (what ``save`` writes).
 
     Deduplication stores byte-identical tensors once: the input factor of the modules reading
-    the same input (one per layer and group), and the zero ``B0`` (and zero lora_A diagonals)
-    of equal shape.
+    the same input (one per layer and group), and the zero ``B0`` (and, per storage dtype, the
+    zero lora_A diagonals) of equal shape. The diagonals of diag and merged-diag count as
+    ``factors``, in ``storage``'s bytes.
     """
     mode = sum(r * m.d_in * 4 for m in mods)  # A0: random, distinct
     zero_shapes = [(m.d_out, r) for m in mods]  # B0 = 0
-    if structure == "diag":
-        zero_shapes += [(r, m.d_in) for m in mods]  # lora_A diagonal is 0 at B0 = 0
-        mode += sum(m.d_out * r * 4 for m in mods)  # lora_B diagonal
     mode += 4 * sum(a * b for a, b in (set(zero_shapes) if dedup else zero_shapes))
-    if structure == "merged-diag":
-        return {"mode": mode, "factors": sum(m.d_out * m.d_in * 4 for m in mods)}
-    if structure == "diag":
-        return {"mode": mode, "factors": 0}
+    if structure in ("diag", "merged-diag"):
+        b = {"float32": 4, "bfloat16": 2}[storage]
+        if structure == "merged-diag":
+            return {"mode": mode, "factors": sum(m.d_out * m.d_in * b for m in mods)}
+        zero_a = [(r, m.d_in) for m in mods]  # the lora_A diagonal is 0 at B0 = 0
+        zero_a_bytes = b * sum(x * y for x, y in (set(zero_a) if dedup else zero_a))
+        if storage == "float32" and dedup:  # a float32 zero of B0's shape is stored once
+            zero_a_bytes -= 4 * sum(x * y for x, y in set(zero_a) & set(zero_shapes))
+        return {"mode": mode, "factors": zero_a_bytes + sum(m.d_out * r * b for m in mods)}
     inputs = {((m.layer, INPUT_GROUP[m.kind]) if dedup else m): m.d_in for m in mods}
     sizes = [*inputs.values(), *(m.d_out for m in mods)]
     factors = 0
@@ -191,6 +201,17 @@ def total_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir())
 
 
+def saved_sizes(prec, tmp: Path) -> dict[str, int]:
+    """Tensor bytes of ``prec`` saved with and without deduplication, and the files' bytes."""
+    prec.save(tmp / "dedup")
+    prec.save(tmp / "full", dedup=False)
+    return {
+        "payload_bytes": payload(tmp / "dedup"),
+        "payload_bytes_no_dedup": payload(tmp / "full"),
+        "artifact_bytes": total_bytes(tmp / "dedup"),
+    }
+
+
 def build(dims: dict, rank: int, seed: int = 0):
     model = add_lora(tiny_llama(**dims, seed=seed), r=rank, alpha=rank, target_modules=TARGETS)
     return model.eval()
@@ -202,6 +223,12 @@ def random_deltas(prec, n: int, scale: float, seed: int = 0) -> list[dict[str, t
         {k: scale * torch.randn(t.shape, generator=g, dtype=t.dtype) for k, t in prec.mode.items()}
         for _ in range(n)
     ]
+
+
+def rel_errors(prec, ref, ds) -> torch.Tensor:
+    """``|r~ - r| / r`` of ``prec`` against ``ref`` over the displacements ``ds``."""
+    want = torch.stack([ref.quad(d) for d in ds])
+    return (torch.stack([prec.quad(d) for d in ds]) - want).abs() / want.abs()
 
 
 def with_storage(full_rank, dense, storage: str, rank: int | None):
@@ -216,6 +243,7 @@ def measured(dims: dict, batch: int, seq: int, n_batches: int, repeats: int) -> 
     model = build(dims, RANK)
     batches = random_batches(n_batches, batch, seq, dims["vocab_size"], seed=0)
     prec = lc.fit_precision(model, batches, structure="kfac", progress=False)
+    others = {s: lc.fit_precision(model, batches, structure=s, progress=False) for s in OTHERS}
     full = prec.with_storage("lowrank", rank=max(dims["hidden_size"], dims["intermediate_size"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -231,45 +259,46 @@ def measured(dims: dict, batch: int, seq: int, n_batches: int, repeats: int) -> 
             p.add_(1e-2 * torch.randn_like(p))
     ds = random_deltas(prec, 20, 1e-2)
     rows = []
+
+    def row(structure: str, storage: str, rank: int | None, sizes: dict, p, ref) -> dict:
+        err = rel_errors(p, ref, ds)
+
+        def penalty() -> None:
+            p.penalty(model).backward()
+            optimizer.zero_grad(set_to_none=True)
+
+        t = timed(penalty, max(4 * repeats, 5), warmup=2)
+        out = {
+            "structure": structure,
+            "storage": storage,
+            "rank": rank,
+            **sizes,
+            "penalty_rel_error_median": float(err.median()),
+            "penalty_rel_error_max": float(err.max()),
+            "penalty_time_ratio_to_step": t["median_s"] / step["median_s"],
+        }
+        print(
+            f"{structure:<12} {label(storage, rank):<12} "
+            f"{sizes['payload_bytes'] / 2**20:8.2f} MiB "
+            f"({sizes['payload_bytes_no_dedup'] / 2**20:8.2f} without dedup)  "
+            f"penalty error median {out['penalty_rel_error_median']:.1e} "
+            f"max {out['penalty_rel_error_max']:.1e}  "
+            f"time {100 * out['penalty_time_ratio_to_step']:.2f} % of a step"
+        )
+        return out
+
     with tempfile.TemporaryDirectory() as tmp:
         for storage, rank in STORAGES:
             stored = with_storage(full, prec, storage, rank)
-            stored.save(Path(tmp) / "dedup")
-            stored.save(Path(tmp) / "full", dedup=False)
-            sizes = {
-                "payload_bytes": payload(Path(tmp) / "dedup"),
-                "payload_bytes_no_dedup": payload(Path(tmp) / "full"),
-                "artifact_bytes": total_bytes(Path(tmp) / "dedup"),
-            }
+            sizes = saved_sizes(stored, Path(tmp))
             for structure in KFAC:
                 ref, p = prec.with_structure(structure), stored.with_structure(structure)
-                want = torch.stack([ref.quad(d) for d in ds])
-                err = (torch.stack([p.quad(d) for d in ds]) - want).abs() / want.abs()
-
-                def penalty(p=p) -> None:
-                    p.penalty(model).backward()
-                    optimizer.zero_grad(set_to_none=True)
-
-                t = timed(penalty, max(4 * repeats, 5), warmup=2)
-                rows.append(
-                    {
-                        "structure": structure,
-                        "storage": storage,
-                        "rank": rank,
-                        **sizes,
-                        "penalty_rel_error_median": float(err.median()),
-                        "penalty_rel_error_max": float(err.max()),
-                        "penalty_time_ratio_to_step": t["median_s"] / step["median_s"],
-                    }
-                )
-                print(
-                    f"{structure:<12} {label(storage, rank):<12} "
-                    f"{sizes['payload_bytes'] / 2**20:8.2f} MiB "
-                    f"({sizes['payload_bytes_no_dedup'] / 2**20:8.2f} without dedup)  "
-                    f"penalty error median {rows[-1]['penalty_rel_error_median']:.1e} "
-                    f"max {rows[-1]['penalty_rel_error_max']:.1e}  "
-                    f"time {100 * rows[-1]['penalty_time_ratio_to_step']:.2f} % of a step"
-                )
+                rows.append(row(structure, storage, rank, sizes, p, ref))
+        for structure in OTHERS:  # fitted on the same batches, each against its float32
+            ref = others[structure]
+            for storage, rank in DENSE_STORAGES:
+                p = ref.with_storage(storage)
+                rows.append(row(structure, storage, rank, saved_sizes(p, Path(tmp)), p, ref))
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "model": {
@@ -309,10 +338,10 @@ def check_formulas(dims: dict) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(s, st, k) for s in KFAC for st, k in STORAGES]
-        cases += [(s, "float32", None) for s in others]
+        cases += [(s, st, None) for s in others for st, _ in DENSE_STORAGES]
         for structure, storage, rank in cases:
             if structure in others:
-                p = others[structure]
+                p = others[structure].with_storage(storage)
             else:
                 p = prec.with_structure(structure).with_storage(storage, rank)
             for dedup in (True, False):
@@ -377,7 +406,7 @@ def llama3b_tables() -> dict:
     step = step_flops_lower_bound(LLAMA_3B, tokens)
     bytes_rows = []
     for structure in (*KFAC, "diag", "merged-diag"):
-        options = STORAGES if structure in KFAC else (("float32", None),)
+        options = STORAGES if structure in KFAC else DENSE_STORAGES
         for storage, rank in options:
             with_d = artifact_bytes(mods, structure, storage, rank, RANK, True)
             without = artifact_bytes(mods, structure, storage, rank, RANK, False)
