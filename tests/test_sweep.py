@@ -26,6 +26,7 @@ from lalora_curv.testbed.experiment import (
 )
 from lalora_curv.testbed.sweep import (
     GridError,
+    SweepError,
     cell_key,
     config_key,
     expand_grid,
@@ -275,6 +276,28 @@ def test_a_rerun_trains_nothing_and_keeps_the_results(cache, tmp_path):
     more = expand_grid(tiny_grid(lora={"lr": [1e-3, 3e-3, 1e-2]}))  # a grown grid: one more
     assert run_sweep(more, tmp_path / "out", workers=1, progress=False)["ran"] == 1
     assert (tmp_path / "out" / "runs.jsonl").read_text().startswith(text)
+
+
+def test_a_failed_cell_neither_stops_the_others_nor_loses_them(cache, tmp_path, monkeypatch):
+    import lalora_curv.testbed.sweep as sweep_module
+
+    cells = expand_grid(tiny_grid(lora={"lr": [1e-3, 2e-3, 3e-3]}))
+    bad = cell_key(cells[0])
+    real = sweep_module.run_cell
+
+    def flaky(cell, progress=False):
+        if cell_key(cell) == bad:
+            raise RuntimeError("out of memory (simulated)")
+        return real(cell, progress)
+
+    monkeypatch.setattr(sweep_module, "run_cell", flaky)
+    with pytest.raises(SweepError, match=r"1 of 3 cells failed") as err:
+        run_sweep(cells, tmp_path / "out", workers=1, progress=False)
+    assert f"key {bad}" in str(err.value) and "out of memory (simulated)" in str(err.value)
+    written = {r["key"] for r in read_runs(tmp_path / "out" / "runs.jsonl")}
+    assert written == {cell_key(c) for c in cells} - {bad}
+    monkeypatch.setattr(sweep_module, "run_cell", real)  # the fault is gone: only it re-runs
+    assert run_sweep(cells, tmp_path / "out", workers=1, progress=False)["ran"] == 1
 
 
 def fake_records():
