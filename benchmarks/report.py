@@ -107,9 +107,17 @@ def train_steps() -> str:
 
 def train_scaling() -> str:
     r = load("train.json")
-    rows = ["| hidden | rank | K-FAC penalty forward+backward / training step |", "|---|---|---|"]
-    for x in r["penalty_scaling"]:
-        rows.append(f"| {x['hidden']} | {x['rank']} | {100 * x['ratio']:.2f} % |")
+    rows = [
+        "| hidden | rank | adapted modules per layer | layers | K-FAC penalty forward+backward "
+        "/ training step |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r["penalty_scaling"]:  # rows written before the modules and layers axes: q, v x 2
+        targets = ",".join(t.removesuffix("_proj") for t in x.get("targets", ["q", "v"]))
+        rows.append(
+            f"| {x['hidden']} | {x['rank']} | {targets} | {x.get('layers', 2)} | "
+            f"{100 * x['ratio']:.2f} % |"
+        )
     return "\n".join(rows)
 
 
