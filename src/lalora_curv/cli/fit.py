@@ -59,9 +59,9 @@ EXAMPLES = """examples:
   lalora-curv fit --model ./llama --sources hellaswag,winogrande,arc_challenge  # from the hub
   lalora-curv fit --config runs/fit-kfac/config.yaml --structure diag --out runs/fit-diag
   lalora-curv fit --model ./llama --data_dir ../shared/data --print_config > fit.yaml
-  lalora-curv fit --model ./llama --self_generated 512 --max_length 256 \
+  lalora-curv fit --model ./llama --self_generated 512 --max_length 256 \\
       --structure kfac --estimator mc --mc_samples 4 --out runs/fit-self   # no source data
-  lalora-curv fit --model ./llama --data_dir ../shared/data --sources winogrande \
+  lalora-curv fit --model ./llama --data_dir ../shared/data --sources winogrande \\
       --storage lowrank --storage_rank 32 --out runs/fit-small   # factors: 32 eigenpairs + diag
 """
 
