@@ -8,8 +8,8 @@
   and the SHA-256 of the tensor file (a torn or mixed-up pair is detected).
 * Byte-identical tensors (the input factor of modules reading the same input, equal zero
   ``B0``) are stored once; ``tensor_aliases`` maps the others to the stored name. The storage
-  of the K-FAC factors (dense float32/float64/bfloat16 or low rank + diagonal,
-  :meth:`~lalora_curv.precision.KroneckerPrecision.with_storage`) is recorded as ``storage``
+  of the structure's tensors (dense float32/float64/bfloat16, or low rank + diagonal for the
+  K-FAC factors: :meth:`~lalora_curv.precision.Precision.with_storage`) is recorded as ``storage``
   and checked against the tensors on load.
 
 Saving is atomic: both files are written into a fresh sibling directory which then replaces
