@@ -465,6 +465,90 @@ def test_train_rebases_a_kfac_precision_onto_a_new_adapter(workspace, fitted, tm
     assert steps[0]["penalty"] == 0.0 and steps[1]["penalty"] > 0.0  # mu = the new init
 
 
+def _train_args(ws, out, *extra):
+    args = ["train", "--model", str(ws["model"]), "--r", "2", "--lora_alpha", "4"]
+    args += ["--data-dir", str(ws["data"]), "--limit", "4", "--batch_size", "2"]
+    return [*args, "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "milora"])
+def test_train_with_a_residual_init_saves_an_adapter_for_the_original_base(
+    workspace, tmp_path, init
+):
+    """PiSSA/OLoRA/MiLoRA change the base weights to W - s B0 A0; the saved adapter is peft's
+    rank-2r conversion [B, -B0][A; A0] for the original base. At lr 0 it must leave the
+    original model's function exactly as it was; trained, it must change it."""
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(workspace["model"])
+    reference = _logits(base, ids)
+    for lr, changes in (("0", False), ("1e-2", True)):
+        out = tmp_path / f"train-{lr}"
+        assert (
+            main(_train_args(workspace, out, "--init", init, "--lr", lr, "--max_steps", "3")) == 0
+        )
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == 4 and config["lora_alpha"] == 8  # s = alpha / r unchanged
+        init_weights = load_file(out / "adapter_init" / "adapter_model.safetensors")
+        saved = load_file(out / "adapter" / "adapter_model.safetensors")
+        for key, t in init_weights.items():  # the second half is the init: -B0 and A0
+            half = saved[key][:, 2:] if "lora_B" in key else saved[key][2:]
+            torch.testing.assert_close(half, -t if "lora_B" in key else t)
+        loaded = _peft_model(workspace, out / "adapter")
+        got = _logits(loaded, ids)
+        if changes:
+            assert (got - reference).abs().max() > 1e-4
+        else:
+            torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_train_rebases_a_default_init_precision_onto_a_pissa_adapter(
+    workspace, fitted, tmp_path, capsys
+):
+    out = tmp_path / "pissa-kfac"
+    args = _train_args(workspace, out, "--init", "pissa", "--precision", str(fitted))
+    assert main([*args, "--lam", "10", "--max_steps", "2", "--lr", "1e-2"]) == 0
+    assert "re-based" in capsys.readouterr().out
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["penalty"] == 0.0 and steps[1]["penalty"] > 0.0
+    # at PiSSA's non-zero B0 the lora_A block of the re-based precision is not zero
+    prec = lc.load_precision(fitted / "precision" / "sum")
+    base = AutoModelForCausalLM.from_pretrained(workspace["model"])
+    torch.manual_seed(0)
+    pissa = get_peft_model(
+        base,
+        LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"
+        ),
+    )
+    rebased = prec.rebase(pissa)
+    d = {n: torch.zeros_like(t) for n, t in rebased.mode.items()}
+    name = next(n for n in d if "lora_A" in n)
+    d[name] = torch.randn_like(d[name])
+    assert float(rebased.quad(d)) > 0 and float(prec.quad(d)) == 0.0
+
+
+def test_train_with_migu_updates_only_the_masked_rows(workspace, fitted, tmp_path, capsys):
+    out = tmp_path / "migu"
+    args = _train_args(workspace, out, "--adapter", str(fitted), "--migu_threshold", "0.7")
+    assert main([*args, "--max_steps", "1", "--lr", "1e-2", "--max_grad_norm", "null"]) == 0
+    init = load_file(fitted / "adapter_init" / "adapter_model.safetensors")
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    for key in (k for k in init if "lora_B" in k):
+        rows = (final[key] != init[key]).any(dim=1)
+        top = -(-3 * len(rows) // 10)  # ceil(0.3 D): the rows above the 0.7-quantile
+        assert 0 < int(rows.sum()) <= top < len(rows), (key, rows)  # one step, one mask
+    assert main(_train_args(workspace, tmp_path / "bad", "--migu_threshold", "1.0")) == 1
+    assert "--migu_threshold must be in [0, 1), got 1.0" in capsys.readouterr().err
+    bad = _train_args(workspace, tmp_path / "bad", "--adapter", str(fitted), "--init", "pissa")
+    assert main(bad) == 1
+    assert "cannot be combined with --adapter" in capsys.readouterr().err
+
+
 def test_train_resumes_from_its_checkpoints(workspace, fitted, tmp_path):
     out = tmp_path / "train"
     args = ["train", "--model", str(workspace["model"]), "--adapter", str(fitted)]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lalora_curv.cli._run import CliError, split_names
+from lalora_curv.errors import LaloraError
 from lalora_curv.tasks.data import TASKS, TaskDataError, load_records
 from lalora_curv.tasks.formatting import make_batches, supervised_examples
 
@@ -80,6 +81,9 @@ def resolve_precision(path: str) -> Path:
     )
 
 
+INITS = {"default": True, "pissa": "pissa", "olora": "olora", "milora": True}
+
+
 def with_adapter(
     base: nn.Module,
     adapter: str | None,
@@ -88,15 +92,25 @@ def with_adapter(
     target_modules: str | list[str],
     lora_dropout: float,
     seed: int,
+    init: str = "default",
 ) -> nn.Module:
     """The base model with a trainable LoRA adapter: loaded from ``adapter``, or a new one.
 
-    A new adapter is peft's default init (``A`` Kaiming-uniform, ``B = 0``) drawn after
-    ``torch.manual_seed(seed)``, so the same seed gives the same init.
+    A new adapter is drawn after ``torch.manual_seed(seed)``, so the same seed gives the same
+    init: ``init="default"`` is peft's (``A`` Kaiming-uniform, ``B = 0``); ``"pissa"`` and
+    ``"olora"`` are peft's principal-SVD and QR inits, ``"milora"``
+    :func:`lalora_curv.baselines.milora_init` (minor singular components). Those three
+    replace each base weight ``W`` by ``W - s B0 A0`` so the function is unchanged at init.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    if init not in INITS:
+        raise CliError(f"--init {init!r}: valid: {', '.join(INITS)}")
     if adapter is not None:
+        if init != "default":
+            raise CliError(
+                f"--init {init} makes a new adapter; it cannot be combined with --adapter"
+            )
         where = resolve_adapter(adapter)
         try:
             return PeftModel.from_pretrained(base, where, is_trainable=True)
@@ -109,12 +123,24 @@ def with_adapter(
         raise CliError(f"--r must be >= 1, got {r}")
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=lora_dropout
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=targets,
+        lora_dropout=lora_dropout,
+        init_lora_weights=INITS[init],
     )
     try:
-        return get_peft_model(base, config)
+        peft_model = get_peft_model(base, config)
     except ValueError as e:
         raise CliError(f"--target_modules {','.join(targets)}: {e}") from None
+    if init == "milora":
+        from lalora_curv.baselines import milora_init
+
+        try:
+            milora_init(peft_model)
+        except LaloraError as e:
+            raise CliError(f"--init milora: {e}") from None
+    return peft_model
 
 
 def check_tasks(tasks: list[str], option: str) -> None:

@@ -99,12 +99,22 @@ class RunDir:
             f.write(json.dumps(dict(record), sort_keys=True, allow_nan=False) + "\n")
 
 
-def save_adapter(model, path: Path, adapter_name: str = "default") -> Path:
-    """``model.save_pretrained`` (peft format) into ``path``, atomically replacing it."""
+def save_adapter(
+    model, path: Path, adapter_name: str = "default", initial: Path | None = None
+) -> Path:
+    """``model.save_pretrained`` (peft format) into ``path``, atomically replacing it.
+
+    ``initial``: the saved init of a PiSSA/OLoRA/MiLoRA adapter, whose base weights are the
+    residual ``W - s B0 A0``. peft then writes the plain LoRA adapter of rank ``2 r`` for the
+    *original* base, ``[B, -B0] [A; A0]`` (``s (B A - B0 A0)``, the same function).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        model.save_pretrained(staging, selected_adapters=[adapter_name])
+        extra = (
+            {} if initial is None else {"path_initial_model_for_weight_conversion": str(initial)}
+        )
+        model.save_pretrained(staging, selected_adapters=[adapter_name], **extra)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.rmdir(old)

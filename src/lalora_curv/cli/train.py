@@ -11,18 +11,29 @@ Run directory::
     OUT/config.yaml      the resolved arguments
     OUT/metrics.jsonl    lc.train's log: one line per optimizer step (nll, penalty, loss, lr)
     OUT/checkpoints/     atomic checkpoints (with --checkpoint_every; --resume continues)
-    OUT/adapter/         the trained adapter, peft format (PeftModel.from_pretrained)
+    OUT/adapter/         the trained adapter, peft format (PeftModel.from_pretrained) on the
+                         original base model (a PiSSA/OLoRA/MiLoRA init: converted by peft to
+                         a plain LoRA of rank 2r, s (B A - B0 A0))
+    OUT/adapter_init/    the init of a PiSSA/OLoRA/MiLoRA adapter (on its residual base)
     OUT/training.png     target NLL and penalty per step
+
+Methods: LALoRA with any precision structure (``--precision``, ``--lam``; EWC on the merged
+update is a merged-kfac/merged-diag precision), plain LoRA (``--lam 0``), MIGU
+(``--migu_threshold``), PiSSA/OLoRA/MiLoRA inits (``--init``), alone or combined with a
+penalty (a K-FAC-family precision fitted at the default init is re-based onto them: at their
+non-zero ``B0`` its ``A`` and cross blocks carry curvature).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
 
 import lalora_curv as lc
+from lalora_curv.baselines import migu
 from lalora_curv.cli._model import (
     ADAPTER_DIR,
     Dtype,
@@ -38,6 +49,9 @@ EXAMPLES = """examples:
   lalora-curv train --model ./llama --adapter runs/fit-kfac --precision runs/fit-kfac \\
       --lam 1000 --data_dir ../shared/data --limit 2000 --max_steps 500 --out runs/train-kfac
   lalora-curv train --model ./llama --adapter runs/fit-kfac --lam 0 --out runs/train-lora
+  lalora-curv train --model ./llama --init pissa --precision runs/fit-kfac --lam 1000 \\
+      --out runs/train-pissa-kfac
+  lalora-curv train --model ./llama --adapter runs/fit-kfac --migu_threshold 0.7 --out runs/migu
   lalora-curv train --config runs/train-kfac/config.yaml --lam 100 --out runs/train-kfac-100
 """
 
@@ -93,8 +107,10 @@ def train(
     lora_alpha: float = 32.0,
     target_modules: str | list[str] = "q_proj,v_proj",
     lora_dropout: float = 0.0,
+    init: Literal["default", "pissa", "olora", "milora"] = "default",
     precision: str | None = None,
     lam: float = 0.0,
+    migu_threshold: float | None = None,
     task: str = "gsm8k",
     data_dir: str | None = None,
     split: Literal["train", "eval"] = "train",
@@ -129,8 +145,11 @@ def train(
         lora_alpha: LoRA alpha of a new adapter.
         target_modules: layers a new adapter adapts, comma-separated or a YAML list.
         lora_dropout: LoRA dropout of a new adapter.
+        init: init of a new adapter: peft's default (B = 0), pissa, olora (peft) or milora.
         precision: a precision artifact, or a fit run (its precision/sum); none: plain LoRA.
         lam: penalty strength lambda >= 0.
+        migu_threshold: train with MIGU's gradient mask at this quantile (0.7 in its paper);
+            null: off.
         task: the target task.
         data_dir: local task files in the original schemas (default: the Hugging Face hub).
         split: records to train on.
@@ -161,38 +180,45 @@ def train(
         raise CliError(f"--lam must be >= 0, got {lam}")
     if lam > 0 and precision is None:
         raise CliError("--lam > 0 needs --precision (a precision artifact or a fit run)")
+    if migu_threshold is not None and not 0 <= migu_threshold < 1:
+        raise CliError(f"--migu_threshold must be in [0, 1), got {migu_threshold}")
     prec_path = resolve_precision(precision) if precision is not None else None
     prec = lc.load_precision(prec_path) if prec_path is not None else None
     base, tokenizer = load_base(model, dtype, device)
     batches = task_batches(
         [task], tokenizer, data_dir, split, limit, batch_size, max_length, seed, "--task"
     )[task]
-    peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
+    peft_model = with_adapter(
+        base, adapter, r, lora_alpha, target_modules, lora_dropout, seed, init
+    )
+    initial = save_adapter(peft_model, run / "adapter_init") if init != "default" else None
     if prec is not None:
         _warn_other_base(prec, peft_model, model)
         prec = _matching_precision(prec, peft_model, prec_path)
-    records = lc.train(
-        peft_model,
-        batches,
-        prec,
-        lam,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        schedule=schedule,
-        max_steps=max_steps,
-        epochs=epochs,
-        grad_accum_steps=grad_accum_steps,
-        max_grad_norm=max_grad_norm,
-        mixed_precision=mixed_precision,
-        log_file=run.metrics_file,
-        checkpoint_dir=run / "checkpoints",
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        seed=seed,
-        progress=progress,
-    )
-    adapter_dir = save_adapter(peft_model, run / ADAPTER_DIR)
+    guard = migu(peft_model, migu_threshold) if migu_threshold is not None else nullcontext()
+    with guard:
+        records = lc.train(
+            peft_model,
+            batches,
+            prec,
+            lam,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            max_steps=max_steps,
+            epochs=epochs,
+            grad_accum_steps=grad_accum_steps,
+            max_grad_norm=max_grad_norm,
+            mixed_precision=mixed_precision,
+            log_file=run.metrics_file,
+            checkpoint_dir=run / "checkpoints",
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            seed=seed,
+            progress=progress,
+        )
+    adapter_dir = save_adapter(peft_model, run / ADAPTER_DIR, initial=initial)
     steps = [r for r in records if r.get("nll") is not None]
     if steps:
         print(
