@@ -271,3 +271,40 @@ def test_finetune_on_a_self_generated_precision_of_the_same_token_count(small):
     assert own["final_penalty"] > 0
     with pytest.raises(ValueError, match="source"):
         rt.finetune(model, tok, small, precision_structure="kfac", source="web", **kw)
+
+
+def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, monkeypatch):
+    model, tok = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    inits, orders = [], []
+    get_peft_model, train = rt.get_peft_model, rt.lc.train
+
+    def spy_peft(*args, **kwargs):
+        peft_model = get_peft_model(*args, **kwargs)
+        inits.append(
+            [p.detach().clone() for n, p in peft_model.named_parameters() if "lora_A" in n]
+        )
+        return peft_model
+
+    def spy_train(peft_model, batches, *args, **kwargs):
+        orders.append(torch.cat([b["input_ids"][:, :8] for b in batches]))
+        return train(peft_model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(rt, "get_peft_model", spy_peft)
+    monkeypatch.setattr(rt.lc, "train", spy_train)
+    kw = dict(steps=4, lr=1e-2, batch_size=4, max_length=64, fit_texts=8, eval_every=2)
+    kw |= dict(precision_structure="kfac", mc_samples=2, lam=1e3)
+    runs = [rt.finetune(copy.deepcopy(model), tok, small, seed=s, **kw) for s in (0, 0, 1)]
+    # every checkpoint of a LALoRA run is measured, as for plain LoRA
+    assert [c["step"] for c in runs[0]["trajectory"]] == [2, 4]
+    # a fixed seed: the same init, data order and numbers, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(inits[0], inits[1], strict=True))
+    assert torch.equal(orders[0], orders[1])
+    assert runs[0] == runs[1]
+    # another seed: another LoRA init (every lora_A), other training pairs in another order
+    assert len(inits[0]) > 0 and not any(
+        torch.equal(a, b) for a, b in zip(inits[0], inits[2], strict=True)
+    )
+    assert not torch.equal(orders[0], orders[2])
+    assert runs[2]["before"] == runs[0]["before"]  # B = 0: the untouched model either way
+    assert runs[2]["trajectory"][0]["target"] != runs[0]["trajectory"][0]["target"]
+    assert runs[2]["lam_applied"] == runs[0]["lam_applied"] == 1e3
