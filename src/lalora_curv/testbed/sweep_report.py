@@ -199,9 +199,22 @@ def _colour(plt, i: int, n: int):
     return f"C{i}" if n <= 10 else plt.get_cmap("tab20")(i % 20)
 
 
-def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
+def plot_pareto(
+    configs: list[dict[str, Any]],
+    path: Path,
+    *,
+    xlabel: str = "target exact match (learning)",
+    ylabel: str = "mean source accuracy (forgetting)",
+    title: str = "learning-forgetting fronts (every evaluation, seed means)",
+    y_sign: float = 1.0,
+    legend_loc: str = "lower left",
+) -> Path | None:
     """Target exact match (x) against mean source accuracy (y): every seed-averaged point
-    faint, each method's front as a step line with its points' seed std as error bars."""
+    faint, each method's front as a step line with its points' seed std as error bars.
+
+    ``y_sign = -1`` draws ``-source_mean`` (e.g. a forgetting measure stored negated so that
+    higher is better for :func:`pareto_front`): lower is then better on the y axis.
+    """
     plt = _plt()
     if plt is None:
         return None
@@ -213,13 +226,13 @@ def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
         pts = [p for c in configs if c["method"] == method for p in c["points"]]
         ax.scatter(
             [p["target"] for p in pts],
-            [p["source_mean"] for p in pts],
+            [y_sign * p["source_mean"] for p in pts],
             s=12,
             alpha=0.25,
             color=colour,
         )
         front = fronts[method]
-        x, y = [p["target"] for p in front], [p["source_mean"] for p in front]
+        x, y = [p["target"] for p in front], [y_sign * p["source_mean"] for p in front]
         ax.step(x, y, where="pre", color=colour, lw=1.8, label=f"{method} ({len(pts)} points)")
         ax.errorbar(
             x,
@@ -233,14 +246,14 @@ def plot_pareto(configs: list[dict[str, Any]], path: Path) -> Path | None:
             elinewidth=0.8,
             capsize=2,
         )
-    ax.set_xlabel("target exact match (learning)")
-    ax.set_ylabel("mean source accuracy (forgetting)")
-    ax.set_title("learning-forgetting fronts (every evaluation, seed means)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if many:  # beside the axes, where it hides no point
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc=legend_loc)
     fig.tight_layout()
     return save_figure(fig, path)
 
