@@ -34,7 +34,16 @@ from lalora_curv.testbed.sweep import (
     run_cell,
     run_sweep,
 )
-from lalora_curv.testbed.sweep_report import aggregate, pareto_front, report, tables
+from lalora_curv.testbed.sweep_report import (
+    aggregate,
+    format_table,
+    front_gap,
+    method_fronts,
+    pareto_front,
+    report,
+    source_at_target,
+    tables,
+)
 
 TINY = {"steps": 40, "texts": 200, "hidden": 32, "mlp": 64, "layers": 1, "heads": 2}
 BENCH = {"pretrain": TINY, "train_problems": 64, "test_problems": 32}
@@ -354,6 +363,31 @@ def test_aggregate_and_tables_are_seed_means_and_the_fronts(tmp_path):
         len(c["points"]) for c in json.loads((tmp_path / "summary.json").read_text())["configs"]
     )
     assert every == len({(r["config"], r["step"]) for r in records})  # nothing left out
+
+
+def test_source_at_target_and_front_gap_read_the_front_by_brute_force():
+    configs = aggregate(fake_records())
+    fronts = method_fronts(configs)
+    levels = [0.2, 0.5, 0.8]
+    table = source_at_target(fronts, levels)
+    for method in ("a", "b"):
+        pts = [p for c in configs if c["method"] == method for p in c["points"]]
+        for level in levels:
+            ok = [p["source_mean"] for p in pts if p["target"] >= level]  # every point
+            got = table[method][f"{level:g}"]
+            assert (got is None) == (not ok)
+            if ok:
+                assert got["source_mean"] == max(ok) and got["target"] >= level
+    front = fronts["a"]
+    for p in [q for c in configs for q in c["points"]]:
+        better = [q["source_mean"] for q in front if q["target"] >= p["target"]]
+        gap = front_gap(p, front)
+        assert gap == (max(better) - p["source_mean"] if better else None)
+        if p in front:
+            assert gap == 0.0
+    rows, summary = tables(configs, threshold=0.0)
+    text = format_table(rows, 0.0, summary["source_at_target"])
+    assert "with target >= T" in text and "T=0.1" in text
 
 
 # ------------------------------------------------------------------------------- the CLI

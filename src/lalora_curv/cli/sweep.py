@@ -59,7 +59,7 @@ def run_grid(
     keys = {cell_key(c) for c in cells}  # records of cells no longer in the grid stay out
     records = [r for r in read_runs(run / "runs.jsonl") if r["key"] in keys]
     result = report(records, run.path, threshold)
-    print(format_table(result["rows"], result["threshold"]))
+    print(format_table(result["rows"], result["threshold"], result["source_at_target"]))
     print("\nfiles: " + ", ".join(result["files"]))
     return result
 

@@ -128,6 +128,31 @@ def method_fronts(configs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     return fronts
 
 
+def source_at_target(
+    fronts: dict[str, list[dict[str, Any]]], levels: Sequence[float]
+) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """Per method and level ``T``: its front point of highest source accuracy among those with
+    target >= ``T`` (``None`` where the method never reaches ``T``): the front read at equal
+    learning, the comparison a reader of the Pareto plot makes."""
+    out: dict[str, dict[str, dict[str, Any] | None]] = {}
+    for method, front in sorted(fronts.items()):
+        out[method] = {}
+        for level in levels:
+            eligible = [p for p in front if p["target"] >= level]
+            best = max(eligible, key=lambda p: (p["source_mean"], p["target"]), default=None)
+            out[method][f"{level:g}"] = best
+    return out
+
+
+def front_gap(point: dict[str, Any], front: Sequence[dict[str, Any]]) -> float | None:
+    """How far ``point`` lies below ``front`` at equal or higher learning: the highest
+    ``source_mean`` of a front point with ``target >= point["target"]`` minus the point's
+    (> 0: the front keeps more source at that learning; <= 0: the point is on or beyond it);
+    ``None`` when no front point learns as much."""
+    above = [p["source_mean"] for p in front if p["target"] >= point["target"]]
+    return max(above) - point["source_mean"] if above else None
+
+
 def default_threshold(fronts: dict[str, list[dict[str, Any]]]) -> float:
     """``0.9 * min over methods of the method's best target``: every method has a point."""
     return 0.9 * min(max(p["target"] for p in front) for front in fronts.values())
@@ -167,8 +192,11 @@ def tables(
             p = max(eligible, key=lambda p: (p["source_mean"], p["target"]))
             best[method] = p
             rows.append(_row("front", method, p, p["label"], seeds_of[p["config"]]))
+    top = max(p["target"] for front in fronts.values() for p in front)
+    levels = [round(0.1 * k, 1) for k in range(1, 10) if 0.1 * k <= top + 1e-12]
     summary = {
         "threshold": threshold,
+        "source_at_target": source_at_target(fronts, levels),
         "methods": {
             m: {
                 "configs": sum(c["method"] == m for c in configs),
@@ -315,8 +343,14 @@ def report(
     return {**summary, "rows": rows, "files": [str(f) for f in files]}
 
 
-def format_table(rows: list[dict[str, Any]], threshold: float) -> str:
-    """The rows as aligned text: the final points, then each method's best front point."""
+def format_table(
+    rows: list[dict[str, Any]],
+    threshold: float,
+    at_target: dict[str, dict[str, dict[str, Any] | None]] | None = None,
+) -> str:
+    """The rows as aligned text: the final points, then each method's best front point, then
+    (``at_target``, from :func:`source_at_target`) each method's front read at levels of
+    target exact match."""
     width = max(len(r["config"]) for r in rows) + 2
     lines = []
     for kind, title in (
@@ -334,6 +368,20 @@ def format_table(rows: list[dict[str, Any]], threshold: float) -> str:
                     f"{r['config']:<{width}}{r['step']:>6}  {r['source']:.3f} +- {r['source_std']:.3f}"
                     f"  {r['target']:.3f} +- {r['target_std']:.3f}"
                 )
+    if at_target:
+        levels = list(next(iter(at_target.values())))
+        name = max(len(m) for m in at_target) + 2
+        lines += [
+            "",
+            "best source accuracy on each method's front with target >= T (mean +- std)",
+            f"{'method':<{name}}" + "".join(f"{'T=' + t:>16}" for t in levels),
+        ]
+        for method, by_level in at_target.items():
+            cells = [
+                f"{p['source_mean']:.3f} +- {p['source_mean_std']:.3f}" if p else "-"
+                for p in by_level.values()
+            ]
+            lines.append(f"{method:<{name}}" + "".join(f"{c:>16}" for c in cells))
     return "\n".join(lines[1:])
 
 
@@ -341,8 +389,10 @@ __all__ = [
     "aggregate",
     "default_threshold",
     "format_table",
+    "front_gap",
     "method_fronts",
     "pareto_front",
     "report",
+    "source_at_target",
     "tables",
 ]
