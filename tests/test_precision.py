@@ -213,6 +213,22 @@ def test_incompatible_sums_raise(batches):
         -1.0 * k
 
 
+def test_token_and_sequence_diagonals_do_not_pool(batches):
+    """Squares of per-token and of per-sequence gradients are different statistics: a sum (or
+    an online update) of one with the other is refused, not silently averaged."""
+    model = make_model()
+    token = fit(model, batches, "diag")
+    sequence = fit(model, batches, "diag", granularity="sequence")
+    assert token.metadata["granularity"] == "token"
+    assert sequence.metadata["granularity"] == "sequence"
+    assert not torch.allclose(token.diag[token.param_names[0]], sequence.diag[token.param_names[0]])
+    for pool in (lambda: token + sequence, lambda: lc.online_laplace(sequence, token)):
+        with pytest.raises(lc.IncompatiblePrecisionError, match="different granularity"):
+            pool()
+    same = fit(model, batches, "diag", granularity="sequence")
+    assert (sequence + same).metadata["granularity"] == "sequence"
+
+
 @pytest.mark.parametrize("structure", ["kfac", "tri-kfac", "merged-kfac", "merged-diag"])
 def test_rebase_serves_another_rank_alpha_and_seed(batches, structure):
     """At B0 = 0 the base factors do not depend on the adapter: a fit on a rank-3 adapter,

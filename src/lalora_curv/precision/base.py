@@ -321,6 +321,15 @@ class Precision(ABC):
                     f"cannot add precisions with different {key}: "
                     f"{self._metadata.get(key)!r} vs {other._metadata.get(key)!r}"
                 )
+        # per-token and per-sequence squared gradients are different statistics: a token-count
+        # weighted mean of the two is neither (an artifact that does not record it passes)
+        grains = {self._metadata.get("granularity"), other._metadata.get("granularity")}
+        if len(grains - {None}) > 1:
+            raise IncompatiblePrecisionError(
+                f"cannot add precisions with different granularity: "
+                f"{self._metadata.get('granularity')!r} vs {other._metadata.get('granularity')!r}"
+                " (fit both per token or both per sequence)"
+            )
         names = list(self.modules)
         if names != list(other.modules):
             diff = sorted(set(names) ^ set(other.modules)) or names
