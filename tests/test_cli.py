@@ -268,6 +268,33 @@ def test_fit_storage_options_are_checked_before_fitting(workspace, tmp_path, cap
     assert e.value.code == 2 and "storage" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        ("fit", ["--storage", "lowrank"], "--storage lowrank needs --storage_rank K"),
+        ("train", ["--lam", "-1"], "--lam must be >= 0"),
+        ("train", ["--migu_threshold", "1.0"], "--migu_threshold must be in [0, 1)"),
+        ("train", ["--init", "pissa", "--adapter", "x"], "cannot be combined with --adapter"),
+    ],
+)
+def test_refused_arguments_leave_an_earlier_run_directory_alone(
+    workspace, tmp_path, capsys, command, extra, message
+):
+    out = tmp_path / "earlier"
+    out.mkdir()
+    before = {
+        ".lalora-curv-command": f"{command}\n",
+        "config.yaml": "lr: 0.001\n",
+        "metrics.jsonl": "{}\n",
+    }
+    for name, text in before.items():
+        (out / name).write_text(text)
+    args = (fit_args if command == "fit" else _train_args)(workspace, out, *extra)
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+
+
 def test_fit_on_self_generated_samples_records_how_they_were_drawn(workspace, tmp_path, capsys):
     out = tmp_path / "self"
     prompts = tmp_path / "prompts.txt"

@@ -202,8 +202,8 @@ def fit(
     Returns:
         ``{source: precision, ..., "sum": pooled precision}``, in the saved storage.
     """
+    check_storage(structure, storage, storage_rank)  # before --out (an earlier run) is touched
     run = RunDir("fit", out, locals())
-    check_storage(structure, storage, storage_rank)
     names = split_names(sources)
     if SUM_NAME in names:
         raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")

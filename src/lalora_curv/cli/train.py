@@ -175,13 +175,16 @@ def train(
     Returns:
         lc.train's log records.
     """
-    run = RunDir("train", out, locals(), fresh_metrics=not resume)
+    # refused before --out is touched: an earlier run's config.yaml and metrics.jsonl stay
     if lam < 0:
         raise CliError(f"--lam must be >= 0, got {lam}")
     if lam > 0 and precision is None:
         raise CliError("--lam > 0 needs --precision (a precision artifact or a fit run)")
     if migu_threshold is not None and not 0 <= migu_threshold < 1:
         raise CliError(f"--migu_threshold must be in [0, 1), got {migu_threshold}")
+    if init != "default" and adapter is not None:
+        raise CliError(f"--init {init} makes a new adapter; it cannot be combined with --adapter")
+    run = RunDir("train", out, locals(), fresh_metrics=not resume)
     prec_path = resolve_precision(precision) if precision is not None else None
     prec = lc.load_precision(prec_path) if prec_path is not None else None
     base, tokenizer = load_base(model, dtype, device)
