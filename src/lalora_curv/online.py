@@ -47,7 +47,8 @@ def online_laplace(previous: Precision, new: Precision, decay: float = 1.0) -> P
         decay: ``gamma`` in ``(0, 1]``.
 
     Raises:
-        IncompatiblePrecisionError: other structures, estimators, modules or shapes.
+        IncompatiblePrecisionError: other structures, estimators, modules or shapes; EKFAC
+            (its eigenbasis is fitted at one point on one data set: a sum over tasks has none).
         LaloraError: a decay outside ``(0, 1]``.
     """
     if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1:
@@ -61,6 +62,12 @@ def online_laplace(previous: Precision, new: Precision, decay: float = 1.0) -> P
         raise IncompatiblePrecisionError(
             f"cannot combine a {previous.structure!r} precision with a {new.structure!r} one: "
             "fit the new task with the same structure"
+        )
+    if previous.structure == "ekfac":
+        raise IncompatiblePrecisionError(
+            "online_laplace has no EKFAC update: each task's EKFAC precision has its own "
+            "eigenbasis, so their sum is not an EKFAC precision; fit the tasks with 'kfac' (or "
+            "'diag'), or recentre the previous one alone (previous.recentred(new.mode))"
         )
     moved = previous.recentred(new.mode)
     result = (moved * float(decay) if decay != 1 else moved) + new
