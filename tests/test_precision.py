@@ -247,6 +247,25 @@ def test_rebase_serves_another_rank_alpha_and_seed(batches, structure):
     assert rebased.metadata["adapter"]["r"] == 5
 
 
+@pytest.mark.parametrize("structure", ["kfac", "merged-diag"])
+def test_rebase_onto_a_nonzero_b0_adapter_keeps_the_precision_portable(batches, structure):
+    """The B0 = 0 flag describes where the statistics were measured, not the new mode: a fit at
+    B0 = 0 re-based onto a B0 != 0 adapter (PiSSA-like) re-bases again onto any adapter, and
+    equals the direct re-base there."""
+    prec = fit(make_model(init_B_std=0.0), batches, structure)
+    nonzero, other = make_model(init_B_std=0.3, seed=1), make_model(init_B_std=0.0, seed=2)
+    assert prec.metadata["lora_B_init_zero"] is True
+    via = prec.rebase(nonzero)
+    assert via.metadata["lora_B_init_zero"] is True
+    assert (via + prec.rebase(nonzero)).metadata["lora_B_init_zero"] is True
+    again, direct = via.rebase(other), prec.rebase(other)
+    d = random_delta(direct, 3, scale=0.2)
+    torch.testing.assert_close(again.quad(d), direct.quad(d), rtol=1e-12, atol=0)
+    # a fit at B0 != 0 still cannot move
+    with pytest.raises(lc.LaloraError, match="non-zero lora_B"):
+        fit(nonzero, batches, structure).rebase(other)
+
+
 def test_diag_cannot_rebase(model, batches):
     with pytest.raises(lc.LaloraError, match="cannot be re-based"):
         fit(model, batches, "diag").rebase(model)

@@ -162,7 +162,7 @@ class MergedDiagPrecision(Precision):
     def rebase(self, model: nn.Module, adapter_name: str = "default") -> MergedDiagPrecision:
         modules, mode = rebased_modules(self, model, adapter_name)
         return MergedDiagPrecision(
-            modules, mode, self.weight_diag, rebased_metadata(self, model, adapter_name, mode)
+            modules, mode, self.weight_diag, rebased_metadata(self, model, adapter_name)
         )
 
 
@@ -198,15 +198,12 @@ def rebased_modules(
     return modules, mode
 
 
-def rebased_metadata(
-    prec: Precision, model: nn.Module, adapter_name: str, mode: Mapping[str, Tensor]
-) -> dict[str, Any]:
+def rebased_metadata(prec: Precision, model: nn.Module, adapter_name: str) -> dict[str, Any]:
     from lalora_curv.adapter import adapter_config
 
     meta = prec.metadata
     meta["adapter"] = adapter_config(model, adapter_name)
-    meta["lora_B_init_zero"] = all(
-        not bool(t.any()) for n, t in mode.items() if n.endswith("lora_B.weight")
-    )
+    # "lora_B_init_zero" says where the statistics were measured (rebase refuses B0 != 0), and
+    # they are unchanged: a B0 = 0 fit moved onto a B0 != 0 adapter (PiSSA) stays portable
     meta["rebased"] = True
     return meta

@@ -298,7 +298,7 @@ class KroneckerPrecision(Precision):
             self.input_factors,
             self.grad_factors,
             self.weights,
-            rebased_metadata(self, model, adapter_name, mode),
+            rebased_metadata(self, model, adapter_name),
         )
 
     def _lora_B_term(self, b: LoraBlocks, dB: Tensor) -> Tensor:
