@@ -388,6 +388,11 @@ def test_source_at_target_and_front_gap_read_the_front_by_brute_force():
     rows, summary = tables(configs, threshold=0.0)
     text = format_table(rows, 0.0, summary["source_at_target"])
     assert "with target >= T" in text and "T=0.1" in text
+    # no method reaches target 0.1: no levels, and no empty table of method names
+    low = [{**c, "points": [{**p, "target": 0.01} for p in c["points"]]} for c in configs]
+    rows, summary = tables(low, threshold=0.0)
+    assert all(by_level == {} for by_level in summary["source_at_target"].values())
+    assert format_table(rows, 0.0, summary["source_at_target"]) == format_table(rows, 0.0)
 
 
 # ------------------------------------------------------------------------------- the CLI

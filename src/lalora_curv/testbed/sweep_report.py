@@ -368,8 +368,8 @@ def format_table(
                     f"{r['config']:<{width}}{r['step']:>6}  {r['source']:.3f} +- {r['source_std']:.3f}"
                     f"  {r['target']:.3f} +- {r['target_std']:.3f}"
                 )
-    if at_target:
-        levels = list(next(iter(at_target.values())))
+    levels = list(next(iter(at_target.values()), {})) if at_target else []
+    if levels:  # none when no method reaches target 0.1: no empty table
         name = max(len(m) for m in at_target) + 2
         lines += [
             "",
