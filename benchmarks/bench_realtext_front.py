@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from bench_core import environment, write_result
 from lalora_curv.testbed import realtext as rt
-from lalora_curv.testbed.sweep import _one_thread as one_thread  # the sweep's worker setup
+from lalora_curv.testbed.sweep import one_thread  # the sweep's worker setup
 from lalora_curv.testbed.sweep_report import aggregate, method_fronts, plot_pareto
 
 HERE = Path(__file__).resolve().parent

@@ -151,3 +151,34 @@ def test_milora_refuses_conv1d_layers():
     model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     with pytest.raises(lc.LaloraError, match="Conv1D"):
         milora_init(model)
+
+
+@pytest.mark.parametrize("init", ["default", "pissa", "olora", "milora"])
+def test_lora_adapter_keeps_the_function_at_every_init(init):
+    from peft import LoraConfig
+
+    from lalora_curv.baselines import lora_adapter
+    from lalora_curv.toy import tiny_llama
+
+    base = tiny_llama(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=24,
+        num_heads=2,
+        num_kv_heads=1,
+        seed=0,
+        dtype=torch.float32,  # peft's PiSSA/OLoRA refuse float64
+    )
+    ids = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    model = lora_adapter(base, config, init)
+    assert config.init_lora_weights is True  # the caller's config is not changed
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    b0 = [h.lora_B.weight for h in find_lora_modules(model).values()]
+    assert all(bool(b.any()) for b in b0) == (init != "default")
+    assert not any(bool(b.any()) for b in b0) == (init == "default")
+    with pytest.raises(lc.LaloraError, match="unknown init 'corda'"):
+        lora_adapter(base, config, "corda")

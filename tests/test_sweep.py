@@ -309,6 +309,27 @@ def test_a_failed_cell_neither_stops_the_others_nor_loses_them(cache, tmp_path, 
     assert run_sweep(cells, tmp_path / "out", workers=1, progress=False)["ran"] == 1
 
 
+def test_cli_sweep_reports_the_finished_cells_before_failing(cache, tmp_path, monkeypatch):
+    import lalora_curv.testbed.sweep as sweep_module
+
+    real = sweep_module.run_cell
+
+    def flaky(cell, progress=False):
+        if cell["lr"] == 3e-3:
+            raise RuntimeError("simulated")
+        return real(cell, progress)
+
+    monkeypatch.setattr(sweep_module, "run_cell", flaky)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(tiny_grid(lora={"lr": [1e-3, 3e-3]})))
+    out = tmp_path / "out"
+    args = ["sweep", "--grid", str(path), "--out", str(out), "--workers", "1", "--no-progress"]
+    with pytest.raises(CliError, match=r"1 of 2 cells failed[\s\S]*cover the finished cells"):
+        run_command(args)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["cell"]["lr"] for c in summary["configs"]] == [1e-3]
+
+
 def fake_records():
     """Two methods; method a has two configurations; two seeds each; steps 0 and 10."""
     rng = random.Random(0)
@@ -378,13 +399,17 @@ def test_source_at_target_and_front_gap_read_the_front_by_brute_force():
             assert (got is None) == (not ok)
             if ok:
                 assert got["source_mean"] == max(ok) and got["target"] >= level
-    front = fronts["a"]
-    for p in [q for c in configs for q in c["points"]]:
-        better = [q["source_mean"] for q in front if q["target"] >= p["target"]]
-        gap = front_gap(p, front)
-        assert gap == (max(better) - p["source_mean"] if better else None)
-        if p in front:
-            assert gap == 0.0
+    # a hand-made front: (source, target) = (1.0, 0.1), (0.9, 0.3), (0.7, 0.5)
+    front = [{"source_mean": s, "target": t} for s, t in ((1.0, 0.1), (0.9, 0.3), (0.7, 0.5))]
+    for (source, target), gap in (
+        ((0.8, 0.2), 0.1),  # below: the front keeps 0.9 at target 0.3 >= 0.2
+        ((0.95, 0.3), -0.05),  # beyond the front at equal learning
+        ((0.7, 0.5), 0.0),  # on it
+        ((0.5, 0.05), 0.5),
+        ((0.9, 0.6), None),  # learns more than any front point
+    ):
+        got = front_gap({"source_mean": source, "target": target}, front)
+        assert got == pytest.approx(gap) if gap is not None else got is None
     rows, summary = tables(configs, threshold=0.0)
     text = format_table(rows, 0.0, summary["source_at_target"])
     assert "with target >= T" in text and "T=0.1" in text

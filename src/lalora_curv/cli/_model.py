@@ -81,9 +81,6 @@ def resolve_precision(path: str) -> Path:
     )
 
 
-INITS = {"default": True, "pissa": "pissa", "olora": "olora", "milora": True}
-
-
 def with_adapter(
     base: nn.Module,
     adapter: str | None,
@@ -102,7 +99,9 @@ def with_adapter(
     :func:`lalora_curv.baselines.milora_init` (minor singular components). Those three
     replace each base weight ``W`` by ``W - s B0 A0`` so the function is unchanged at init.
     """
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel
+
+    from lalora_curv.baselines import INITS, lora_adapter
 
     if init not in INITS:
         raise CliError(f"--init {init!r}: valid: {', '.join(INITS)}")
@@ -123,23 +122,15 @@ def with_adapter(
         raise CliError(f"--r must be >= 1, got {r}")
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        target_modules=targets,
-        lora_dropout=lora_dropout,
-        init_lora_weights=INITS[init],
+        r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=lora_dropout
     )
     try:
-        peft_model = get_peft_model(base, config)
-    except ValueError as e:
-        raise CliError(f"--target_modules {','.join(targets)}: {e}") from None
-    if init == "milora":
-        from lalora_curv.baselines import milora_init
-
-        try:
-            milora_init(peft_model)
-        except LaloraError as e:
-            raise CliError(f"--init milora: {e}") from None
+        peft_model = lora_adapter(base, config, init)
+    except (ValueError, LaloraError) as e:
+        raise CliError(
+            f"cannot make a LoRA adapter (--init {init}, --r {r}, --target_modules "
+            f"{','.join(targets)}): {e}"
+        ) from None
     return peft_model
 
 

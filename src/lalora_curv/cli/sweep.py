@@ -23,6 +23,7 @@ import yaml
 from lalora_curv.cli._run import CliError, RunDir, atomic_write_text
 from lalora_curv.testbed.sweep import (
     GridError,
+    SweepError,
     cell_key,
     expand_grid,
     load_grid,
@@ -51,16 +52,24 @@ def run_grid(
     except GridError as e:
         raise CliError(f"--grid: {e}") from None
     atomic_write_text(run / "grid.yaml", yaml.safe_dump(grid, sort_keys=False))
-    counts = run_sweep(cells, run.path, workers=workers, progress=progress)
-    print(
-        f"{counts['cells']} cells: {counts['done']} already in {run / 'runs.jsonl'}, "
-        f"{counts['ran']} trained now"
-    )
+    failure = None
+    try:
+        counts = run_sweep(cells, run.path, workers=workers, progress=progress)
+        print(
+            f"{counts['cells']} cells: {counts['done']} already in {run / 'runs.jsonl'}, "
+            f"{counts['ran']} trained now"
+        )
+    except SweepError as e:  # report the finished cells first, then fail
+        failure = e
     keys = {cell_key(c) for c in cells}  # records of cells no longer in the grid stay out
     records = [r for r in read_runs(run / "runs.jsonl") if r["key"] in keys]
+    if failure is not None and not records:
+        raise CliError(str(failure)) from None
     result = report(records, run.path, threshold)
     print(format_table(result["rows"], result["threshold"], result["source_at_target"]))
     print("\nfiles: " + ", ".join(result["files"]))
+    if failure is not None:
+        raise CliError(f"{failure}\n(the table and plots above cover the finished cells)")
     return result
 
 

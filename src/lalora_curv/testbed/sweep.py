@@ -43,16 +43,17 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from tqdm.auto import tqdm
 
 import lalora_curv as lc
-from lalora_curv.baselines import migu, milora_init
+from lalora_curv.baselines import INITS, lora_adapter, migu
 from lalora_curv.errors import LaloraError
 from lalora_curv.tasks.formatting import make_batches
 from lalora_curv.testbed.experiment import (
@@ -68,7 +69,6 @@ RUNS_FILE = "runs.jsonl"
 KINDS = ("lora", "lalora", "migu")
 STRUCTURES = ("diag", "kfac", "tri-kfac", "merged-kfac", "merged-diag")
 ESTIMATORS = ("empirical", "mc", "batch-grad-squared")
-INITS = ("default", "pissa", "olora", "milora")
 SOURCES = ("facts", "self-generated")
 #: settings of every method, with their defaults
 COMMON = {
@@ -321,17 +321,13 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
     model, tok, world = pretrained(bench["pretrain_seed"], bench["pretrain"], progress=False)
     seed = cell["seed"]
     torch.manual_seed(seed)
-    init = {"default": True, "pissa": "pissa", "olora": "olora", "milora": True}[cell["init"]]
     config = LoraConfig(
         r=cell["rank"],
         lora_alpha=cell["rank"],
         lora_dropout=0.0,
         target_modules=_targets(cell["targets"]),
-        init_lora_weights=init,
     )
-    peft_model = get_peft_model(model, config)
-    if cell["init"] == "milora":
-        milora_init(peft_model)
+    peft_model = lora_adapter(model, config, cell["init"])
     test = world.problems("test", bench["test_problems"])
 
     def evaluate(m, step: int) -> dict[str, float]:
@@ -365,7 +361,7 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
     problems = world.problems("train", bench["train_problems"])
     random.Random(seed).shuffle(problems)  # the seed varies the data order too
     train = make_batches(problems, tok, batch_size=16, max_length=64)
-    guard = migu(peft_model, cell["threshold"]) if cell["kind"] == "migu" else _nothing()
+    guard = migu(peft_model, cell["threshold"]) if cell["kind"] == "migu" else nullcontext()
     with guard:
         log = lc.train(
             peft_model,
@@ -414,15 +410,7 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
     return records
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _one_thread() -> None:
+def one_thread() -> None:
     """Worker initialiser: one torch thread (2 threads on 2 shared cores is ~15x slower)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -490,7 +478,7 @@ def run_sweep(
                 bar.update()
         else:
             context = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread)
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=one_thread)
             try:
                 futures = {pool.submit(run_cell, cell): cell for cell in todo}
                 for future in as_completed(futures):
