@@ -17,6 +17,7 @@ from lalora_curv.baselines.milora import milora_init
 from lalora_curv.errors import LaloraError
 
 INITS = ("default", "pissa", "olora", "milora")
+"""The names :func:`lora_adapter` accepts."""
 _PEFT_INIT = {"default": True, "pissa": "pissa", "olora": "olora", "milora": True}
 
 
