@@ -74,6 +74,9 @@ def environment() -> dict[str, object]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "lalora_curv": lc.__version__,
+        # other work on the machine skews timings: the 1, 5 and 15 minute load averages
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
