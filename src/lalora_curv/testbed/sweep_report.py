@@ -6,7 +6,8 @@
 * :func:`pareto_front`: the points no other point beats on both axes (higher source accuracy
   *and* higher target exact match, one of them strictly);
 * :func:`report`: each method's front over all its configurations and evaluation steps
-  (seed-averaged points) -> ``pareto.png``; accuracy against step per method ->
+  (seed-averaged points) -> ``pareto.png`` (and ``pareto_top.png``, zoomed on source
+  accuracy >= 0.9, when some point lies below); accuracy against step per method ->
   ``curves.png``; ``table.csv`` and ``summary.json``: the final point of every configuration
   and, per method, the front's point of highest source accuracy with target >= a threshold.
 
@@ -236,12 +237,14 @@ def plot_pareto(
     title: str = "learning-forgetting fronts (every evaluation, seed means)",
     y_sign: float = 1.0,
     legend_loc: str = "lower left",
+    ylim: tuple[float, float] | None = None,
 ) -> Path | None:
     """Target exact match (x) against mean source accuracy (y): every seed-averaged point
     faint, each method's front as a step line with its points' seed std as error bars.
 
     ``y_sign = -1`` draws ``-source_mean`` (e.g. a forgetting measure stored negated so that
-    higher is better for :func:`pareto_front`): lower is then better on the y axis.
+    higher is better for :func:`pareto_front`): lower is then better on the y axis. ``ylim``
+    zooms the y axis (the fronts are computed from every point all the same).
     """
     plt = _plt()
     if plt is None:
@@ -277,6 +280,8 @@ def plot_pareto(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(True, alpha=0.3)
     if many:  # beside the axes, where it hides no point
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -340,6 +345,16 @@ def report(
     for plot, name in ((plot_pareto, "pareto.png"), (plot_curves, "curves.png")):
         if plot(configs, out / name) is not None:
             files.append(out / name)
+    lowest = min(p["source_mean"] for c in configs for p in c["points"])
+    if lowest < 0.9:  # the fronts near the top crowd together: a zoomed copy
+        zoomed = plot_pareto(
+            configs,
+            out / "pareto_top.png",
+            title="learning-forgetting fronts, source accuracy >= 0.9",
+            ylim=(0.9, 1.005),
+        )
+        if zoomed is not None:
+            files.append(zoomed)
     return {**summary, "rows": rows, "files": [str(f) for f in files]}
 
 
