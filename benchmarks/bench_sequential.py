@@ -2,12 +2,12 @@
 only, and the online Laplace update (:func:`lalora_curv.online_laplace`).
 
 Source facts -> task 1 (word problems) -> task 2 (how many stones each entity holds), one
-adapter, r = 8 on every linear module, ``--steps`` per task at ``--lr`` (2e-3: plain LoRA's
-best rate on the single-task front, docs/results.md), K-FAC MC Fisher (8 draws), relative
-strengths ``c`` in ``--cs`` (both stages), 3 seeds, every 100 steps evaluated. Runs go to worker processes with one
-torch thread each. Writes ``results/sequential.json`` (every run's curve, finished runs are
-kept and skipped when the script runs again) and ``results/sequential.png``.
-"""
+adapter, r = 8 on every linear module, ``--steps`` (task 1 and task 2: 1000 and 300) at
+``--lr`` (2e-3: plain LoRA's best rate on the single-task front, docs/results.md), K-FAC MC
+Fisher (8 draws), relative strengths ``c`` in ``--cs`` (both stages), 3 seeds, every 100
+steps evaluated. Runs go to worker processes with one torch thread each. Writes
+``results/sequential.json`` (every run's curve, finished runs are kept and skipped when the
+script runs again) and ``results/sequential.png``."""
 
 from __future__ import annotations
 
@@ -37,21 +37,22 @@ METRICS = (("source_mean", "source facts (accuracy)"), ("task1", "task 1 (exact 
 METRICS += (("task2", "task 2 (exact match)"),)
 
 
-def one_run(method: str, seed: int, c: float, decay: float, steps: int, lr: float) -> dict:
+def one_run(method: str, seed: int, c: float, decay: float, steps: tuple, lr: float) -> dict:
     torch.set_num_threads(1)
     model, tok, world = pretrained(0, progress=False)
     run = run_sequential(
         model, tok, world, method=method, c=c, decay=decay, steps=steps, lr=lr, seed=seed
     )
-    return run | {"steps": steps, "lr": lr}
+    return run | {"steps": list(steps), "lr": lr}
 
 
-def cell_of(method: str, seed: int, c: float, decay: float, steps: int, lr: float) -> tuple:
+def cell_of(method: str, seed: int, c: float, decay: float, steps, lr: float) -> tuple:
     """A run's identity: only the settings its method uses (plain LoRA has no c, only the
     online update a decay), so another --cs or --decay does not re-run the others."""
     c = 0.0 if method == "lora" else float(c)
     decay = float(decay) if method == "online" else 1.0
-    return (method, int(seed), c, decay, int(steps), float(lr))
+    steps = (int(steps),) * 2 if isinstance(steps, int) else tuple(int(x) for x in steps)
+    return (method, int(seed), c, decay, steps, float(lr))
 
 
 def key(run: dict) -> tuple:
@@ -61,17 +62,18 @@ def key(run: dict) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=500, help="per task")
+    parser.add_argument("--steps", default="1000,300", help="steps of task 1 and task 2")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--cs", default="0.01,0.1,1", help="relative strengths c (LALoRA)")
     parser.add_argument("--decay", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="40 steps per task, one seed, one c")
+    parser.add_argument("--quick", action="store_true", help="40 + 20 steps, one seed, one c")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    seeds, steps, cs = range(args.seeds), args.steps, [float(x) for x in args.cs.split(",")]
+    seeds, cs = range(args.seeds), [float(x) for x in args.cs.split(",")]
+    steps = tuple(int(x) for x in args.steps.split(","))
     if args.quick:
-        seeds, steps, cs = range(1), 40, cs[:1]
+        seeds, steps, cs = range(1), (40, 20), cs[:1]
     name = "sequential_quick" if args.quick else "sequential"
     path = args.out / (name + ".json")
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
@@ -106,7 +108,7 @@ def main() -> None:
             write_result(args.out, name + ".json", {"runs": runs, "environment": environment()})
     mine = [r for r in runs if key(r) in wanted]
     table = summary(mine, steps)
-    print(f"after both tasks ({steps} steps each, lr {args.lr}, decay {args.decay}):")
+    print(f"after both tasks ({steps[0]} + {steps[1]} steps, lr {args.lr}, decay {args.decay}):")
     for row in table:
         print(
             f"  {LABELS[row['method']]:<30} c {row['c']:<5} "
@@ -127,24 +129,24 @@ def configs(runs: list[dict]) -> list[tuple[str, float]]:
     return sorted({(r["method"], key(r)[2]) for r in runs}, key=lambda m: (ORDER[m[0]], m[1]))
 
 
-def summary(runs: list[dict], steps: int) -> list[dict]:
+def summary(runs: list[dict], steps: tuple[int, int]) -> list[dict]:
     """Mean and standard deviation over seeds of the final point of each (method, c), and
     task 1's exact match at the end of stage 1 (what stage 2 then keeps or loses)."""
     rows = []
     for method, c in configs(runs):
         mine = [r for r in runs if (r["method"], key(r)[2]) == (method, c)]
-        row: dict = {"method": method, "c": c, "seeds": len(mine), "steps_per_task": steps}
+        row: dict = {"method": method, "c": c, "seeds": len(mine), "steps": list(steps)}
         for m, _ in METRICS:
             values = [r["curve"][-1][m] for r in mine]
             row[m] = statistics.fmean(values)
             row[m + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        mids = [next(p for p in r["curve"] if p["step"] == steps)["task1"] for r in mine]
+        mids = [next(p for p in r["curve"] if p["step"] == steps[0])["task1"] for r in mine]
         row["task1_after_stage1"] = statistics.fmean(mids)
         rows.append(row)
     return rows
 
 
-def plot(runs: list[dict], path: Path, steps: int) -> None:
+def plot(runs: list[dict], path: Path, steps: tuple[int, int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +170,7 @@ def plot(runs: list[dict], path: Path, steps: int) -> None:
             lo = [m - s for m, s in zip(mean, std, strict=True)]
             hi = [m + s for m, s in zip(mean, std, strict=True)]
             ax.fill_between(x, lo, hi, color=colour, alpha=0.08)
-        ax.axvline(steps, color="grey", linestyle=":", linewidth=1)
+        ax.axvline(steps[0], color="grey", linestyle=":", linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("step (task 1, then task 2)")
         ax.set_ylim(-0.02, 1.02)
