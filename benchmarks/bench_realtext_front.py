@@ -223,7 +223,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--mc-samples", type=int, default=8, help="MC Fisher label draws")
+    parser.add_argument(
+        "--mc-samples", type=int, default=1, help="MC Fisher label draws (1: as bench_realtext)"
+    )
     parser.add_argument("--eval-sample", type=int, default=400, help="held-out texts per task")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
