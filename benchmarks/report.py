@@ -235,7 +235,7 @@ def fill(path: Path) -> None:
 
 
 #: plots the docs site shows, copied from results/ to docs/assets/
-PLOTS = ("testbed.png", "selfgen.png", "realtext.png", "realtext_front.png")
+PLOTS = ("testbed.png", "selfgen.png", "realtext.png", "realtext_front.png", "sequential.png")
 
 
 def copy_plots() -> None:
