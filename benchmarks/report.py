@@ -235,7 +235,14 @@ def fill(path: Path) -> None:
 
 
 #: plots the docs site shows, copied from results/ to docs/assets/
-PLOTS = ("testbed.png", "selfgen.png", "realtext.png", "realtext_front.png", "sequential.png")
+PLOTS = (
+    "testbed.png",
+    "selfgen.png",
+    "realtext.png",
+    "realtext_front.png",
+    "sequential.png",
+    "train.png",
+)
 
 
 def copy_plots() -> None:
