@@ -479,6 +479,7 @@ def test_cli_demo_runs_its_packaged_grid_and_says_where_the_results_are(
     for name in ("table.csv", "summary.json", "pareto.png", "curves.png"):
         assert (out / name).is_file() and str(out / name) in printed, name
     assert "final point of each configuration" in printed and "kfac" in printed
+    assert "not as evidence" in printed and "docs/results.md" in printed
     assert yaml.safe_load((out / "grid.yaml").read_text()) == tiny
     assert set(summary["methods"]) == {"lora", "kfac"}
     with pytest.raises(CliError, match="is a demo run directory"):  # it belongs to demo
