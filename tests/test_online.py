@@ -9,14 +9,7 @@ import lalora_curv as lc
 from conftest import make_batches, make_model
 from lalora_curv.adapter import find_lora_modules
 from reference import merge_jacobian
-
-EXACT = {"rtol": 1e-9, "atol": 1e-12}
-
-
-def fit(model, batches, structure, **kw):
-    return lc.fit_precision(
-        model, batches, structure=structure, progress=False, stats_dtype=torch.float64, **kw
-    )
+from test_precision import EXACT, fit, random_delta
 
 
 def moved_mode(prec, seed=1, scale=0.3):
@@ -26,11 +19,6 @@ def moved_mode(prec, seed=1, scale=0.3):
         n: t + scale * torch.randn(t.shape, generator=g, dtype=t.dtype)
         for n, t in prec.mode.items()
     }
-
-
-def random_delta(prec, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in prec.mode.items()}
 
 
 def set_adapter(model, mode):
