@@ -272,6 +272,8 @@ def test_fit_storage_options_are_checked_before_fitting(workspace, tmp_path, cap
     ("command", "extra", "message"),
     [
         ("fit", ["--storage", "lowrank"], "--storage lowrank needs --storage_rank K"),
+        ("fit", ["--sources", "winogrande,sum"], "'sum' is reserved for the pooled precision"),
+        ("fit", ["--sources", "winogrande,winogrande"], "names a source twice"),
         ("train", ["--lam", "-1"], "--lam must be >= 0"),
         ("train", ["--migu_threshold", "1.0"], "--migu_threshold must be in [0, 1)"),
         ("train", ["--init", "pissa", "--adapter", "x"], "cannot be combined with --adapter"),

@@ -130,6 +130,16 @@ def self_generated_source(
     }
 
 
+def check_source_names(sources: str | list[str]) -> None:
+    """Refuse the reserved name and repeated names in ``--sources`` (before any run directory
+    is touched)."""
+    names = split_names(sources)
+    if SUM_NAME in names:
+        raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")
+    if len(set(names)) != len(names):
+        raise CliError(f"--sources names a source twice: {names}")
+
+
 def fit(
     model: str,
     out: str = "runs/fit",
@@ -203,12 +213,9 @@ def fit(
         ``{source: precision, ..., "sum": pooled precision}``, in the saved storage.
     """
     check_storage(structure, storage, storage_rank)  # before --out (an earlier run) is touched
+    check_source_names(sources)
     run = RunDir("fit", out, locals())
     names = split_names(sources)
-    if SUM_NAME in names:
-        raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")
-    if len(set(names)) != len(names):
-        raise CliError(f"--sources names a source twice: {names}")
     base, tokenizer = load_base(model, dtype, device)
     peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
     if self_generated is None:
