@@ -46,6 +46,15 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[str, 
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "n": len(times)}
 
 
+#: the ~34M-parameter Llama of the CPU benchmarks
+CPU_LLAMA = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=8,
+)
 #: the tiny model every benchmark's --quick smoke run uses
 QUICK_DIMS = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4
@@ -91,14 +100,7 @@ def main() -> None:
         dims = QUICK_DIMS
         batch_size, seq_len, repeats, rank = 2, 64, 2, 4
     else:
-        dims = dict(
-            vocab_size=8192,
-            hidden_size=512,
-            intermediate_size=1408,
-            num_layers=8,
-            num_heads=8,
-            num_kv_heads=8,
-        )
+        dims = CPU_LLAMA
         batch_size, seq_len, repeats, rank = 4, 256, args.repeats, 16
     model = add_lora(tiny_llama(**dims), r=rank, alpha=rank, target_modules=("q_proj", "v_proj"))
     model.eval()  # dropout is zero anyway; fitting runs in eval mode too

@@ -35,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import lalora_curv as lc
-from bench_core import QUICK_DIMS, environment, timed, write_result
+from bench_core import CPU_LLAMA, QUICK_DIMS, environment, timed, write_result
 from lalora_curv import artifact
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
@@ -460,14 +460,7 @@ def main() -> None:
     if args.quick:
         dims, batch, seq, n_batches, repeats = QUICK_DIMS, 2, 64, 1, 2
     else:
-        dims = dict(
-            vocab_size=8192,
-            hidden_size=512,
-            intermediate_size=1408,
-            num_layers=8,
-            num_heads=8,
-            num_kv_heads=8,
-        )
+        dims = CPU_LLAMA
         batch, seq, n_batches, repeats = 4, 256, 2, args.repeats
     small = dict(
         vocab_size=512,
