@@ -28,14 +28,26 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """``--data-dir``: the real-text scripts' data source (see :func:`data_dir_of`)."""
     parser.add_argument(
         "--data-dir",
         default=None,
         help=f"a folder laid out like ../shared/data, or 'hub' (default: {DEFAULT_DATA} if it "
         "exists, else the hub)",
     )
+
+
+def data_dir_of(args: argparse.Namespace) -> str | None:
+    """The folder ``--data-dir`` names (default: ../shared/data where it exists), or ``None``
+    for the Hugging Face hub."""
+    data_dir = args.data_dir or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else "hub")
+    return None if data_dir == "hub" else data_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_dir_argument(parser)
     parser.add_argument("--lams", default="100,1000,10000")
     parser.add_argument(
         "--selfgen-lams",
@@ -55,8 +67,7 @@ def main() -> None:
         steps, lams, selfgen_lams = 20, lams[:1], lams[:1]
         settings = {"hidden": 32, "mlp": 64, "layers": 2, "steps": 20, "vocab": 1024}
     t0 = time.perf_counter()
-    data_dir = args.data_dir or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else "hub")
-    data = rt.RealText(None if data_dir == "hub" else data_dir, eval_sample=args.eval_sample)
+    data = rt.RealText(data_dir_of(args), eval_sample=args.eval_sample)
     model, tok = rt.pretrained(data, settings)
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())

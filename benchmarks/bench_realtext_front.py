@@ -34,12 +34,12 @@ import torch
 from tqdm.auto import tqdm
 
 from bench_core import environment, write_result
+from bench_realtext import add_data_dir_argument, data_dir_of
 from lalora_curv.testbed import realtext as rt
 from lalora_curv.testbed.sweep import one_thread  # the sweep's worker setup
 from lalora_curv.testbed.sweep_report import aggregate, method_fronts, plot_pareto
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
 QUICK_SETTINGS = {"hidden": 32, "mlp": 64, "layers": 2, "steps": 20, "vocab": 1024}
 PLAIN, LALORA = "lora", "lalora-kfac-mc"
 RUSAGE = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
@@ -212,12 +212,7 @@ def _floats(text: str, name: str, parser: argparse.ArgumentParser) -> list[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help=f"a folder laid out like ../shared/data, or 'hub' (default: {DEFAULT_DATA} if it "
-        "exists, else the hub)",
-    )
+    add_data_dir_argument(parser)
     parser.add_argument("--lrs", default="1e-3,2e-3,4e-3")
     parser.add_argument("--lams", default="1000,10000", help="raw LALoRA lambdas (> 0)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -254,8 +249,7 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the parent's pretraining and evaluation, and --workers 1
-    data_dir = args.data_dir or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else "hub")
-    data_dir = None if data_dir == "hub" else data_dir
+    data_dir = data_dir_of(args)
     data = rt.RealText(data_dir, eval_sample=args.eval_sample)
     _DATA[_data_key(data_dir, args.eval_sample)] = data  # for --workers 1
     model, tok = rt.pretrained(data, settings)  # once, cached, before the workers load it
