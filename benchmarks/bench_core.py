@@ -4,7 +4,7 @@ On a ~34M-parameter Llama (hidden 512, 8 layers, vocabulary 8192; random weights
 config) with LoRA r = 16 on q_proj and v_proj, on the same batches in one run:
 
 * fit time per batch of every structure x estimator / one plain forward+backward
-  (goal: <= 1.15x for one label sample);
+  (goals: <= 1.10x for one label sample, empirical or MC; <= 0.55x per further MC sample);
 * penalty forward+backward time of every structure / one training step (forward, backward,
   AdamW step; goal: <= 3%).
 
@@ -86,6 +86,19 @@ def environment() -> dict[str, object]:
         # other work on the machine skews timings: the 1, 5 and 15 minute load averages
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def goals(fits: dict, penalties: dict) -> dict[str, bool | float]:
+    """The performance issue's goals, from the measured ratios (K-FAC, hooks backend)."""
+    ratio = {k: v["ratio_to_plain"] for k, v in fits.items()}
+    per_extra = (ratio["kfac/mcx4"] - ratio["kfac/mcx1"]) / 3  # each further label draw
+    return {
+        "fit_kfac_empirical_le_1.10x": ratio["kfac/empirical"] <= 1.10,
+        "fit_kfac_mc_one_sample_le_1.10x": ratio["kfac/mcx1"] <= 1.10,
+        "fit_kfac_per_extra_mc_sample": per_extra,
+        "fit_kfac_per_extra_mc_sample_le_0.55x": per_extra <= 0.55,
+        "penalty_kfac_le_3pct": penalties["kfac"]["ratio_to_step"] <= 0.03,
     }
 
 
@@ -192,10 +205,7 @@ def main() -> None:
             "of a training step"
         )
     results["penalty"] = penalties
-    results["goals"] = {
-        "fit_kfac_empirical_le_1.15x": fits["kfac/empirical"]["ratio_to_plain"] <= 1.15,
-        "penalty_kfac_le_3pct": penalties["kfac"]["ratio_to_step"] <= 0.03,
-    }
+    results["goals"] = goals(fits, penalties)
 
     name = "core_quick.json" if args.quick else "core.json"
     write_result(args.out, name, results)
