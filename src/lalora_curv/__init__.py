@@ -26,18 +26,22 @@ from lalora_curv.precision import (
     STRUCTURE_CLASSES,
     DiagPrecision,
     EKFACPrecision,
+    IsotropicPrecision,
     KFACPrecision,
     KroneckerPrecision,
     MergedDiagPrecision,
+    MergedIsotropicPrecision,
     MergedKFACPrecision,
     Precision,
     TriKFACPrecision,
+    isotropic_precision,
 )
 from lalora_curv.selfgen import SelfGeneratedBatches, self_generated_batches
 from lalora_curv.train import TrainingError, train
 
-STRUCTURES = tuple(STRUCTURE_CLASSES)
-"""The structure names ``fit_precision(structure=...)`` accepts, in ``STRUCTURE_CLASSES`` order."""
+STRUCTURES = tuple(name for name, cls in STRUCTURE_CLASSES.items() if cls.fitted)
+"""The structure names ``fit_precision(structure=...)`` accepts, in ``STRUCTURE_CLASSES`` order
+(the isotropic controls need no data: :func:`isotropic_precision`)."""
 
 __all__ = [
     "STRUCTURES",
@@ -48,10 +52,12 @@ __all__ = [
     "DiagPrecision",
     "EKFACPrecision",
     "IncompatiblePrecisionError",
+    "IsotropicPrecision",
     "KFACPrecision",
     "KroneckerPrecision",
     "LaloraError",
     "MergedDiagPrecision",
+    "MergedIsotropicPrecision",
     "MergedKFACPrecision",
     "Precision",
     "SelfGeneratedBatches",
@@ -59,6 +65,7 @@ __all__ = [
     "TriKFACPrecision",
     "__version__",
     "fit_precision",
+    "isotropic_precision",
     "load_precision",
     "online_laplace",
     "save_precision",

@@ -82,6 +82,11 @@ def resolve_backend(
     backend: str, structure: str, estimator: str, granularity: str | None
 ) -> tuple[Backend, str]:
     """The backend for this combination and the granularity it uses; a clear error otherwise."""
+    if structure in ("isotropic", "merged-isotropic"):
+        raise LaloraError(
+            f"structure {structure!r} is an isotropic control that needs no data: build it "
+            "with lalora_curv.isotropic_precision(model, structure, scope=...)"
+        )
     if structure not in STRUCTURES:
         raise LaloraError(f"unknown structure {structure!r}; valid: {sorted(STRUCTURES)}")
     if backend not in BACKENDS:

@@ -1,4 +1,5 @@
-"""Precision structures: diag, kfac, tri-kfac, merged-kfac, merged-diag, ekfac.
+"""Precision structures: diag, kfac, tri-kfac, merged-kfac, merged-diag, ekfac, and the
+isotropic controls (isotropic, merged-isotropic), which need no data.
 
 The one normalisation every structure shares: a precision is the *mean* over supervised source
 tokens of the token-level ("expand") Fisher of the summed NLL. K-FAC input factors are means
@@ -11,6 +12,12 @@ from __future__ import annotations
 from lalora_curv.precision.base import Precision
 from lalora_curv.precision.diag import DiagPrecision, MergedDiagPrecision
 from lalora_curv.precision.ekfac import EKFACPrecision
+from lalora_curv.precision.isotropic import (
+    ISOTROPIC_CLASSES,
+    IsotropicPrecision,
+    MergedIsotropicPrecision,
+    isotropic_precision,
+)
 from lalora_curv.precision.kfac import (
     KFAC_CLASSES,
     KFACPrecision,
@@ -24,16 +31,20 @@ STRUCTURE_CLASSES: dict[str, type[Precision]] = {
     **KFAC_CLASSES,
     "merged-diag": MergedDiagPrecision,
     "ekfac": EKFACPrecision,
+    **ISOTROPIC_CLASSES,
 }
 
 __all__ = [
     "STRUCTURE_CLASSES",
     "DiagPrecision",
     "EKFACPrecision",
+    "IsotropicPrecision",
     "KFACPrecision",
     "KroneckerPrecision",
     "MergedDiagPrecision",
+    "MergedIsotropicPrecision",
     "MergedKFACPrecision",
     "Precision",
     "TriKFACPrecision",
+    "isotropic_precision",
 ]

@@ -56,6 +56,8 @@ class Precision(ABC):
     storages: ClassVar[tuple[str, ...]] = tuple(DENSE_DTYPES)
     #: why the structure has no ``"lowrank"`` storage (empty where it has one)
     lowrank_refusal: ClassVar[str] = ""
+    #: the precision is estimated from source data (False for the isotropic controls)
+    fitted: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -273,9 +275,13 @@ class Precision(ABC):
         self._check_compatible(other)
         n_a = self.counts.get("supervised_tokens", 0)
         n_b = other.counts.get("supervised_tokens", 0)
-        if n_a + n_b <= 0:
+        if n_a + n_b > 0:
+            pooling = [n_a / (n_a + n_b), n_b / (n_a + n_b)]
+        elif self.fitted:
             raise IncompatiblePrecisionError("cannot pool precisions without supervised tokens")
-        result = self._weighted_sum([other], [n_a / (n_a + n_b), n_b / (n_a + n_b)])
+        else:  # built from no data (the isotropic controls): the plain mean
+            pooling = [0.5, 0.5]
+        result = self._weighted_sum([other], pooling)
         meta = result._metadata
         meta["counts"] = {
             k: self.counts.get(k, 0) + other.counts.get(k, 0)

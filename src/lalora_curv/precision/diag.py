@@ -174,7 +174,7 @@ def rebased_modules(
     The base-layer statistics are those of the model *with* the fitted adapter; they describe
     the base model alone only when that adapter was a no-op (``B0 = 0``, the default init).
     """
-    if prec.metadata.get("lora_B_init_zero") is False:
+    if prec.fitted and prec.metadata.get("lora_B_init_zero") is False:
         raise LaloraError(
             "cannot rebase: this precision was fitted with a non-zero lora_B (B0 != 0), so its "
             "statistics include that adapter's update s B0 A0; refit on the new adapter, or "
