@@ -29,6 +29,14 @@ def saved(tmp_path_factory):
     return path
 
 
+def write_signed(art: Path, meta: dict) -> None:
+    """Write edited metadata with its digest fixed up, as a newer version (or a forger) would:
+    what the digest cannot catch, the value checks must."""
+    meta = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    meta["metadata_sha256"] = artifact.metadata_digest(meta)
+    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+
+
 def copy_artifact(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for f in src.iterdir():
@@ -155,7 +163,7 @@ def test_unknown_keys_dropped_with_warning(tmp_path, saved):
     art = copy_artifact(saved, tmp_path / "x")
     meta = json.loads((art / artifact.METADATA_FILE).read_text())
     meta["from_the_future"] = 1
-    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+    write_signed(art, meta)
     with pytest.warns(UserWarning, match="from_the_future"):
         prec = lc.load_precision(art)
     assert "from_the_future" not in prec.metadata
@@ -174,9 +182,25 @@ def test_non_finite_tensor(tmp_path):
     prec = fit(make_model(dtype=torch.float32), "diag")
     name = prec.param_names[1]
     prec.diag[name][0, 0] = float("nan")
-    prec.save(tmp_path / "nan")
+    with pytest.raises(lc.ArtifactError, match=f"cannot save: tensor 'diag.{name}' has NaN/inf"):
+        prec.save(tmp_path / "nan")
+    # a forged file with a NaN (and both digests fixed up) is refused on load
+    prec.diag[name][0, 0] = 1.0
+    path = prec.save(tmp_path / "nan", dedup=False)
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    tensors = st_load((path / artifact.TENSORS_FILE).read_bytes())
+    tensors[f"diag.{name}"][0, 0] = float("nan")
+    blob = st_save(tensors, metadata={"format": f"{artifact.KIND}/{artifact.FORMAT_VERSION}"})
+    (path / artifact.TENSORS_FILE).write_bytes(blob)
+    meta = json.loads((path / artifact.METADATA_FILE).read_text())
+    import hashlib
+
+    meta["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    write_signed(path, meta)
     with pytest.raises(lc.ArtifactError, match=f"tensor 'diag.{name}' has NaN/inf"):
-        lc.load_precision(tmp_path / "nan")
+        lc.load_precision(path)
 
 
 @pytest.mark.parametrize(
@@ -197,7 +221,7 @@ def test_implausible_metadata_values(tmp_path, saved, key, value, message):
     art = copy_artifact(saved, tmp_path / "x")
     meta = json.loads((art / artifact.METADATA_FILE).read_text())
     meta[key] = value
-    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+    write_signed(art, meta)
     with pytest.raises(lc.ArtifactError, match=message):
         lc.load_precision(art)
 
@@ -216,7 +240,7 @@ def test_wrong_shape_in_metadata(tmp_path, saved):
     art = copy_artifact(saved, tmp_path / "x")
     meta = json.loads((art / artifact.METADATA_FILE).read_text())
     meta["modules"][0]["rank"] = 7
-    (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
+    write_signed(art, meta)
     with pytest.raises(lc.ArtifactError, match="has shape"):
         lc.load_precision(art)
 
@@ -231,7 +255,7 @@ def test_interrupted_save_keeps_the_old_artifact(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "_write", crash)
+    monkeypatch.setattr(artifact, "write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         new.save(path)
     monkeypatch.undo()
@@ -253,7 +277,9 @@ def test_crash_between_the_renames_restores_the_old_artifact(tmp_path, monkeypat
             raise OSError("power cut")
         real_rename(src, dst)
 
-    monkeypatch.setattr(artifact.os, "rename", rename)
+    from lalora_curv import atomic
+
+    monkeypatch.setattr(atomic.os, "rename", rename)
     with pytest.raises(OSError, match="power cut"):
         fit(make_model(dtype=torch.float32, seed=3)).save(path)
     monkeypatch.undo()
@@ -264,7 +290,7 @@ def test_crash_between_the_renames_restores_the_old_artifact(tmp_path, monkeypat
 def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("x")
-    with pytest.raises(lc.ArtifactError, match="not a precision artifact"):
+    with pytest.raises(lc.ArtifactError, match=r"holds files a precision does not write \(keep"):
         fit(make_model(dtype=torch.float32)).save(tmp_path / "data")
     assert (tmp_path / "data" / "keep.txt").read_text() == "x"
 

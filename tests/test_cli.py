@@ -277,24 +277,57 @@ def test_fit_storage_options_are_checked_before_fitting(workspace, tmp_path, cap
         ("train", ["--lam", "-1"], "--lam must be >= 0"),
         ("train", ["--migu_threshold", "1.0"], "--migu_threshold must be in [0, 1)"),
         ("train", ["--init", "pissa", "--adapter", "x"], "cannot be combined with --adapter"),
+        # refused only after loading (the model, the data, the precision): still untouched
+        ("fit", ["--sources", "winogrande,mmlu"], "unknown task 'mmlu'"),
+        ("fit", ["--mc_samples", "0"], "--mc_samples must be >= 1"),
+        ("fit", ["--max_batches", "0"], "--max_batches must be >= 1"),
+        ("fit", ["--backend", "backpack", "--structure", "kfac"], "not available here"),
+        ("fit", ["--estimator", "batch-grad-squared"], "only defines a diagonal"),
+        ("fit", ["--data_dir", "/nowhere"], "--data_dir /nowhere: no such folder"),
+        ("train", ["--task", "mmlu"], "unknown task 'mmlu'"),
+        ("train", ["--precision", "/nowhere", "--lam", "1"], "no such directory"),
+        ("train", ["--precision", "CORRUPT", "--lam", "1"], "corrupt"),
+        ("train", ["--grad_accum_steps", "0"], "--grad_accum_steps must be >= 1"),
+        ("train", ["--lr", "-1"], "--lr must be >= 0"),
+        ("train", ["--max_grad_norm", "0"], "--max_grad_norm must be > 0"),
+        ("train", ["--checkpoint_every", "-1"], "--checkpoint_every must be >= 1"),
+        ("train", ["--max_steps", "0"], "--max_steps must be >= 1"),
     ],
 )
 def test_refused_arguments_leave_an_earlier_run_directory_alone(
     workspace, tmp_path, capsys, command, extra, message
 ):
+    """A refused run leaves an existing run directory byte for byte as it was (its config,
+    metrics, saved adapters), and says why in one line, without a traceback."""
     out = tmp_path / "earlier"
-    out.mkdir()
+    (out / "adapter_init").mkdir(parents=True)
     before = {
         ".lalora-curv-command": f"{command}\n",
         "config.yaml": "lr: 0.001\n",
         "metrics.jsonl": "{}\n",
+        "adapter_init/adapter_model.safetensors": "weights",
     }
     for name, text in before.items():
         (out / name).write_text(text)
+    if "CORRUPT" in extra:
+        corrupt = tmp_path / "corrupt"
+        corrupt.mkdir()
+        (corrupt / "precision.json").write_text("{not json")
+        (corrupt / "precision.safetensors").write_bytes(b"\0" * 16)
+        extra = tuple(str(corrupt) if x == "CORRUPT" else x for x in extra)
+
+    def digest(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+                if p.is_file()}  # fmt: skip
+
+    snapshot = digest(out)
     args = (fit_args if command == "fit" else _train_args)(workspace, out, *extra)
     assert main(args) == 1
-    assert message in capsys.readouterr().err
-    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("lalora-curv: error:")]
+    assert len(errors) == 1 and message in errors[0], err  # one line says it all
+    assert digest(out) == snapshot
 
 
 def test_fit_on_self_generated_samples_records_how_they_were_drawn(workspace, tmp_path, capsys):

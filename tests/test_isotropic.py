@@ -136,6 +136,7 @@ def test_edited_weight_is_refused(tmp_path):
     import hashlib
     import json
 
+    from lalora_curv import artifact
     from lalora_curv.artifact import KIND
 
     save_file(tensors, path / "precision.safetensors", metadata={"format": f"{KIND}/1"})
@@ -143,6 +144,7 @@ def test_edited_weight_is_refused(tmp_path):
     meta["tensors_sha256"] = hashlib.sha256(
         (path / "precision.safetensors").read_bytes()
     ).hexdigest()
+    meta["metadata_sha256"] = artifact.metadata_digest(meta)
     (path / "precision.json").write_text(json.dumps(meta))
     with pytest.raises(lc.ArtifactError, match=">= 0"):
         lc.load_precision(path)

@@ -116,17 +116,37 @@ def test_log_has_nll_and_penalty_separately(tmp_path):
         ({"schedule": "step"}, "unknown schedule"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
         ({"resume": True}, "need a checkpoint_dir"),
-        ({"max_steps": 0}, "max_steps >= 1"),
-        ({"warmup_steps": -1}, "warmup_steps >= 0"),
+        ({"max_steps": 0}, "max_steps must be >= 1"),
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
         ({"lam": 0.0, "source_nll_budget": 0.1}, "start lam > 0"),
         ({"source_nll_budget": -0.1}, "must be > 0"),
+        # the values a careless call passes: each named, none a silently odd run
+        ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),  # would never learn
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),  # would climb the loss
+        ({"checkpoint_every": -1, "checkpoint_dir": "x"}, "checkpoint_every must be >= 1"),
+        ({"eval_every": -1}, "eval_every must be >= 1"),
+        ({"eval_every": 0}, "eval_every must be >= 1"),
+        ({"lam": "1e3"}, "lam must be a number"),
+        ({"lam": float("inf")}, "lam must be finite"),
+        ({"lr": -1.0}, "lr must be >= 0"),
+        ({"lr": float("nan")}, "lr must be finite"),
+        ({"seed": "abc"}, "seed must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"grad_accum_steps": True}, "grad_accum_steps must be an integer"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"resume": "yes"}, "resume must be False, True or 'force'"),
+        ({"progress": "no"}, "progress must be True or False"),
+        ({"eval_fn": 3}, "eval_fn must be callable"),
+        ({"budget_rate": 0.0}, "budget_rate must be > 0"),
+        ({"adapter_name": ""}, "adapter_name must be a non-empty string"),
     ],
 )
 def test_bad_arguments(kwargs, message):
     model, target, prec = setup()
-    kw = {"precision": prec, "lam": 1.0, **kwargs}
+    kw = {"precision": prec, "lam": 1.0, "progress": False, **kwargs}
     with pytest.raises(TrainingError, match=message):
-        lc.train(model, target, kw.pop("precision"), kw.pop("lam"), progress=False, **kw)
+        lc.train(model, target, kw.pop("precision"), kw.pop("lam"), **kw)
 
 
 def test_mismatching_precision_fails_before_training():
@@ -271,7 +291,7 @@ def test_input_errors_are_named():
 def test_resume_checks_and_finished_runs(tmp_path):
     model, target, prec = setup()
     lc.train(model, target, prec, 1.0, max_steps=2, checkpoint_dir=tmp_path, progress=False)
-    with pytest.raises(TrainingError, match="grad_accum_steps=1, not 2"):
+    with pytest.raises(TrainingError, match="grad_accum_steps=1 there, 2 now"):
         lc.train(
             model,
             target,

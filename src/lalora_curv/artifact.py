@@ -5,26 +5,30 @@
   recognised.
 * ``precision.json``: sorted, indented metadata: kind, format and library versions, structure,
   backend, estimator, counts, modules with shapes, adapter config, base model, sources, date,
-  and the SHA-256 of the tensor file (a torn or mixed-up pair is detected).
+  the SHA-256 of the tensor file (a torn or mixed-up pair is detected) and, from format
+  version 2, ``metadata_sha256``: the SHA-256 of the metadata itself (all of it but that
+  field, in its canonical form), so that any edit of the JSON is refused too. Version 1
+  artifacts (no metadata digest) still load, with a warning.
 * Byte-identical tensors (the input factor of modules reading the same input, equal zero
   ``B0``) are stored once; ``tensor_aliases`` maps the others to the stored name. The storage
   of the structure's tensors (dense float32/float64/bfloat16, or low rank + diagonal for the
   K-FAC factors: :meth:`~lalora_curv.precision.Precision.with_storage`) is recorded as ``storage``
   and checked against the tensors on load.
 
-Saving is atomic: both files are written into a fresh sibling directory which then replaces
-``path`` by renames, so an interrupted save leaves the old artifact or none, never a half.
-Loading validates everything and raises :class:`~lalora_curv.errors.ArtifactError` naming
-the problem.
+Saving is atomic (:func:`lalora_curv.atomic.staged_dir`): both files are written into a fresh
+sibling directory which then replaces ``path`` by renames, so an interrupted save leaves the
+old artifact or none, never a half; the next save cleans what an interrupted one left, and a
+load that finds no artifact but the previous one moved aside says where it is. A save
+refuses a non-finite precision and a folder holding files a precision does not write.
+Loading validates everything (:func:`load_precision`) and raises
+:class:`~lalora_curv.errors.ArtifactError` naming the problem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,11 +40,20 @@ from safetensors.torch import save as st_save
 
 from lalora_curv._version import __version__
 from lalora_curv.adapter import LoraModuleSpec
+from lalora_curv.atomic import leftovers, staged_dir, write_bytes
 from lalora_curv.errors import ArtifactError, LaloraError
 from lalora_curv.precision import STRUCTURE_CLASSES, Precision
 
 KIND = "lalora-curv/precision"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no metadata digest
+#: a dense K-FAC factor ``F`` loads only if ``max |F - F^T| <= SYMMETRY_RTOL max |F|`` and
+#: (for ``D <= FULL_PSD_CHECK_MAX_DIM``) ``lambda_min(F) >= -PSD_RTOL lambda_max(F)``; larger
+#: factors are held to the PSD conditions of every 2 x 2 principal minor: ``F_ii >= 0`` and
+#: ``F_ij^2 <= F_ii F_jj (1 + PSD_RTOL)`` (which a negated or corrupted factor breaks)
+SYMMETRY_RTOL = 1e-6
+PSD_RTOL = 1e-5
+FULL_PSD_CHECK_MAX_DIM = 2048
 TENSORS_FILE = "precision.safetensors"
 METADATA_FILE = "precision.json"
 
@@ -73,19 +86,22 @@ KNOWN_KEYS = frozenset(
         "granularity",
         "storage",
         "tensor_aliases",
+        "metadata_sha256",
     }
 )
+#: the files a precision writes: a folder holding others is not replaced by a save
+OWN_FILES = frozenset({"precision.safetensors", "precision.json"})
 
 
 def _dumps(meta: dict[str, Any]) -> bytes:
     return (json.dumps(meta, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def metadata_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` without its ``metadata_sha256`` field."""
+    return hashlib.sha256(
+        _dumps({k: v for k, v in meta.items() if k != "metadata_sha256"})
+    ).hexdigest()
 
 
 def deduplicate(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -116,9 +132,37 @@ def save_precision(prec: Precision, path: str | Path, *, dedup: bool = True) -> 
     """Save ``prec`` as the directory ``path`` (created or atomically replaced).
 
     ``dedup``: store byte-identical tensors once (see :func:`deduplicate`).
+
+    Raises:
+        ArtifactError: a tensor of ``prec`` is not finite, its metadata holds a non-finite
+            number, or ``path`` is a folder holding files a precision does not write.
     """
     path = Path(path)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in sorted(prec.all_tensors().items())}
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ArtifactError(
+                f"cannot save: tensor {name!r} has NaN/inf entries (an overflowed scaling such "
+                "as 1e39 * prec in float32?); such a precision could not be loaded again"
+            )
+    weights = prec.metadata.get("component_weights")
+    if weights is not None and not bool(
+        torch.isfinite(torch.tensor(weights, dtype=prec.dtype)).all()
+    ):
+        raise ArtifactError(
+            f"cannot save: the component weights {weights} overflow the precision's "
+            f"{prec.dtype} (an overflowed scaling such as 1e39 * prec?)"
+        )
+    if path.exists():
+        if not path.is_dir():
+            raise ArtifactError(f"{path} exists and is not a directory; not overwriting")
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in OWN_FILES)
+        if foreign:
+            raise ArtifactError(
+                f"{path} holds files a precision does not write ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}): a save replaces the whole folder, "
+                "so save the precision into its own folder"
+            )
     aliases: dict[str, str] = {}
     if dedup:
         tensors, aliases = deduplicate(tensors)
@@ -142,29 +186,14 @@ def save_precision(prec: Precision, path: str | Path, *, dedup: bool = True) -> 
             "tensors_sha256": hashlib.sha256(blob).hexdigest(),
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not (path / METADATA_FILE).exists():
-        if not path.is_dir() or any(path.iterdir()):
-            raise ArtifactError(f"{path} exists and is not a precision artifact; not overwriting")
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        _write(staging / TENSORS_FILE, blob)
-        _write(staging / METADATA_FILE, _dumps(meta))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rmdir(old)
-            os.rename(path, old)
-            try:
-                os.rename(staging, path)
-            except BaseException:
-                os.rename(old, path)  # put the old artifact back
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        meta["metadata_sha256"] = metadata_digest(meta)
+        text = _dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"cannot save: the metadata is not finite JSON ({e})") from None
+    with staged_dir(path) as staging:
+        write_bytes(staging / TENSORS_FILE, blob)
+        write_bytes(staging / METADATA_FILE, text)
     return path
 
 
@@ -177,13 +206,21 @@ def load_precision(path: str | Path) -> Precision:
     """
     path = Path(path)
     if not path.is_dir():
+        moved = leftovers(path)["old"]
+        if moved:
+            raise ArtifactError(
+                f"{path}: no such precision directory, but {moved[-1]} holds the artifact "
+                "that was there before an interrupted save: rename it back to use it"
+            )
         raise ArtifactError(f"{path}: no such precision directory")
     meta_path, tensor_path = path / METADATA_FILE, path / TENSORS_FILE
     for f in (meta_path, tensor_path):
         if not f.is_file():
             raise ArtifactError(f"{f}: missing")
     try:
-        meta = json.loads(meta_path.read_text(), parse_constant=_reject_constant)
+        meta = json.loads(
+            meta_path.read_text(), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"{meta_path}: corrupt JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("kind") != KIND:
@@ -192,10 +229,21 @@ def load_precision(path: str | Path) -> Precision:
             f"{meta.get('kind') if isinstance(meta, dict) else None!r})"
         )
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{meta_path}: unknown format version {version!r} (this is "
-            f"lalora-curv {__version__}, format {FORMAT_VERSION})"
+            f"lalora-curv {__version__}, formats {', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    if version >= 2 and meta.get("metadata_sha256") != metadata_digest(meta):
+        raise ArtifactError(
+            f"{meta_path}: the metadata does not match its digest (metadata_sha256): the file "
+            "was edited or corrupted; re-save the precision from its source"
+        )
+    if version == 1:
+        warnings.warn(
+            f"{meta_path}: a format-1 artifact, whose metadata no digest covers; save it "
+            "again to protect it (format 2)",
+            stacklevel=2,
         )
     unknown = sorted(set(meta) - KNOWN_KEYS)
     if unknown:
@@ -263,6 +311,7 @@ def load_precision(path: str | Path) -> Precision:
                 )
             mode[name] = tensors[key]
     meta.pop("tensors_sha256", None)
+    meta.pop("metadata_sha256", None)
     meta.pop("modules", None)
     meta.pop("kind", None)
     meta.pop("format_version", None)
@@ -283,15 +332,97 @@ def load_precision(path: str | Path) -> Precision:
             f"{meta_path}: 'storage' says {meta['storage']!r} but the tensors are stored as "
             f"{prec.metadata.get('storage')!r}"
         )
+    check_values(prec, tensor_path)
     return prec
+
+
+#: tensor kinds (the name before the first dot) that must be >= 0: diagonals, eigenvalues,
+#: isotropic weights, the non-negative parts of low-rank factors
+NON_NEGATIVE = frozenset(
+    {
+        "diag",
+        "weight_diag",
+        "eigenvalues",
+        "isotropic",
+        "merged_isotropic",
+        "input_cov_eigvals",
+        "grad_cov_eigvals",
+        "input_cov_diag",
+        "grad_cov_diag",
+    }
+)
+
+
+def check_values(prec: Precision, where: Path | str) -> None:
+    """What makes a precision a precision: one floating dtype for the mode, non-negative
+    diagonals and eigenvalues, and symmetric positive semi-definite dense K-FAC factors
+    (tolerances :data:`SYMMETRY_RTOL`, :data:`PSD_RTOL`), so that no penalty is negative."""
+    dtypes = {t.dtype for t in prec.mode.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ArtifactError(f"{where}: the mode tensors must share one float dtype, got {dtypes}")
+    weights = prec.metadata.get("component_weights")
+    if weights is not None and not bool(
+        torch.isfinite(torch.tensor(weights, dtype=prec.dtype)).all()
+    ):
+        raise ArtifactError(f"{where}: component weights {weights} overflow {prec.dtype}")
+    for name, t in prec.structure_tensors().items():
+        kind = name.split(".", 1)[0]
+        if kind in NON_NEGATIVE and bool((t < 0).any()):
+            raise ArtifactError(f"{where}: tensor {name!r} has negative entries")
+        if kind in ("input_cov", "grad_cov"):
+            _check_psd(name, t.double(), where)
+
+
+def _check_psd(name: str, stack: torch.Tensor, where: Path | str) -> None:
+    for k, F in enumerate(stack):
+        scale = float(F.abs().max())
+        if scale == 0.0:
+            continue
+        if float((F - F.T).abs().max()) > SYMMETRY_RTOL * scale:
+            raise ArtifactError(f"{where}: factor {name!r}[{k}] is not symmetric")
+        d = F.diagonal()
+        if bool((d < -PSD_RTOL * scale).any()):
+            raise ArtifactError(f"{where}: factor {name!r}[{k}] has a negative diagonal (not PSD)")
+        if F.shape[0] <= FULL_PSD_CHECK_MAX_DIM:
+            eig = torch.linalg.eigvalsh(F)
+            if float(eig[0]) < -PSD_RTOL * max(float(eig[-1]), 0.0) - 1e-30:
+                raise ArtifactError(
+                    f"{where}: factor {name!r}[{k}] is not positive semi-definite (smallest "
+                    f"eigenvalue {float(eig[0]):.3e}, largest {float(eig[-1]):.3e})"
+                )
+        else:
+            dd = d.clamp(min=0)
+            if bool((F.square() > torch.outer(dd, dd) * (1 + PSD_RTOL) + 1e-30).any()):
+                raise ArtifactError(
+                    f"{where}: factor {name!r}[{k}] is not positive semi-definite (an entry "
+                    "exceeds the geometric mean of its diagonal entries)"
+                )
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"non-finite number {name} in metadata")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"non-finite number {text} in metadata")
+    return value
+
+
 def _check_metadata_values(meta: dict[str, Any], where: Path) -> None:
-    """Counts are non-negative integers, component weights finite and >= 0, modules sane."""
+    """Counts are non-negative integers, component weights finite and >= 0, the scale a
+    positive finite number (or null: a sum of differently scaled precisions), modules sane."""
+    scale = meta.get("scale", 1.0)
+    if scale is not None and (
+        isinstance(scale, bool)
+        or not isinstance(scale, int | float)
+        or not math.isfinite(scale)
+        or not scale > 0
+    ):
+        raise ArtifactError(f"{where}: 'scale' must be a positive finite number, got {scale!r}")
+    if not isinstance(meta.get("structure"), str):
+        raise ArtifactError(f"{where}: 'structure' must be a name, got {meta.get('structure')!r}")
     counts = meta.get("counts", {})
     if not isinstance(counts, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()
@@ -302,7 +433,8 @@ def _check_metadata_values(meta: dict[str, Any], where: Path) -> None:
         not isinstance(weights, list)
         or not weights
         or not all(
-            isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in weights
+            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in weights
         )
     ):
         raise ArtifactError(

@@ -66,8 +66,14 @@ def supervised_mask(labels: Tensor, attention_mask: Tensor | None) -> Tensor:
     return sup
 
 
-def prepare_batch(batch: Mapping[str, Tensor], device: torch.device, index: int) -> PreparedBatch:
-    """Validate ``batch`` (the ``index``-th) and move it to ``device``.
+def prepare_batch(
+    batch: Mapping[str, Tensor],
+    device: torch.device,
+    index: int,
+    vocab_size: int | None = None,
+) -> PreparedBatch:
+    """Validate ``batch`` (the ``index``-th) and move it to ``device``; with ``vocab_size``,
+    every input id must lie in ``[0, vocab_size)`` and every label there or be -100.
 
     Raises:
         BatchError: naming the batch and the problem.
@@ -104,6 +110,22 @@ def prepare_batch(batch: Mapping[str, Tensor], device: torch.device, index: int)
         )
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise BatchError(f"{where}: attention_mask must hold only 0 and 1")
+    outside = ids < 0
+    if vocab_size is not None:
+        outside |= ids >= vocab_size
+    if ids.numel() and bool(outside.any()):
+        raise BatchError(
+            f"{where}: input_ids holds token id {int(ids[outside][0])}, outside the model's "
+            f"vocabulary [0, {vocab_size})"
+        )
+    wrong = (labels < 0) & (labels != IGNORE_INDEX)
+    if vocab_size is not None:
+        wrong |= labels >= vocab_size
+    if labels.numel() and bool(wrong.any()):
+        raise BatchError(
+            f"{where}: labels hold {int(labels[wrong][0])}, outside [0, {vocab_size}) and "
+            "not -100 (no loss)"
+        )
     ids, labels, mask = ids.to(device), labels.to(device, torch.long), mask.to(device)
     position_mask = mask.bool()
     targets = labels[:, 1:]

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lalora_curv import checks
 from lalora_curv._version import __version__
 from lalora_curv.adapter import (
     adapter_config,
@@ -82,15 +83,28 @@ def fit_precision(
     Returns:
         A :class:`~lalora_curv.precision.Precision` of the requested structure.
     """
+    for name, value in (("structure", structure), ("backend", backend), ("estimator", estimator)):
+        checks.string(name, value)
     spec, granularity = resolve_backend(backend, structure, estimator, granularity)
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise LaloraError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    checks.integer("mc_samples", mc_samples, 1)
     if mc_samples != 1 and estimator != "mc":
         raise LaloraError(f"mc_samples={mc_samples} applies only to estimator='mc'")
     if stats_dtype not in (torch.float32, torch.float64):
         raise LaloraError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
-    if max_batches is not None and max_batches < 1:
-        raise LaloraError(f"max_batches must be >= 1 or None, got {max_batches}")
+    checks.integer("max_batches", max_batches, 1, optional=True)
+    checks.integer("seed", seed)
+    checks.string("adapter_name", adapter_name)
+    checks.boolean("progress", progress)
+    if sources is not None and not (
+        isinstance(sources, str)
+        or (isinstance(sources, Sequence) and all(isinstance(x, str) and x for x in sources))
+    ):
+        raise LaloraError(f"sources must be a name or a list of names, got {sources!r}")
+    if batches is None or isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+        raise LaloraError(
+            "batches must be an iterable of batch dicts (a list or a DataLoader), got "
+            f"{type(batches).__name__}"
+        )
 
     handles = find_lora_modules(model, adapter_name)
     mode = adapter_mode(handles, stats_dtype)
@@ -114,6 +128,7 @@ def fit_precision(
             progress=progress and rank() == 0,
             dtype=stats_dtype,
             granularity=granularity,
+            vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
             **extra,
         )
         stats = collector(model, handles, batches, request)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lalora_curv import checks
 from lalora_curv.errors import LaloraError
 from lalora_curv.precision import Precision
 
@@ -42,8 +43,12 @@ class PenaltyMixin:
         adapter_name: str = "default",
         **kwargs: Any,
     ) -> None:
-        if not lam >= 0:
-            raise LaloraError(f"lam must be >= 0, got {lam}")
+        lam = checks.number("lam", lam, 0.0)
+        checks.string("adapter_name", adapter_name)
+        if precision is not None and not isinstance(precision, Precision):
+            raise LaloraError(
+                f"precision must be a lalora_curv Precision or None, got {type(precision).__name__}"
+            )
         if lam > 0 and precision is None:
             raise LaloraError("lam > 0 needs a precision")
         super().__init__(*args, **kwargs)

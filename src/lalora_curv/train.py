@@ -20,6 +20,7 @@ solves ``min NLL_target  s.t.  q <= epsilon`` by multiplicative dual ascent on `
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -28,26 +29,38 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lalora_curv import checks
+from lalora_curv.atomic import write_text
 from lalora_curv.batches import supervised_mask
-from lalora_curv.checkpoint import (
-    COMPLETE_FILE,
-    STATE_FILE,
-    latest_checkpoint,
-    load_adapter,
-    save_checkpoint,
-    set_rng_state,
-)
+from lalora_curv.checkpoint import CheckpointError, load_adapter, load_latest, save_checkpoint
+from lalora_curv.checkpoint import set_rng_state as _set_rng_state
 from lalora_curv.distributed import barrier, is_main_process, reduce_scalar
-from lalora_curv.errors import LaloraError
+from lalora_curv.errors import BatchError, LaloraError
 from lalora_curv.precision import Precision
 
 logger = logging.getLogger("lalora_curv")
+
+#: what a resumed run must share with its checkpoint (else the position means nothing), and
+#: what it may change (with a warning; the optimizer's saved learning rate prevails)
+RESUME_MUST_MATCH = ("precision_digest", "data_digest", "grad_accum_steps", "seed", "adapter_name")
+RESUME_MAY_CHANGE = (
+    "lam",
+    "lr",
+    "schedule",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "total_steps",
+    "source_nll_budget",
+    "budget_rate",
+)
 
 
 class TrainingError(LaloraError):
@@ -66,6 +79,186 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # cosine
 
     return f
+
+
+def data_digest(batches: Sequence[Mapping[str, Tensor]]) -> str:
+    """SHA-256 of the batches in order (every tensor's key, dtype, shape and bytes): a resumed
+    run must see the same data in the same order for its position to mean anything."""
+    h = hashlib.sha256()
+    for raw in batches:
+        for key in sorted(raw):
+            t = torch.as_tensor(raw[key]).detach().to("cpu").contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_token_ids(batches: Sequence[Mapping[str, Tensor]], model: nn.Module) -> None:
+    """Every ``input_ids`` in ``[0, vocab)`` and every label there or -100 (a token id outside
+    the vocabulary is otherwise a bare ``IndexError`` deep in the embedding)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    for i, raw in enumerate(batches):
+        if not isinstance(raw, Mapping):
+            raise BatchError(f"batch {i}: expected a dict of tensors, got {type(raw).__name__}")
+        if "labels" not in raw:
+            raise TrainingError(
+                f"batch {i} has no 'labels' (for plain language modelling pass labels=input_ids)"
+            )
+        for key in ("input_ids", "labels"):
+            if key not in raw:
+                raise BatchError(f"batch {i}: missing {key!r}")
+            t = torch.as_tensor(raw[key])
+            if t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise BatchError(f"batch {i}: {key} must be an integer tensor, got {t.dtype}")
+            if not t.numel():
+                continue
+            low = -100 if key == "labels" else 0
+            bad = (t < 0) & (t != low) if key == "labels" else t < 0
+            if vocab is not None:
+                bad = bad | (t >= vocab)
+            if bool(bad.any()):
+                value = int(t[bad][0])
+                raise BatchError(
+                    f"batch {i}: {key} holds token id {value}, outside the model's vocabulary "
+                    f"[0, {vocab})" + (" (labels: or -100)" if key == "labels" else "")
+                )
+
+
+def check_train_arguments(
+    train_batches: Any,
+    precision: Precision | None,
+    lam: Any,
+    kw: dict[str, Any],
+) -> dict[str, Any]:
+    """Every argument of :func:`train` (``kw``: the others, by name), validated: a
+    :class:`TrainingError` names the first wrong one; the validated values are returned."""
+    e = {"error": TrainingError}
+    out = dict(kw)
+    out["lam"] = checks.number("lam", lam, 0.0, **e)
+    if out["lam"] > 0 and precision is None:
+        raise TrainingError("lam > 0 needs a precision")
+    if precision is not None and not isinstance(precision, Precision):
+        raise TrainingError(
+            f"precision must be a lalora_curv Precision or None, got {type(precision).__name__}"
+        )
+    out["lr"] = checks.number("lr", kw["lr"], 0.0, **e)  # (0: a run that must not move)
+    out["weight_decay"] = checks.number("weight_decay", kw["weight_decay"], 0.0, **e)
+    out["warmup_steps"] = checks.integer("warmup_steps", kw["warmup_steps"], 0, **e)
+    out["max_steps"] = checks.integer("max_steps", kw["max_steps"], 1, optional=True, **e)
+    out["epochs"] = checks.integer("epochs", kw["epochs"], 1, **e)
+    out["grad_accum_steps"] = checks.integer("grad_accum_steps", kw["grad_accum_steps"], 1, **e)
+    out["max_grad_norm"] = checks.number(
+        "max_grad_norm", kw["max_grad_norm"], 0.0, strict=True, optional=True, **e
+    )
+    for name in ("eval_every", "checkpoint_every"):
+        out[name] = checks.integer(name, kw[name], 1, optional=True, **e)
+    out["seed"] = checks.integer("seed", kw["seed"], **e)
+    out["adapter_name"] = checks.string("adapter_name", kw["adapter_name"], **e)
+    out["progress"] = checks.boolean("progress", kw["progress"], **e)
+    if kw["resume"] not in (False, True, "force"):
+        raise TrainingError(f"resume must be False, True or 'force', got {kw['resume']!r}")
+    checks.choice("schedule", kw["schedule"], ("linear", "cosine", "constant"), **e)
+    if kw["mixed_precision"] not in (None, "bf16", "fp16"):
+        raise TrainingError(
+            f"mixed_precision must be None, 'bf16' or 'fp16', got {kw['mixed_precision']!r}"
+        )
+    if kw["eval_fn"] is not None and not callable(kw["eval_fn"]):
+        raise TrainingError("eval_fn must be callable: eval_fn(model, step) -> metrics")
+    out["budget_rate"] = checks.number("budget_rate", kw["budget_rate"], 0.0, strict=True, **e)
+    budget = checks.number(
+        "source_nll_budget", kw["source_nll_budget"], 0.0, strict=True, optional=True, **e
+    )
+    out["source_nll_budget"] = budget
+    if budget is not None:
+        if precision is None or not out["lam"] > 0:
+            raise TrainingError("source_nll_budget needs a precision and a start lam > 0")
+        meta = precision.metadata
+        if meta.get("granularity") == "sequence" or meta.get("estimator") == "batch-grad-squared":
+            raise TrainingError(
+                "source_nll_budget reads penalty / 2 as nats per source token, which needs a "
+                "per-token Fisher; this precision is "
+                f"{meta.get('estimator')!r} at {meta.get('granularity')!r} granularity"
+            )
+        if meta.get("scale") is None or not float(meta["scale"]) > 0:
+            raise TrainingError(
+                "source_nll_budget needs the precision's positive scale (a sum of "
+                f"differently scaled precisions has none); got {meta.get('scale')!r}"
+            )
+    if not isinstance(train_batches, Sequence):
+        raise TrainingError(
+            f"train_batches must be a sequence (a list) of batches, not "
+            f"{type(train_batches).__name__}: materialise a DataLoader with "
+            "list(loader)"
+        )
+    if len(train_batches) == 0:
+        raise TrainingError("train_batches is empty")
+    if (out["checkpoint_every"] or kw["resume"]) and kw["checkpoint_dir"] is None:
+        raise TrainingError("checkpoint_every and resume need a checkpoint_dir")
+    return out
+
+
+def _resume(
+    checkpoints: Path,
+    run: dict[str, Any],
+    force: bool,
+    model: nn.Module,
+    adapter_name: str,
+    optimizer,
+    scheduler,
+    scaler,
+) -> tuple[int, dict[str, Any]]:
+    """Restore the latest usable checkpoint; ``(step, its run settings)`` (0 when none)."""
+    try:
+        found = load_latest(checkpoints)
+    except CheckpointError as e:
+        raise TrainingError(f"cannot resume: {e}") from None
+    if found is None:
+        return 0, {}
+    path, info, state = found
+    saved = info["run"]
+    differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != run.get(k)]
+    if differ:
+        details = ", ".join(f"{k}={saved.get(k)!r} there, {run.get(k)!r} now" for k in differ)
+        if not force:
+            raise TrainingError(
+                f"{path} was written with another {', '.join(differ)} ({details}): the run "
+                "it continues would not be this one; start a new checkpoint_dir, or pass "
+                "resume='force' to continue anyway"
+            )
+        logger.warning("resuming %s despite another %s (resume='force')", path, details)
+    for key in RESUME_MAY_CHANGE:
+        if saved.get(key) != run.get(key):
+            logger.warning(
+                "resuming %s with %s=%s (checkpoint: %s); the optimizer's saved learning rate "
+                "prevails",
+                path,
+                key,
+                run.get(key),
+                saved.get(key),
+            )
+    try:
+        load_adapter(model, path, adapter_name)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+    except (CheckpointError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise TrainingError(f"cannot resume from {path}: its state does not fit ({e})") from None
+    logger.info("resumed from %s (step %d)", path, info["step"])
+    return int(info["step"]), saved
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drop the records a killed run logged after the checkpoint it resumes from (they are
+    logged again), so every step appears once."""
+    if not log_file.is_file():
+        return
+    kept = [
+        line
+        for line in log_file.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    write_text(log_file, "".join(line + "\n" for line in kept))
 
 
 def train(
@@ -88,7 +281,7 @@ def train(
     log_file: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     seed: int = 0,
     adapter_name: str = "default",
     progress: bool = True,
@@ -115,16 +308,22 @@ def train(
         max_steps: optimizer steps (default: ``epochs`` passes over the data).
         grad_accum_steps: micro-batches ``K`` per optimizer step; each NLL enters as
             ``NLL / K`` (a skipped micro-batch as 0).
-        max_grad_norm: gradient clipping (``None``: off).
+        max_grad_norm: gradient clipping at this norm (> 0; ``None``: off).
         mixed_precision: ``"bf16"``/``"fp16"`` autocast where the device supports it
             (fp16 with loss scaling).
         eval_fn: ``eval_fn(model, step) -> metrics``, called every ``eval_every`` steps and at
             the end (in eval mode, without gradients; training mode is restored).
-        log_file: JSON-lines log (appended): one record per optimizer step and evaluation.
+        log_file: JSON-lines log (appended): one record per optimizer step and evaluation; a
+            resumed run first drops the records after its checkpoint's step.
         checkpoint_dir: directory of the atomic checkpoints (``None``: no checkpoints).
         checkpoint_every: checkpoint every this many steps (and always at the end).
-        resume: continue from the latest complete checkpoint in ``checkpoint_dir`` (the same
-            ``grad_accum_steps`` is required; the optimizer's saved learning rate prevails).
+        resume: ``True``: continue from the latest complete checkpoint in ``checkpoint_dir``
+            (a corrupt newer one is reported and skipped). The checkpoint must have been
+            written with the same precision (its :meth:`~lalora_curv.Precision.digest`), the
+            same batches in the same order, ``grad_accum_steps``, ``seed`` and
+            ``adapter_name``, else the run is refused; ``"force"`` continues anyway. Another
+            ``lam``, ``lr``, schedule or step count is taken with a warning (the optimizer's
+            saved learning rate prevails).
         seed: seeds torch, numpy and python's RNG (dropout).
         adapter_name: the peft adapter to train and penalise.
         progress: tqdm bar with target NLL and penalty.
@@ -142,58 +341,15 @@ def train(
     Raises:
         TrainingError: bad arguments, a non-finite NLL, penalty or gradient (before the
             update, on every rank), a checkpoint that does not match.
+        BatchError: a malformed batch (a token id outside the vocabulary, float ids).
     """
-    if not lam >= 0:
-        raise TrainingError(f"lam must be >= 0, got {lam}")
-    if lam > 0 and precision is None:
-        raise TrainingError("lam > 0 needs a precision")
-    if source_nll_budget is not None:
-        if precision is None or not lam > 0:
-            raise TrainingError("source_nll_budget needs a precision and a start lam > 0")
-        if not source_nll_budget > 0 or not budget_rate > 0:
-            raise TrainingError(
-                f"source_nll_budget and budget_rate must be > 0, got {source_nll_budget} "
-                f"and {budget_rate}"
-            )
-        meta = precision.metadata
-        if meta.get("granularity") == "sequence" or meta.get("estimator") == "batch-grad-squared":
-            raise TrainingError(
-                "source_nll_budget reads penalty / 2 as nats per source token, which needs a "
-                "per-token Fisher; this precision is "
-                f"{meta.get('estimator')!r} at {meta.get('granularity')!r} granularity"
-            )
-        if meta.get("scale") is None or not float(meta["scale"]) > 0:
-            raise TrainingError(
-                "source_nll_budget needs the precision's positive scale (a sum of "
-                f"differently scaled precisions has none); got {meta.get('scale')!r}"
-            )
-        budget_scale = float(meta["scale"])  # q = penalty / (2 * scale) for scale * P
-    if grad_accum_steps < 1:
-        raise TrainingError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-    if schedule not in ("linear", "cosine", "constant"):
-        raise TrainingError(f"unknown schedule {schedule!r}; valid: linear, cosine, constant")
-    if mixed_precision not in (None, "bf16", "fp16"):
-        raise TrainingError(
-            f"mixed_precision must be None, 'bf16' or 'fp16', got {mixed_precision!r}"
-        )
-    if warmup_steps < 0 or epochs < 1 or (max_steps is not None and max_steps < 1):
-        raise TrainingError(
-            f"need warmup_steps >= 0, epochs >= 1 and max_steps >= 1 or None; "
-            f"got {warmup_steps}, {epochs}, {max_steps}"
-        )
-    if not isinstance(train_batches, Sequence):
-        raise TrainingError(
-            f"train_batches must be a sequence (a list) of batches, not "
-            f"{type(train_batches).__name__}: materialise a DataLoader with "
-            "list(loader)"
-        )
-    if len(train_batches) == 0:
-        raise TrainingError("train_batches is empty")
+    a = check_train_arguments(train_batches, precision, lam, dict(locals()))
+    lam, grad_accum_steps, seed = a["lam"], a["grad_accum_steps"], a["seed"]
     if precision is not None:
         precision.adapter_params(model, adapter_name)  # a mismatch raises here, not mid-run
+    check_token_ids(train_batches, model)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if (checkpoint_every or resume) and checkpoints is None:
-        raise TrainingError("checkpoint_every and resume need a checkpoint_dir")
+    budget_scale = float(precision.metadata["scale"]) if source_nll_budget is not None else 1.0
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -205,7 +361,7 @@ def train(
     steps_per_epoch = math.ceil(len(train_batches) / grad_accum_steps)
     total = max_steps if max_steps is not None else epochs * steps_per_epoch
     total = int(reduce_scalar(total, "min", device))  # DDP: every rank makes the same steps
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=a["lr"], weight_decay=a["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(schedule, warmup_steps, total)
     )
@@ -216,39 +372,38 @@ def train(
             raise TrainingError(f"autocast is not available on {device.type}")
         autocast = torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
-    extra = {"lam": lam, "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed}
+    run = {
+        "lam": lam,
+        "lr": a["lr"],
+        "grad_accum_steps": grad_accum_steps,
+        "seed": seed,
+        "schedule": schedule,
+        "warmup_steps": warmup_steps,
+        "weight_decay": a["weight_decay"],
+        "max_grad_norm": a["max_grad_norm"],
+        "total_steps": total,
+        "adapter_name": adapter_name,
+        "source_nll_budget": source_nll_budget,
+        "budget_rate": a["budget_rate"],
+        "precision_digest": precision.digest() if precision is not None else None,
+        "data_digest": data_digest(train_batches),
+    }
     lam_now = lam  # changes only under a source-NLL budget
 
     start = 0
     if resume:
-        ckpt = latest_checkpoint(checkpoints)  # type: ignore[arg-type]
-        if ckpt is not None:
-            saved = json.loads((ckpt / COMPLETE_FILE).read_text())
-            if saved.get("grad_accum_steps") != grad_accum_steps:
-                raise TrainingError(
-                    f"{ckpt} was written with grad_accum_steps={saved.get('grad_accum_steps')}, "
-                    f"not {grad_accum_steps}: the data position would not match"
-                )
-            for key in ("lr", "lam"):
-                if saved.get(key) != extra[key]:
-                    logger.warning(
-                        "resuming %s with %s=%s (checkpoint: %s); the optimizer's "
-                        "saved learning rate prevails",
-                        ckpt,
-                        key,
-                        extra[key],
-                        saved.get(key),
-                    )
-            load_adapter(model, ckpt, adapter_name)
-            state = torch.load(ckpt / STATE_FILE, weights_only=False)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-            if source_nll_budget is not None:  # the adapted lambda goes on; a fixed one is
-                lam_now = float(saved.get("lam_now", lam))  # the caller's
-            start = int(state["step"])
-            logger.info("resumed from %s (step %d)", ckpt, start)
+        start, saved = _resume(
+            checkpoints,  # type: ignore[arg-type]
+            run,
+            resume == "force",
+            model,
+            adapter_name,
+            optimizer,
+            scheduler,
+            scaler,
+        )
+        if start and source_nll_budget is not None:  # the adapted lambda goes on; a fixed
+            lam_now = float(saved.get("lam_now", lam))  # one is the caller's
     if start >= total:
         logger.warning(
             "nothing to train: the checkpoint is at step %d, the run has %d", start, total
@@ -257,6 +412,8 @@ def train(
     if checkpoints is not None:
         checkpoints.mkdir(parents=True, exist_ok=True)
     main = is_main_process()  # under torch.distributed only rank 0 writes logs and checkpoints
+    if log_file is not None and main and start > 0:
+        _truncate_log(Path(log_file), start)
     log = open(log_file, "a") if log_file is not None and main else None
     records: list[dict[str, float | None]] = []
 
@@ -279,14 +436,14 @@ def train(
     def save(step: int) -> None:
         if main:
             save_checkpoint(
-                checkpoints,
+                checkpoints,  # type: ignore[arg-type]
                 step,
                 model,
                 adapter_name,
                 optimizer,
-                scheduler,  # type: ignore[arg-type]
+                scheduler,
                 scaler,
-                {**extra, "lam_now": lam_now},
+                {**run, "lam_now": lam_now},
             )
         barrier()
 
@@ -296,85 +453,20 @@ def train(
     bar = tqdm(
         total=total, initial=start, disable=not (progress and main), desc="training", unit="step"
     )
+    step_fn = _Step(
+        model, train_batches, precision, adapter_name, params, optimizer, scheduler, scaler,
+        autocast, grad_accum_steps, a["max_grad_norm"], device,
+    )  # fmt: skip
     model.train()
     try:
         for step in range(start + 1, total + 1):
-            nll_sum, used, skipped, problem = 0.0, 0, 0, ""
-            penalty = torch.zeros((), device=device)
-            for k in range(grad_accum_steps):
-                last = k == grad_accum_steps - 1
-                index = next(micro)
-                raw = train_batches[index]
-                if "labels" not in raw:
-                    raise TrainingError(
-                        f"batch {index} has no 'labels' (for plain language "
-                        "modelling pass labels=input_ids)"
-                    )
-                batch = {key: torch.as_tensor(v).to(device) for key, v in raw.items()}
-                # DDP: gradients are all-reduced in the last micro-batch's backward only
-                sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-                with sync:
-                    if not bool(
-                        supervised_mask(batch["labels"], batch.get("attention_mask")).any()
-                    ):
-                        # no loss term: a zero loss keeps every rank's collectives in step
-                        skipped += 1
-                        logger.warning(
-                            "step %d: batch %d has no supervised token; skipped", step, index
-                        )
-                        inputs = {key: v for key, v in batch.items() if key != "labels"}
-                        with autocast:
-                            loss = 0.0 * model(**inputs).logits.float().sum()
-                    else:
-                        with autocast:
-                            nll = model(**batch).loss
-                        if not bool(torch.isfinite(nll)) and not problem:
-                            problem = f"the target NLL of batch {index} is {nll.item()}"
-                        nll_sum += nll.item()
-                        used += 1
-                        loss = nll / grad_accum_steps
-                    if last and precision is not None:
-                        # the penalty enters once per optimizer step, in the synced backward
-                        with torch.no_grad() if lam_now == 0 else nullcontext():
-                            penalty = precision.penalty(model, adapter_name)
-                        if not bool(torch.isfinite(penalty)) and not problem:
-                            problem = f"the penalty is {penalty.item()}"
-                        if lam_now > 0:
-                            loss = loss + lam_now * penalty
-                    scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, max_grad_norm if max_grad_norm is not None else math.inf
-            )
-            if not problem and not bool(torch.isfinite(grad_norm)) and not scaler.is_enabled():
-                problem = f"the gradient norm is {grad_norm.item()}"
-            # every rank learns of a problem on any rank, so none waits in a collective
-            if reduce_scalar(1.0 if problem else 0.0, "max", device) > 0:
-                optimizer.zero_grad(set_to_none=True)
-                reason = problem or "a non-finite loss, penalty or gradient on another rank"
-                raise TrainingError(f"step {step}: {reason}; nothing was updated")
-            lr_used = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            nll_mean = nll_sum / used if used else None
-            pen = float(penalty.detach())
-            record = {
-                "step": step,
-                "nll": nll_mean,
-                "penalty": pen,
-                "lam": lam_now,
-                "loss": None if nll_mean is None else nll_mean + lam_now * pen,
-                "lr": lr_used,
-                "grad_norm": float(grad_norm),
-                "skipped_batches": skipped,
-            }
+            record = step_fn(step, micro, lam_now)
             emit(record)
+            pen, nll_mean = float(record["penalty"] or 0.0), record["nll"]
             if source_nll_budget is not None:  # dual ascent on lambda (module docstring)
                 projected = 0.5 * pen / budget_scale
                 excess = min(1.0, max(-1.0, projected / source_nll_budget - 1.0))
-                lam_now *= math.exp(budget_rate * excess)
+                lam_now *= math.exp(a["budget_rate"] * excess)
             bar.update(1)
             bar.set_postfix(
                 nll=f"{nll_mean:.4f}" if nll_mean is not None else "-", penalty=f"{pen:.3e}"
@@ -392,3 +484,106 @@ def train(
         if log is not None:
             log.close()
     return records
+
+
+class _Step:
+    """One optimizer step: ``K`` micro-batches (NLL / K each), the penalty once (in the last,
+    synchronised backward), clipping, the non-finite guard on every rank, the update."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Mapping[str, Tensor]],
+        precision: Precision | None,
+        adapter_name: str,
+        params: list[nn.Parameter],
+        optimizer,
+        scheduler,
+        scaler,
+        autocast,
+        grad_accum_steps: int,
+        max_grad_norm: float | None,
+        device: torch.device,
+    ) -> None:
+        self.model, self.batches, self.precision = model, batches, precision
+        self.adapter_name, self.params = adapter_name, params
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.autocast, self.K, self.max_grad_norm = autocast, grad_accum_steps, max_grad_norm
+        self.device = device
+
+    def __call__(self, step: int, micro, lam_now: float) -> dict[str, Any]:
+        model, K = self.model, self.K
+        nll_sum, used, skipped, problem = 0.0, 0, 0, ""
+        penalty = torch.zeros((), device=self.device)
+        for k in range(K):
+            last = k == K - 1
+            index = next(micro)
+            batch = {
+                key: torch.as_tensor(v).to(self.device) for key, v in self.batches[index].items()
+            }
+            # DDP: gradients are all-reduced in the last micro-batch's backward only
+            sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                if not bool(supervised_mask(batch["labels"], batch.get("attention_mask")).any()):
+                    # no loss term: a zero loss keeps every rank's collectives in step
+                    skipped += 1
+                    logger.warning(
+                        "step %d: batch %d has no supervised token; skipped", step, index
+                    )
+                    inputs = {key: v for key, v in batch.items() if key != "labels"}
+                    with self.autocast:
+                        loss = 0.0 * model(**inputs).logits.float().sum()
+                else:
+                    with self.autocast:
+                        nll = model(**batch).loss
+                    if not bool(torch.isfinite(nll)) and not problem:
+                        problem = f"the target NLL of batch {index} is {nll.item()}"
+                    nll_sum += nll.item()
+                    used += 1
+                    loss = nll / K
+                if last and self.precision is not None:
+                    # the penalty enters once per optimizer step, in the synced backward
+                    with torch.no_grad() if lam_now == 0 else nullcontext():
+                        penalty = self.precision.penalty(model, self.adapter_name)
+                    if not bool(torch.isfinite(penalty)) and not problem:
+                        problem = f"the penalty is {penalty.item()}"
+                    if lam_now > 0:
+                        loss = loss + lam_now * penalty
+                self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, self.max_grad_norm if self.max_grad_norm is not None else math.inf
+        )
+        if not problem and not bool(torch.isfinite(grad_norm)) and not self.scaler.is_enabled():
+            problem = f"the gradient norm is {grad_norm.item()}"
+        # every rank learns of a problem on any rank, so none waits in a collective
+        if reduce_scalar(1.0 if problem else 0.0, "max", self.device) > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            reason = problem or "a non-finite loss, penalty or gradient on another rank"
+            raise TrainingError(f"step {step}: {reason}; nothing was updated")
+        lr_used = self.scheduler.get_last_lr()[0]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        nll_mean = nll_sum / used if used else None
+        pen = float(penalty.detach())
+        return {
+            "step": step,
+            "nll": nll_mean,
+            "penalty": pen,
+            "lam": lam_now,
+            "loss": None if nll_mean is None else nll_mean + lam_now * pen,
+            "lr": lr_used,
+            "grad_norm": float(grad_norm),
+            "skipped_batches": skipped,
+        }
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The complete, intact checkpoint of the highest step in ``directory`` (None if none)."""
+    try:
+        found = load_latest(Path(directory))
+    except CheckpointError:
+        return None
+    return found[0] if found else None

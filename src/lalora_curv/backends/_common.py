@@ -49,6 +49,7 @@ class FitRequest:
     dtype: torch.dtype
     granularity: str
     rotations: dict[str, dict[str, Tensor]] | None = None
+    vocab_size: int | None = None  # the model's: token ids outside it are refused
 
     @property
     def samples(self) -> int:
@@ -222,7 +223,7 @@ def fit_loop(
         for index, raw in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
-            batch = prepare_batch(raw, device, index)
+            batch = prepare_batch(raw, device, index, request.vocab_size)
             stats.batches += 1
             if batch.num_supervised == 0:
                 stats.skipped_batches += 1

@@ -58,19 +58,42 @@ def evaluate(
     Returns:
         ``{task: metrics}``.
     """
-    if output is None and out is None:
-        raise CliError("give --output FILE.json, --out DIR, or both")
-    run = RunDir("eval", out, locals()) if out is not None else None
-    from lalora_curv.cli._model import resolve_adapter
+    config = dict(locals())  # (before the imports below join the locals)
+    from lalora_curv.cli._model import check_tasks, resolve_adapter
     from lalora_curv.tasks.evaluate import evaluate as score
     from lalora_curv.tasks.evaluate import load_model
 
+    # every refusal before any work (and before --out, perhaps an earlier run, is touched)
+    if output is None and out is None:
+        raise CliError("give --output FILE.json, --out DIR, or both")
+    names = split_names(tasks)
+    check_tasks(names, "--tasks")
+    if output is not None:
+        target = Path(output)
+        if target.is_dir():
+            raise CliError(f"--output {output} is a directory; give a file name (results.json)")
+        if not target.parent.is_dir():
+            raise CliError(f"--output {output}: the folder {target.parent} does not exist")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise CliError(f"--out {out} exists and is not a directory")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise CliError(f"--data_dir {data_dir}: no such folder")
+    for name, value, minimum in (
+        ("limit", limit, 1),
+        ("sample", sample, 1),
+        ("batch_size", batch_size, 1),
+        ("max_new_tokens", max_new_tokens, 1),
+        ("num_fewshot", num_fewshot, 0),
+    ):
+        if value is not None and value < minimum:
+            raise CliError(f"--{name} must be >= {minimum}, got {value}")
     adapter_dir = str(resolve_adapter(adapter)) if adapter is not None else None
     lm, tokenizer = load_model(model, adapter_dir)
+    run = RunDir("eval", out, config) if out is not None else None
     results = score(
         lm,
         tokenizer,
-        split_names(tasks),
+        names,
         data_dir,
         limit=limit,
         sample=sample,

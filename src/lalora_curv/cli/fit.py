@@ -34,12 +34,15 @@ from typing import Literal
 import torch
 
 import lalora_curv as lc
+from lalora_curv import checks
+from lalora_curv.backends import resolve_backend
 from lalora_curv.cli._model import (
     ADAPTER_INIT_DIR,
     PRECISION_DIR,
     SUM_NAME,
     Batch,
     Dtype,
+    check_tasks,
     load_base,
     task_batches,
     with_adapter,
@@ -140,6 +143,40 @@ def check_source_names(sources: str | list[str]) -> None:
         raise CliError(f"--sources names a source twice: {names}")
 
 
+def check_fit_options(o: dict) -> None:
+    """Refuse what ``fit`` cannot run, naming the option (nothing is loaded or written yet)."""
+    check_storage(o["structure"], o["storage"], o["storage_rank"])
+    check_source_names(o["sources"])
+    try:
+        for name, minimum, optional in (
+            ("limit", 1, True),
+            ("batch_size", 1, False),
+            ("max_length", 2, False),
+            ("r", 1, False),
+            ("mc_samples", 1, False),
+            ("max_batches", 1, True),
+            ("self_generated", 1, True),
+            ("seed", None, False),
+        ):
+            checks.integer(f"--{name}", o[name], minimum, optional=optional)
+        checks.number("--lora_alpha", o["lora_alpha"], 0.0, strict=True)
+        checks.number("--lora_dropout", o["lora_dropout"], 0.0)
+        checks.number("--temperature", o["temperature"], 0.0, strict=True)
+        if not o["lora_dropout"] < 1:
+            raise CliError(f"--lora_dropout must be < 1, got {o['lora_dropout']}")
+        resolve_backend(o["backend"], o["structure"], o["estimator"], None)
+        if o["mc_samples"] != 1 and o["estimator"] != "mc":
+            raise CliError(f"--mc_samples {o['mc_samples']} applies to --estimator mc only")
+    except lc.LaloraError as e:
+        raise CliError(str(e)) from None
+    if o["prompts"] is not None and o["self_generated"] is None:
+        raise CliError("--prompts applies to --self_generated only")
+    if o["prompts"] is not None and not Path(o["prompts"]).is_file():
+        raise CliError(f"--prompts {o['prompts']}: no such file")
+    if o["data_dir"] is not None and not Path(o["data_dir"]).is_dir():
+        raise CliError(f"--data_dir {o['data_dir']}: no such folder")
+
+
 def fit(
     model: str,
     out: str = "runs/fit",
@@ -212,10 +249,12 @@ def fit(
     Returns:
         ``{source: precision, ..., "sum": pooled precision}``, in the saved storage.
     """
-    check_storage(structure, storage, storage_rank)  # before --out (an earlier run) is touched
-    check_source_names(sources)
-    run = RunDir("fit", out, locals())
+    # every refusal before --out (perhaps an earlier run) is touched: check, load, then write
+    config = dict(locals())
+    check_fit_options(config)
     names = split_names(sources)
+    if self_generated is None:
+        check_tasks(names, "--sources")
     base, tokenizer = load_base(model, dtype, device)
     peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
     if self_generated is None:
@@ -233,6 +272,7 @@ def fit(
             progress,
         )
         names = list(batches)
+    run = RunDir("fit", out, config)
     init_dir = save_adapter(peft_model, run / ADAPTER_INIT_DIR)
     print(f"adapter init (the mode mu): {init_dir}")
     settings = dict(

@@ -28,15 +28,18 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 import lalora_curv as lc
+from lalora_curv import checks
 from lalora_curv.baselines import migu
 from lalora_curv.cli._model import (
     ADAPTER_DIR,
     Dtype,
+    check_tasks,
     load_base,
     resolve_precision,
     task_batches,
@@ -44,6 +47,7 @@ from lalora_curv.cli._model import (
 )
 from lalora_curv.cli._run import CliError, RunDir, save_adapter
 from lalora_curv.plotting import save_figure
+from lalora_curv.train import check_train_arguments
 
 EXAMPLES = """examples:
   lalora-curv train --model ./llama --adapter runs/fit-kfac --precision runs/fit-kfac \\
@@ -175,18 +179,35 @@ def train(
     Returns:
         lc.train's log records.
     """
-    # refused before --out is touched: an earlier run's config.yaml and metrics.jsonl stay
-    if lam < 0:
-        raise CliError(f"--lam must be >= 0, got {lam}")
+    # every refusal before --out (perhaps an earlier run) is touched: an earlier run's
+    # config.yaml, metrics.jsonl and adapters stay as they were
+    config = dict(locals())
+    try:
+        lam = checks.number("--lam", lam, 0.0)
+        checks.number("--migu_threshold", migu_threshold, 0.0, optional=True)
+        for name, minimum, optional in (
+            ("limit", 1, True),
+            ("batch_size", 1, False),
+            ("max_length", 2, False),
+            ("r", 1, False),
+        ):
+            checks.integer(f"--{name}", config[name], minimum, optional=optional)
+    except lc.LaloraError as e:
+        raise CliError(str(e)) from None
     if lam > 0 and precision is None:
         raise CliError("--lam > 0 needs --precision (a precision artifact or a fit run)")
-    if migu_threshold is not None and not 0 <= migu_threshold < 1:
+    if migu_threshold is not None and not migu_threshold < 1:
         raise CliError(f"--migu_threshold must be in [0, 1), got {migu_threshold}")
     if init != "default" and adapter is not None:
         raise CliError(f"--init {init} makes a new adapter; it cannot be combined with --adapter")
-    run = RunDir("train", out, locals(), fresh_metrics=not resume)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise CliError(f"--data_dir {data_dir}: no such folder")
+    check_tasks([task], "--task")
     prec_path = resolve_precision(precision) if precision is not None else None
-    prec = lc.load_precision(prec_path) if prec_path is not None else None
+    try:
+        prec = lc.load_precision(prec_path) if prec_path is not None else None
+    except lc.ArtifactError as e:
+        raise CliError(f"--precision {precision}: {e}") from None
     base, tokenizer = load_base(model, dtype, device)
     batches = task_batches(
         [task], tokenizer, data_dir, split, limit, batch_size, max_length, seed, "--task"
@@ -194,10 +215,43 @@ def train(
     peft_model = with_adapter(
         base, adapter, r, lora_alpha, target_modules, lora_dropout, seed, init
     )
-    initial = save_adapter(peft_model, run / "adapter_init") if init != "default" else None
     if prec is not None:
         _warn_other_base(prec, peft_model, model)
         prec = _matching_precision(prec, peft_model, prec_path)
+    train_options = dict(
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        schedule=schedule,
+        max_steps=max_steps,
+        epochs=epochs,
+        grad_accum_steps=grad_accum_steps,
+        max_grad_norm=max_grad_norm,
+        mixed_precision=mixed_precision,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        seed=seed,
+        progress=progress,
+    )
+    try:
+        check_train_arguments(
+            batches,
+            prec,
+            lam,
+            {
+                **train_options,
+                "eval_fn": None,
+                "eval_every": None,
+                "checkpoint_dir": "checkpoints",
+                "adapter_name": "default",
+                "source_nll_budget": None,
+                "budget_rate": 0.02,
+            },
+        )
+    except lc.TrainingError as e:
+        raise CliError(f"--{e}") from None
+    run = RunDir("train", out, config, fresh_metrics=not resume)
+    initial = save_adapter(peft_model, run / "adapter_init") if init != "default" else None
     guard = migu(peft_model, migu_threshold) if migu_threshold is not None else nullcontext()
     with guard:
         records = lc.train(
@@ -205,21 +259,9 @@ def train(
             batches,
             prec,
             lam,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-            max_steps=max_steps,
-            epochs=epochs,
-            grad_accum_steps=grad_accum_steps,
-            max_grad_norm=max_grad_norm,
-            mixed_precision=mixed_precision,
             log_file=run.metrics_file,
             checkpoint_dir=run / "checkpoints",
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            seed=seed,
-            progress=progress,
+            **train_options,
         )
     adapter_dir = save_adapter(peft_model, run / ADAPTER_DIR, initial=initial)
     steps = [r for r in records if r.get("nll") is not None]

@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
+import json
+import math
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -150,6 +153,24 @@ class Precision(ABC):
             f"params={self.num_params}, estimator={self._metadata.get('estimator')!r}, "
             f"supervised_tokens={self.counts.get('supervised_tokens')})"
         )
+
+    def digest(self) -> str:
+        """SHA-256 of what defines the penalty: the structure, the modules, the component
+        weights and every tensor (names, dtypes, shapes, bytes); equal for a precision and
+        its saved-and-loaded copy, different for any other (a checkpoint records it)."""
+        h = hashlib.sha256()
+        head = {
+            "structure": self.structure,
+            "modules": [[n, s.to_json()] for n, s in self.modules.items()],
+            "component_weights": self._metadata.get("component_weights"),
+        }
+        h.update(json.dumps(head, sort_keys=True).encode())
+        tensors = self.all_tensors()
+        for name in sorted(tensors):
+            t = tensors[name].detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
 
     def all_tensors(self) -> dict[str, Tensor]:
         """Every tensor of the artifact: the structure's plus ``mode.<param name>``."""
@@ -307,8 +328,10 @@ class Precision(ABC):
         """``factor * P`` (counts unchanged; ``metadata['scale']`` records the product)."""
         if not isinstance(factor, int | float) or isinstance(factor, bool):
             return NotImplemented
-        if not factor >= 0:
-            raise LaloraError(f"a precision can only be scaled by a factor >= 0, got {factor}")
+        if not (factor >= 0 and math.isfinite(factor)):
+            raise LaloraError(
+                f"a precision can only be scaled by a finite factor >= 0, got {factor}"
+            )
         result = self._weighted_sum([], [float(factor)])
         scale = self._metadata.get("scale", 1.0)  # None: a sum of mixed scales stays mixed
         result._metadata["scale"] = None if scale is None else float(scale) * float(factor)
