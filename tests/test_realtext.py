@@ -192,9 +192,9 @@ def test_tokenizer_is_deterministic_across_processes_and_round_trips(data):
 
 
 def test_short_pretraining_is_reproducible_and_cached(small, tmp_path, monkeypatch):
-    model_a, tok_a = rt.pretrain(small, {**TINY, "seed": 1}, progress=False)
-    model_b, tok_b = rt.pretrain(small, {**TINY, "seed": 1}, progress=False)
-    model_c, _ = rt.pretrain(small, {**TINY, "seed": 2}, progress=False)
+    model_a, tok_a, _ = rt.pretrain(small, {**TINY, "seed": 1}, progress=False)
+    model_b, tok_b, _ = rt.pretrain(small, {**TINY, "seed": 1}, progress=False)
+    model_c, _, _ = rt.pretrain(small, {**TINY, "seed": 2}, progress=False)
     assert tok_a.backend_tokenizer.to_str() == tok_b.backend_tokenizer.to_str()
     assert len(tok_a) == 300
     for (n, p), (_, q) in zip(model_a.named_parameters(), model_b.named_parameters(), strict=True):
@@ -209,7 +209,8 @@ def test_short_pretraining_is_reproducible_and_cached(small, tmp_path, monkeypat
     assert rt.token_nll(model_a, batch)[0] < rt.token_nll(untrained, batch)[0] - 0.1 * 16 * 31
 
     monkeypatch.setenv("LALORA_CURV_CACHE", str(tmp_path))
-    settings = {k: v for k, v in TINY.items()}
+    # the settings PRETRAIN adds, at what rt.pretrain reads when they are absent
+    settings = {**TINY, "weight_decay": 0.01, "gsm8k_questions": False, "val_fraction": 0.0}
     first, tok = rt.pretrained(small, settings, seed=1, progress=False)
     again, _ = rt.pretrained(small, settings, seed=1, progress=False)
     for (n, p), (_, q) in zip(model_a.named_parameters(), first.named_parameters(), strict=True):
@@ -227,7 +228,7 @@ def test_short_pretraining_is_reproducible_and_cached(small, tmp_path, monkeypat
 
 
 def test_finetune_measures_both_sides_and_a_zero_lambda_penalty_changes_nothing(small):
-    model, tok = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    model, tok, _ = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
     kw = dict(steps=3, lr=1e-2, batch_size=4, max_length=64, fit_texts=8)
     plain = rt.finetune(copy.deepcopy(model), tok, small, eval_every=2, **kw)
     assert [c["step"] for c in plain["trajectory"]] == [2, 3]  # every 2 steps and the end
@@ -252,7 +253,7 @@ def test_finetune_measures_both_sides_and_a_zero_lambda_penalty_changes_nothing(
 
 
 def test_finetune_on_a_self_generated_precision_of_the_same_token_count(small):
-    model, tok = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    model, tok, _ = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
     kw = dict(steps=2, lr=1e-2, batch_size=4, max_length=64, fit_texts=8)
     texts = rt.finetune(copy.deepcopy(model), tok, small, precision_structure="kfac", **kw)
     own = rt.finetune(
@@ -274,7 +275,7 @@ def test_finetune_on_a_self_generated_precision_of_the_same_token_count(small):
 
 
 def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, monkeypatch):
-    model, tok = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    model, tok, _ = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
     inits, orders = [], []
     get_peft_model, train = rt.get_peft_model, rt.lc.train
 
@@ -308,3 +309,150 @@ def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, m
     assert runs[2]["before"] == runs[0]["before"]  # B = 0: the untouched model either way
     assert runs[2]["trajectory"][0]["target"] != runs[0]["trajectory"][0]["target"]
     assert runs[2]["lam_applied"] == runs[0]["lam_applied"] == 1e3
+
+
+def test_validation_and_test_splits_are_disjoint_seeded_samples():
+    d = rt.RealText(DATA, eval_sample=30, val_sample=20, seed=3)
+    again = rt.RealText(DATA, eval_sample=30, val_sample=20, seed=3)
+    for task in rt.SOURCES:
+        assert len(d.eval[task]) == 30 and len(d.val[task]) == 20
+        assert not set(d.eval[task]) & set(d.val[task])
+        assert d.eval[task] == again.eval[task] and d.val[task] == again.val[task]
+    assert len(d.target_test) == 30 and len(d.target_val) == 20
+    assert not set(d.target_test) & set(d.target_val)
+    # held out of training: no GSM8K test question is a training question
+    assert not {p for p, _ in d.target_val} & {p for p, _ in d.target_train}
+    with pytest.raises(rt.TaskDataError, match="fewer than"):
+        rt._split(list(range(10)), 8, 3, 0, "toy")
+    with pytest.raises(ValueError, match="split"):
+        rt.evaluate(None, None, rt.RealText(DATA, eval_sample=5), split="val")
+
+
+def test_pretraining_text_adds_the_gsm8k_questions_and_never_an_answer(small):
+    base = rt.pretraining_texts(small, {"gsm8k_questions": False})
+    texts = rt.pretraining_texts(small, {"gsm8k_questions": True})
+    assert texts[: len(base)] == base
+    assert texts[len(base) :] == [q for q, _ in small.target_train]
+    answers = {a.strip() for _, a in small.target_train}
+    assert not any(t.strip() in answers for t in texts)
+    assert all("####" not in t for t in texts[len(base) :])
+
+
+def test_pretraining_keeps_the_step_of_lowest_validation_nll(small):
+    cfg = {**TINY, "seed": 0, "steps": 8, "lr": 5e-2, "val_fraction": 0.25, "val_every": 3}
+    model, tok, report = rt.pretrain(small, cfg, progress=False)
+    steps = [p["step"] for p in report["validation"]]
+    assert steps == [3, 6, 8]  # every val_every steps and the last
+    best = min(report["validation"], key=lambda p: p["val_nll"])
+    assert report["kept_step"] == best["step"]
+    blocks = rt.packed_blocks(rt.pretraining_texts(small, cfg), tok, cfg["block"], cfg["seed"])
+    val = blocks[: report["val_blocks"]]
+    assert report["val_blocks"] + report["train_blocks"] == len(blocks)
+    batch = [{"input_ids": val, "attention_mask": torch.ones_like(val), "labels": val}]
+    total, count = rt.token_nll(model, batch)
+    assert total / count == pytest.approx(best["val_nll"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "structure,scope", [("isotropic", "all"), ("isotropic", "lora_B"), ("merged-isotropic", "all")]
+)
+def test_finetune_with_an_isotropic_control_measures_both_splits(structure, scope):
+    data = rt.RealText(DATA, eval_sample=8, val_sample=6)
+    small = copy.copy(data)
+    small.train = {t: v[:40] for t, v in data.train.items()}
+    small.target_train = data.target_train[:30]
+    model, tok, _ = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    kw = dict(steps=2, lr=1e-2, batch_size=4, max_length=64, eval_every=1, validation=True)
+    result = rt.finetune(
+        copy.deepcopy(model),
+        tok,
+        small,
+        precision_structure=structure,
+        scope=scope,
+        lam=3.0,
+        relative_lam=True,
+        **kw,
+    )
+    assert set(result["before"]["val"]) == {"source", "source_all", "target", "target_tokens"}
+    assert [c["step"] for c in result["trajectory"]] == [1, 2]
+    assert result["trajectory"][-1]["val"] != result["before"]["val"]
+    assert result["final_penalty"] > 0
+    # lam = c / mean eigenvalue: the mean of an all-LoRA isotropic control is 1, of the
+    # lora_B one the share of lora_B entries, of the merged one D_out D_in / (r (D_in + D_out))
+    assert result["lam_applied"] == pytest.approx(3.0 / result["mean_curvature"])
+    shapes = [
+        (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in rt.ALL_LINEAR
+    ]
+    r = 8  # finetune's default rank
+    entries = {"lora_A": sum(r * i for i, _ in shapes), "lora_B": sum(o * r for _, o in shapes)}
+    n_params = entries["lora_A"] + entries["lora_B"]
+    expected = {
+        ("isotropic", "all"): 1.0,
+        ("isotropic", "lora_B"): entries["lora_B"] / n_params,
+        ("merged-isotropic", "all"): sum(i * o for i, o in shapes) / n_params,
+    }[structure, scope]
+    assert result["mean_curvature"] == pytest.approx(expected, rel=1e-12)
+
+
+REALTEXT_GRID = {
+    "benchmark": {"scenario": "realtext", "eval_sample": 5, "val_sample": 4, "fit_texts": 6,
+                  "batch_size": 2, "max_length": 64},
+    "seeds": [0],
+    "common": {"lr": 1.0e-2, "steps": 4, "eval_every": 2, "rank": 2, "targets": "q_proj,v_proj"},
+    "methods": {
+        "lora": {},
+        "l2-lora-B": {"method": "lalora", "structure": "isotropic", "scope": "lora_B", "c": 1.0},
+        "kfac-mc": {"method": "lalora", "structure": "kfac", "estimator": "mc",
+                    "mc_samples": 1, "c": 0.5},
+    },
+}  # fmt: skip
+
+
+def test_realtext_grid_cells_carry_the_shipped_model_and_refuse_what_does_not_apply():
+    from lalora_curv.testbed.sweep import GridError, expand_grid
+
+    cells = expand_grid(REALTEXT_GRID)
+    assert [c["method"] for c in cells] == ["lora", "l2-lora-B", "kfac-mc"]
+    bench = cells[0]["benchmark"]
+    assert bench["scenario"] == "realtext" and len(bench["model"]) == 16
+    iso = cells[1]
+    assert iso["scope"] == "lora_B" and "estimator" not in iso and "mc_samples" not in iso
+    bad = [
+        ({"benchmark": {"scenario": "realtext", "pretrain_seed": 0}}, "unknown setting"),
+        ({"methods": {"m": {"method": "migu"}}}, "not offered on the realtext"),
+        ({"methods": {"p": {"method": "lora", "init": "pissa"}}}, "default init only"),
+        ({"methods": {"k": {"method": "lalora", "structure": "kfac", "scope": "all", "c": 1}}},
+         "scope applies to structure isotropic only"),
+        ({"benchmark": {"scenario": "moon"}}, "unknown 'moon'"),
+    ]  # fmt: skip
+    for change, message in bad:
+        grid = {**REALTEXT_GRID, **change}
+        if "benchmark" in change and change["benchmark"].get("scenario") == "realtext":
+            grid["benchmark"] = change["benchmark"]
+        with pytest.raises(GridError, match=message):
+            expand_grid(grid)
+
+
+def test_a_realtext_cell_measures_both_splits_from_step_0():
+    """On the shipped model: every checkpoint on test and validation, higher-is-better axes
+    that start at exactly 0, the isotropic control's lambda = c / its mean eigenvalue."""
+    from lalora_curv.testbed.sweep import expand_grid, run_cell
+
+    cells = expand_grid(REALTEXT_GRID)
+    plain = run_cell(cells[0], data_dir=str(DATA))
+    iso = run_cell(cells[1], data_dir=str(DATA))
+    assert [r["step"] for r in plain] == [0, 2, 4]
+    first = plain[0]
+    assert first["target"] == 0.0 and first["source_mean"] == 0.0
+    assert first["val"] == {"source": dict.fromkeys(rt.SOURCES, 0.0), "source_mean": 0.0,
+                            "target": 0.0}  # fmt: skip
+    last = plain[-1]
+    assert last["target"] > 0  # it learns GSM8K
+    assert last["nll"]["target"] == pytest.approx(plain[0]["nll"]["target"] - last["target"])
+    assert last["val"]["target"] != last["target"]  # another split
+    # lora_B-only L2 on q, v of a hidden-192 model at r = 2: mean eigenvalue 192 / (192 + 192)
+    assert iso[0]["mean_curvature"] == pytest.approx(0.5)
+    assert iso[0]["lam"] == pytest.approx(1.0 / 0.5)
+    assert iso[-1]["penalty"] > 0 and plain[-1]["penalty"] is None

@@ -1,4 +1,4 @@
-"""``lalora-curv sweep``: a grid of methods x settings x seeds on the embedded benchmark.
+"""``lalora-curv sweep``: a grid of methods x settings x seeds (embedded benchmark or real text).
 
 The grid file (YAML, format in docs/cli.md and :mod:`lalora_curv.testbed.sweep`) expands to
 cells (one training run each); the cells not yet in ``OUT/runs.jsonl`` run in ``--workers``
@@ -16,6 +16,7 @@ it finishes, so an interrupted sweep resumes where it stopped. Then, from every 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -45,6 +46,7 @@ def run_grid(
     workers: int,
     threshold: float | None,
     progress: bool,
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
     """Expand, run (resuming), report and print; shared by ``sweep`` and ``demo``."""
     try:
@@ -54,7 +56,7 @@ def run_grid(
     atomic_write_text(run / "grid.yaml", yaml.safe_dump(grid, sort_keys=False))
     failure = None
     try:
-        counts = run_sweep(cells, run.path, workers=workers, progress=progress)
+        counts = run_sweep(cells, run.path, workers=workers, progress=progress, data_dir=data_dir)
         print(
             f"{counts['cells']} cells: {counts['done']} already in {run / 'runs.jsonl'}, "
             f"{counts['ran']} trained now"
@@ -80,8 +82,10 @@ def sweep(
     threshold: float | None = None,
     dry_run: bool = False,
     progress: bool = True,
+    data_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run a grid of fine-tuning runs on the embedded benchmark; fronts, curves and tables.
+    """Run a grid of fine-tuning runs (the embedded benchmark, or the real-text scenario with
+    ``benchmark: {scenario: realtext}``); fronts, curves and tables.
 
     Args:
         grid: the grid, a YAML file (per method name: its settings, a list is swept).
@@ -91,6 +95,8 @@ def sweep(
             0.9 x the smallest of the methods' best target).
         dry_run: print the cells and stop.
         progress: progress bar over the cells.
+        data_dir: the real-text scenario's data, a folder laid out like ../shared/data
+            (``hub``: the Hugging Face hub); required by a realtext grid.
 
     Returns:
         The summary (also OUT/summary.json), with the table rows and the written files.
@@ -103,6 +109,15 @@ def sweep(
         cells = expand_grid(spec)
     except GridError as e:
         raise CliError(f"--grid: {e}") from None
+    realtext = any(c["benchmark"].get("scenario") == "realtext" for c in cells)
+    if realtext and data_dir is None:
+        raise CliError(
+            "--data_dir: a realtext grid reads the benchmark files: give a folder laid out "
+            "like ../shared/data, or 'hub'"
+        )
+    if data_dir is not None and data_dir != "hub" and not Path(data_dir).is_dir():
+        raise CliError(f"--data_dir {data_dir}: no such folder")
+    data_dir = None if data_dir == "hub" else data_dir
     if dry_run:
         for cell in cells:
             shown = {k: v for k, v in cell.items() if k != "benchmark"}
@@ -110,4 +125,4 @@ def sweep(
         print(f"{len(cells)} cells")
         return {"cells": cells}
     run = RunDir("sweep", out, args, fresh_metrics=False)
-    return run_grid(spec, run, workers, threshold, progress)
+    return run_grid(spec, run, workers, threshold, progress, data_dir)

@@ -86,7 +86,7 @@ def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
 class Pretraining:
     """What both embedded scenarios pretrain with: a Llama from ``cfg`` (hidden, mlp, layers,
     heads; untied embeddings; EOS doubling as BOS) drawn after ``torch.manual_seed(cfg["seed"])``,
-    AdamW (weight decay 0.01) with a one-cycle schedule over ``cfg["steps"]`` at ``cfg["lr"]``,
+    AdamW (weight decay ``cfg["weight_decay"]``, default 0.01) with a one-cycle schedule over ``cfg["steps"]`` at ``cfg["lr"]``,
     and steps with gradient clipping at norm 1."""
 
     def __init__(self, tok, cfg: dict, max_positions: int, attention: str) -> None:
@@ -108,7 +108,9 @@ class Pretraining:
             bos_token_id=tok.eos_token_id,
         )
         self.model = LlamaForCausalLM(config).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg["lr"], weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.01)
+        )
         self.schedule = torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer,
             cfg["lr"],

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import json
 import random
 import re
 from collections.abc import Sequence
@@ -55,15 +56,26 @@ PAD, EOS = "<pad>", "<eos>"
 
 PRETRAIN = {
     "vocab": 4096,
-    "hidden": 128,
-    "layers": 4,
-    "heads": 4,
-    "mlp": 384,
+    "hidden": 192,
+    "layers": 6,
+    "heads": 6,
+    "mlp": 512,
     "block": 256,
-    "steps": 300,
+    "steps": 2200,
     "batch": 16,
-    "lr": 3e-3,
+    "lr": 2e-3,
+    "weight_decay": 0.1,
+    "gsm8k_questions": True,  # the target's training *questions* (never an answer)
+    "val_fraction": 0.02,  # blocks held out of pretraining, for its validation curve
+    "val_every": 200,
 }
+"""The shipped model's settings (:data:`SHIPPED`): a 4.2M-parameter Llama pretrained in about
+35 minutes on 2 CPU cores, on the source training texts and the GSM8K training questions."""
+
+#: the pretrained real-text model shipped with the package (from_pretrained-loadable), made by
+#: ``benchmarks/pretrain_realtext.py`` with :data:`PRETRAIN`; its ``pretraining.json`` records
+#: the settings, the data hashes and the validation curve
+SHIPPED = Path(__file__).resolve().parent / "realtext_model"
 
 
 # --- text -------------------------------------------------------------------------------------
@@ -205,26 +217,32 @@ def token_nll(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> tuple[f
 class RealText:
     """The scenario's texts, read once: source train/eval texts and GSM8K train/test pairs.
 
-    ``eval_sample`` keeps a seeded subset of each held-out split (``None``: all of it).
+    The held-out records of each task (the source tasks' evaluation splits, the GSM8K test
+    split) are split, seeded, into a test set of ``eval_sample`` (``None``: all the others)
+    and a disjoint validation set of ``val_sample`` (``data.val``, ``data.target_val``): a
+    sweep picks its settings on the validation set and reports the test set.
     """
 
     def __init__(
-        self, data_dir: str | Path | None = None, eval_sample: int | None = 400, seed: int = 0
+        self,
+        data_dir: str | Path | None = None,
+        eval_sample: int | None = 400,
+        seed: int = 0,
+        val_sample: int = 0,
     ):
         self.data_dir = None if data_dir is None else Path(data_dir)
         self.train = {t: source_texts(t, data_dir, "train") for t in SOURCES}
-        self.eval = {}
+        self.eval, self.val = {}, {}
         for t in SOURCES:
-            texts = source_texts(t, data_dir, "eval")
-            if eval_sample is not None and eval_sample < len(texts):
-                keep = sorted(random.Random(seed).sample(range(len(texts)), eval_sample))
-                texts = [texts[i] for i in keep]
-            self.eval[t] = texts
+            self.eval[t], self.val[t] = _split(
+                source_texts(t, data_dir, "eval"), eval_sample, val_sample, seed, t
+            )
         self.target_train = supervised_examples(
             "gsm8k", load_records("gsm8k", data_dir, split="train")
         )
-        test = load_records("gsm8k", data_dir, sample=eval_sample, seed=seed)
+        test, val = _split(load_records("gsm8k", data_dir), eval_sample, val_sample, seed, "gsm8k")
         self.target_test = supervised_examples("gsm8k", test)
+        self.target_val = supervised_examples("gsm8k", val)
 
     def fingerprint(self) -> dict[str, str]:
         """sha256 of every data file (local), or the hub's dataset names."""
@@ -236,15 +254,52 @@ class RealText:
         }
 
 
+def _split(items: list, test: int | None, val: int, seed: int, task: str) -> tuple[list, list]:
+    """``(test, val)``: a seeded sample of ``test`` items (``None``: every item not in val)
+    and a disjoint one of ``val`` items, each in file order."""
+    if val < 0 or (test is not None and test < 1):
+        raise ValueError(f"need eval_sample >= 1 (or None) and val_sample >= 0, got {test}, {val}")
+    if (test or 0) + val > len(items):
+        raise TaskDataError(
+            f"{task}: {len(items)} held-out records, fewer than eval_sample + val_sample = "
+            f"{(test or 0) + val}"
+        )
+    order = random.Random(seed).sample(range(len(items)), len(items))
+    n_test = len(items) - val if test is None else test
+    pick = lambda idx: [items[i] for i in sorted(idx)]  # noqa: E731
+    return pick(order[:n_test]), pick(order[n_test : n_test + val])
+
+
 # --- pretraining --------------------------------------------------------------------------------
 
 
 def pretrained(
     data: RealText, settings: dict | None = None, seed: int = 0, progress: bool = True
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """``(model, tokenizer)`` pretrained on ``data``'s source training texts, cached on disk."""
+    """``(model, tokenizer)`` pretrained on ``data``'s source training texts.
+
+    With the default settings and seed on the data the shipped model was trained on, that model
+    (:data:`SHIPPED`) is loaded; otherwise the model is pretrained once and cached on disk.
+    """
     cfg = {**PRETRAIN, **(settings or {}), "seed": seed, "data": data.fingerprint()}
-    return cached("realtext", cfg, lambda: pretrain(data, cfg, progress))
+    shipped = shipped_settings()
+    if shipped is not None and shipped["settings"] == cfg:
+        return load_shipped()
+    return cached("realtext", cfg, lambda: pretrain(data, cfg, progress)[:2])
+
+
+def shipped_settings() -> dict[str, Any] | None:
+    """The shipped model's ``pretraining.json`` (None when the package has no model)."""
+    path = SHIPPED / "pretraining.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_shipped() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The shipped real-text model and tokenizer, loaded with ``from_pretrained``."""
+    if shipped_settings() is None:
+        raise TaskDataError(f"{SHIPPED}: the shipped real-text model is missing")
+    model = LlamaForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32)
+    return model.eval(), PreTrainedTokenizerFast.from_pretrained(SHIPPED)
 
 
 def packed_blocks(texts: Sequence[str], tokenizer, block: int, seed: int) -> Tensor:
@@ -261,45 +316,117 @@ def packed_blocks(texts: Sequence[str], tokenizer, block: int, seed: int) -> Ten
     return torch.tensor(stream[: n * block]).view(n, block)
 
 
+def pretraining_texts(data: RealText, cfg: dict) -> list[str]:
+    """The source training texts, and the GSM8K training questions if ``cfg`` says so."""
+    texts = [t for task in SOURCES for t in data.train[task]]
+    if cfg.get("gsm8k_questions"):
+        texts += [prompt for prompt, _ in data.target_train]
+    return texts
+
+
 def pretrain(data: RealText, cfg: dict, progress: bool = True):
-    """Train the tokenizer and the model (AdamW, one-cycle schedule, random packed blocks)."""
+    """Train the tokenizer and the model (AdamW, one-cycle schedule, random packed blocks).
+
+    A ``val_fraction`` of the packed blocks is held out; every ``val_every`` steps its
+    per-token NLL is measured and the best model is kept. Returns ``(model, tokenizer,
+    report)``, the report holding the validation curve and the kept step.
+    """
     if cfg["steps"] < 4:
         raise ValueError(f"pretraining needs at least 4 steps, got {cfg['steps']}")
-    texts = [t for task in SOURCES for t in data.train[task]]
-    tok = wrap_tokenizer(train_bpe(texts + [p + a for p, a in data.target_train], cfg["vocab"]))
+    texts = pretraining_texts(data, cfg)
+    source = [t for task in SOURCES for t in data.train[task]]
+    tok = wrap_tokenizer(train_bpe(source + [p + a for p, a in data.target_train], cfg["vocab"]))
     run = Pretraining(tok, cfg, max_positions=1024, attention="sdpa")
     blocks = packed_blocks(texts, tok, cfg["block"], cfg["seed"])
+    n_val = int(len(blocks) * cfg.get("val_fraction", 0.0))
+    val, blocks = blocks[:n_val], blocks[n_val:]
+    val_batches = [
+        {"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b}
+        for b in (val.split(cfg["batch"]) if n_val else [])
+    ]
     gen = torch.Generator().manual_seed(cfg["seed"])
+    curve: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+
+    def validate(step: int) -> None:
+        nonlocal best
+        if not val_batches:
+            return
+        total, count = token_nll(run.model, val_batches)
+        curve.append({"step": step, "val_nll": total / count})
+        if best is None or total / count < best[0]:
+            state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+            best = (total / count, step, state)
+
     bar = tqdm(
-        range(cfg["steps"]),
+        range(1, cfg["steps"] + 1),
         disable=not progress,
-        desc="pretraining the real-text model (once)",
+        desc="pretraining the real-text model",
         unit="step",
     )
-    for _ in bar:
+    for step in bar:
         ids = blocks[torch.randint(len(blocks), (cfg["batch"],), generator=gen)]
         loss = run.step(input_ids=ids, labels=ids)
         bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
-    return run.model.eval(), tok
+        if cfg.get("val_every") and (step % cfg["val_every"] == 0 or step == cfg["steps"]):
+            validate(step)
+            if curve and curve[-1]["step"] == step:
+                bar.write(f"step {step}: validation NLL {curve[-1]['val_nll']:.4f}")
+    if best is not None:
+        run.model.load_state_dict(best[2])
+    report = {
+        "validation": curve,
+        "kept_step": best[1] if best is not None else cfg["steps"],
+        "val_blocks": n_val,
+        "train_blocks": len(blocks),
+    }
+    return run.model.eval(), tok, report
 
 
 # --- learning and forgetting --------------------------------------------------------------------
 
 
 def evaluate(
-    model: nn.Module, tok, data: RealText, batch_size: int = 32, max_length: int = 256
+    model: nn.Module,
+    tok,
+    data: RealText,
+    batch_size: int = 32,
+    max_length: int = 256,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Per-token NLL of the held-out source text (per task and pooled over all their tokens)
-    and of the GSM8K test answers given their questions."""
+    and of the GSM8K answers given their questions, on the ``"test"`` or ``"val"`` split."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    texts_of, target = (
+        (data.eval, data.target_test)
+        if split == "test"
+        else (
+            data.val,
+            data.target_val,
+        )
+    )
+    if not target or not all(texts_of.values()):
+        raise ValueError(f"the data has no {split!r} split (RealText(val_sample=...))")
     source, total, count = {}, 0.0, 0
     for task in SOURCES:
-        texts = sorted(data.eval[task], key=len)  # less padding; the sums ignore order
+        texts = sorted(texts_of[task], key=len)  # less padding; the sums ignore order
         s, n = token_nll(model, text_batches(texts, tok, batch_size, max_length))
         source[task] = s / n
         total, count = total + s, count + n
-    pairs = sorted(data.target_test, key=lambda pa: len(pa[0]) + len(pa[1]))
+    pairs = sorted(target, key=lambda pa: len(pa[0]) + len(pa[1]))
     s, n = token_nll(model, make_batches(pairs, tok, batch_size=batch_size, max_length=max_length))
     return {"source": source, "source_all": total / count, "target": s / n, "target_tokens": n}
+
+
+def measure(
+    model: nn.Module, tok, data: RealText, max_length: int = 256, validation: bool = False
+) -> dict[str, Any]:
+    """:func:`evaluate` on the test split, with the validation split's under ``"val"``."""
+    result = evaluate(model, tok, data, max_length=max_length)
+    if validation:
+        result["val"] = evaluate(model, tok, data, max_length=max_length, split="val")
+    return result
 
 
 def finetune(
@@ -308,6 +435,7 @@ def finetune(
     data: RealText,
     *,
     precision_structure: str | None = None,
+    scope: str = "all",
     lam: float = 0.0,
     relative_lam: bool = False,
     source: str = "texts",
@@ -322,60 +450,52 @@ def finetune(
     max_length: int = 256,
     before: dict[str, Any] | None = None,
     eval_every: int | None = None,
+    validation: bool = False,
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """LoRA on GSM8K train, optionally with a Laplace penalty fitted on held-in source text.
+    """LoRA on GSM8K train, optionally with a penalty towards the init.
 
-    The precision is fitted per source task on ``fit_texts`` seeded training texts of that task
-    (the model's own pretraining text) and the three are summed; with
-    ``source="self-generated"`` it is fitted instead on the base model's own unconditional
-    samples (:func:`lalora_curv.self_generated_batches`, up to ``max_length`` tokens) holding
-    as many supervised tokens as those texts. With ``relative_lam`` the penalty weight is
-    ``lam / (tr(P) / num_params)``. ``before`` skips measuring the
-    untouched model again. Returns the NLLs before and after, ``source_increase`` (pooled source
-    NLL after minus before: forgetting), ``target_decrease`` (GSM8K NLL before minus after:
-    learning) and, with ``eval_every``, the ``trajectory`` of checkpoints every ``eval_every``
-    steps (the run's own early-stopping front; its last entry is ``after``).
+    ``precision_structure`` names the penalty: a curvature structure, fitted per source task on
+    ``fit_texts`` seeded training texts of that task (the model's own pretraining text), the
+    three pooled; with ``source="self-generated"`` it is fitted instead on the base model's own
+    unconditional samples (:func:`lalora_curv.self_generated_batches`, up to ``max_length``
+    tokens) holding as many supervised tokens as those texts. ``"isotropic"`` (``scope``
+    ``"all"`` or ``"lora_B"``) and ``"merged-isotropic"`` are the data-free L2 controls
+    (:func:`lalora_curv.isotropic_precision`). With ``relative_lam`` the penalty weight is
+    ``lam / (tr(P) / num_params)``, the same mean eigenvalue ``lam`` for every structure.
+    ``before`` skips measuring the untouched model again; ``validation`` measures the
+    validation split too (under ``"val"`` of each measurement). Returns the NLLs before and
+    after, ``source_increase`` (pooled source NLL after minus before: forgetting),
+    ``target_decrease`` (GSM8K NLL before minus after: learning) and, with ``eval_every``, the
+    ``trajectory`` of checkpoints every ``eval_every`` steps (the run's own early-stopping
+    front; its last entry is ``after``).
     """
     torch.manual_seed(seed)
     peft_model = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
     )
-    before = before or evaluate(peft_model, tok, data, max_length=max_length)
+    before = before or measure(peft_model, tok, data, max_length, validation)
     if source not in ("texts", "self-generated"):
         raise ValueError(f"source must be 'texts' or 'self-generated', got {source!r}")
     precision, weight = None, lam
-    if precision_structure is not None:
-        fit = dict(
+    if precision_structure in ("isotropic", "merged-isotropic"):
+        precision = lc.isotropic_precision(peft_model, precision_structure, scope=scope)
+    elif precision_structure is not None:
+        precision = source_precision(
+            peft_model,
+            tok,
+            data,
             structure=precision_structure,
             estimator=estimator,
-            mc_samples=mc_samples if estimator == "mc" else 1,
-            progress=False,
+            mc_samples=mc_samples,
+            source=source,
+            fit_texts=fit_texts,
+            max_length=max_length,
             seed=seed,
         )
-        fit_rng = random.Random(f"fit-{seed}")  # apart: every method trains on the same pairs
-        per_task = {}
-        for task in SOURCES:
-            texts = fit_rng.sample(data.train[task], min(fit_texts, len(data.train[task])))
-            per_task[task] = text_batches(texts, tok, batch_size=16, max_length=max_length)
-        if source == "texts":
-            for task, batches in per_task.items():
-                p = lc.fit_precision(peft_model, batches, sources=[task], **fit)
-                precision = p if precision is None else precision + p
-        else:
-            tokens = sum(int((b["labels"] != -100).sum()) for bs in per_task.values() for b in bs)
-            num = 32
-            while True:  # the fewest sequences (doubling) that reach the token count
-                sampled = lc.self_generated_batches(
-                    peft_model, tok, num, max_length, seed=seed, batch_size=16, progress=False
-                )
-                if sampled.provenance["supervised_tokens"] >= tokens:
-                    break
-                num *= 2
-            precision = lc.fit_precision(peft_model, sampled.first_tokens(tokens), **fit)
-        if relative_lam:
-            weight = lam / (precision.trace() / precision.num_params)
+    if precision is not None and relative_lam:
+        weight = lam / (precision.trace() / precision.num_params)
     pairs = random.Random(seed).sample(
         data.target_train, min(steps * batch_size, len(data.target_train))
     )
@@ -383,7 +503,7 @@ def finetune(
     trajectory: list[dict[str, Any]] = []
 
     def checkpoint(model: nn.Module, step: int) -> dict[str, float]:
-        trajectory.append({"step": step, **evaluate(model, tok, data, max_length=max_length)})
+        trajectory.append({"step": step, **measure(model, tok, data, max_length, validation)})
         return {"source_nll": trajectory[-1]["source_all"], "target_nll": trajectory[-1]["target"]}
 
     log = lc.train(
@@ -398,7 +518,7 @@ def finetune(
         eval_fn=checkpoint if eval_every else None,
         eval_every=eval_every,
     )
-    after = trajectory[-1] if trajectory else evaluate(peft_model, tok, data, max_length=max_length)
+    after = trajectory[-1] if trajectory else measure(peft_model, tok, data, max_length, validation)
     after = {k: v for k, v in after.items() if k != "step"}
     steps_logged = [r for r in log if "penalty" in r]
     result = {
@@ -407,6 +527,7 @@ def finetune(
         "source_increase": after["source_all"] - before["source_all"],
         "target_decrease": before["target"] - after["target"],
         "final_penalty": steps_logged[-1]["penalty"] if steps_logged else None,
+        "penalty_at": {r["step"]: r["penalty"] for r in steps_logged} if precision else {},
         "lam_applied": weight,
         "mean_curvature": precision.trace() / precision.num_params if precision else None,
         "source_tokens": precision.counts["supervised_tokens"] if precision else 0,
@@ -414,3 +535,50 @@ def finetune(
     if eval_every:
         result["trajectory"] = trajectory
     return result
+
+
+def source_precision(
+    model: nn.Module,
+    tok,
+    data: RealText,
+    *,
+    structure: str,
+    estimator: str = "mc",
+    mc_samples: int = 1,
+    source: str = "texts",
+    fit_texts: int = 128,
+    max_length: int = 256,
+    seed: int = 0,
+) -> lc.Precision:
+    """The curvature precision of ``model``'s adapter at its init, on ``fit_texts`` seeded
+    training texts per source task (one precision per task, pooled), or on as many supervised
+    tokens of the model's own samples (``source="self-generated"``)."""
+    fit = dict(
+        structure=structure,
+        estimator=estimator,
+        mc_samples=mc_samples if estimator == "mc" else 1,
+        progress=False,
+        seed=seed,
+    )
+    fit_rng = random.Random(f"fit-{seed}")  # apart: every method trains on the same pairs
+    per_task = {}
+    for task in SOURCES:
+        texts = fit_rng.sample(data.train[task], min(fit_texts, len(data.train[task])))
+        per_task[task] = text_batches(texts, tok, batch_size=16, max_length=max_length)
+    if source == "texts":
+        precision = None
+        for task, batches in per_task.items():
+            p = lc.fit_precision(model, batches, sources=[task], **fit)
+            precision = p if precision is None else precision + p
+        assert precision is not None
+        return precision
+    tokens = sum(int((b["labels"] != -100).sum()) for bs in per_task.values() for b in bs)
+    num = 32
+    while True:  # the fewest sequences (doubling) that reach the token count
+        sampled = lc.self_generated_batches(
+            model, tok, num, max_length, seed=seed, batch_size=16, progress=False
+        )
+        if sampled.provenance["supervised_tokens"] >= tokens:
+            break
+        num *= 2
+    return lc.fit_precision(model, sampled.first_tokens(tokens), **fit)

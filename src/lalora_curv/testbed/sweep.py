@@ -56,6 +56,7 @@ import lalora_curv as lc
 from lalora_curv.baselines import INITS, lora_adapter, migu
 from lalora_curv.errors import LaloraError
 from lalora_curv.tasks.formatting import make_batches
+from lalora_curv.testbed import realtext_sweep
 from lalora_curv.testbed.experiment import (
     ALL_LINEAR,
     mean_curvature,
@@ -67,7 +68,18 @@ from lalora_curv.testbed.model import PRETRAIN, pretrained
 
 RUNS_FILE = "runs.jsonl"
 KINDS = ("lora", "lalora", "migu")
-STRUCTURES = ("diag", "kfac", "tri-kfac", "merged-kfac", "merged-diag")
+STRUCTURES = (
+    "diag",
+    "kfac",
+    "tri-kfac",
+    "merged-kfac",
+    "merged-diag",
+    "ekfac",
+    "isotropic",
+    "merged-isotropic",
+)
+ISOTROPIC = ("isotropic", "merged-isotropic")  # the data-free L2 controls
+SCOPES = ("all", "lora_B")
 ESTIMATORS = ("empirical", "mc", "batch-grad-squared")
 SOURCES = ("facts", "self-generated")
 #: settings of every method, with their defaults
@@ -90,10 +102,12 @@ METHOD = {
         "lam": None,
         "c": None,
         "budget": None,
+        "scope": None,  # isotropic only: "all" (default there) or "lora_B"
     },
     "migu": {"threshold": 0.7},
 }
 BENCHMARK = {"pretrain_seed": 0, "pretrain": {}, "train_problems": 2000, "test_problems": 300}
+SCENARIOS = ("embedded", "realtext")
 DEFAULT_START_C = 0.01
 
 
@@ -179,6 +193,8 @@ def _check(where: str, key: str, value: Any) -> Any:
         return choice(ESTIMATORS)
     if key == "source":
         return choice(SOURCES)
+    if key == "scope":
+        return choice(SCOPES)
     raise AssertionError(key)
 
 
@@ -186,6 +202,12 @@ def _benchmark(grid: Mapping[str, Any]) -> dict[str, Any]:
     bench = grid.get("benchmark") or {}
     if not isinstance(bench, dict):
         raise GridError("benchmark: expected a mapping")
+    scenario = bench.get("scenario", "embedded")
+    if scenario not in SCENARIOS:
+        raise GridError(f"benchmark.scenario: unknown {scenario!r}; valid: {', '.join(SCENARIOS)}")
+    if scenario == "realtext":
+        return _realtext_benchmark(bench)
+    bench = {k: v for k, v in bench.items() if k != "scenario"}
     unknown = set(bench) - set(BENCHMARK)
     if unknown:
         raise GridError(
@@ -200,6 +222,26 @@ def _benchmark(grid: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise GridError(f"benchmark.{key}: a positive integer, got {out[key]!r}")
     return out
+
+
+def _realtext_benchmark(bench: Mapping[str, Any]) -> dict[str, Any]:
+    """The real-text scenario's settings (:data:`realtext_sweep.BENCHMARK`), checked, with
+    the shipped model's identity (so another model never reuses a cell's results)."""
+    unknown = set(bench) - set(realtext_sweep.BENCHMARK)
+    if unknown:
+        raise GridError(
+            f"benchmark: unknown setting(s) {sorted(unknown)} for scenario realtext; valid: "
+            f"{list(realtext_sweep.BENCHMARK)}"
+        )
+    out = {**realtext_sweep.BENCHMARK, **bench}
+    for key in ("eval_sample", "fit_texts", "batch_size", "max_length"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise GridError(f"benchmark.{key}: a positive integer, got {out[key]!r}")
+    if isinstance(out["val_sample"], bool) or not isinstance(out["val_sample"], int):
+        raise GridError(f"benchmark.val_sample: an integer >= 1, got {out['val_sample']!r}")
+    if out["val_sample"] < 1:
+        raise GridError(f"benchmark.val_sample: an integer >= 1, got {out['val_sample']!r}")
+    return {**out, "model": realtext_sweep.model_id()}
 
 
 def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -241,6 +283,8 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
                     f"{source}: unknown setting(s) {sorted(bad)} for method {kind!r}; "
                     f"valid: {', '.join(valid)}"
                 )
+        if bench.get("scenario") == "realtext" and kind == "migu":
+            raise GridError(f"{where}: method migu is not offered on the realtext scenario")
         merged = {k: v for k, v in {**common, **entry}.items() if k in valid and v is not None}
         names = list(valid)
         lists = [
@@ -252,6 +296,8 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
         for values in itertools.product(*lists):
             settings = dict(zip(names, values, strict=True))
             settings = _normalise(where, kind, settings)
+            if bench.get("scenario") == "realtext" and settings["init"] != "default":
+                raise GridError(f"{where}: the realtext scenario trains the default init only")
             for seed in seeds:
                 cell = {"method": name, "kind": kind, **settings, "seed": seed, "benchmark": bench}
                 key = cell_key(cell)
@@ -277,11 +323,20 @@ def _normalise(where: str, kind: str, s: dict[str, Any]) -> dict[str, Any]:
             f"{where}: a lalora method needs one strength: lam, c or budget (budget may "
             f"take c as its start); got {strengths or 'none'}"
         )
-    if s["estimator"] == "batch-grad-squared" and s["structure"] != "diag":
+    if s["structure"] in ISOTROPIC:  # no data, no estimator: the settings do not apply
+        if s["structure"] == "merged-isotropic" and s["scope"] not in (None, "all"):
+            raise GridError(f"{where}: scope applies to structure isotropic only")
+        if s["budget"] is not None:
+            raise GridError(f"{where}: budget needs a per-token Fisher, not an isotropic control")
+        s["scope"] = s["scope"] or "all"
+        s["estimator"] = s["mc_samples"] = s["source"] = None
+    elif s["scope"] is not None:
+        raise GridError(f"{where}: scope applies to structure isotropic only")
+    elif s["estimator"] == "batch-grad-squared" and s["structure"] != "diag":
         raise GridError(f"{where}: estimator batch-grad-squared needs structure diag")
-    if s["estimator"] != "mc":
+    if s["estimator"] not in ("mc", None):
         s["mc_samples"] = 1
-    if s["init"] != "default" and s["structure"] not in ("kfac", "tri-kfac"):
+    if s["init"] != "default" and s["structure"] not in ("kfac", "tri-kfac", *ISOTROPIC):
         raise GridError(
             f"{where}: init {s['init']!r} (B0 != 0) with a penalty needs structure kfac or "
             f"tri-kfac, got {s['structure']!r}"
@@ -314,8 +369,13 @@ def _targets(targets: str) -> list[str]:
     return list(ALL_LINEAR) if targets == "all" else targets.split(",")
 
 
-def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, Any]]:
-    """Train one cell and return one record per evaluation (step 0 first)."""
+def run_cell(
+    cell: Mapping[str, Any], progress: bool = False, data_dir: str | None = None
+) -> list[dict[str, Any]]:
+    """Train one cell and return one record per evaluation (step 0 first); ``data_dir``: the
+    real-text scenario's data (a folder laid out like ../shared/data, ``None``: the hub)."""
+    if cell["benchmark"].get("scenario") == "realtext":
+        return realtext_sweep.run_cell(cell, data_dir, cell_key(cell), config_key(cell))
     t0 = time.perf_counter()
     bench = cell["benchmark"]
     model, tok, world = pretrained(bench["pretrain_seed"], bench["pretrain"], progress=False)
@@ -341,7 +401,9 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
     with torch.no_grad():
         at_start = evaluate(peft_model, 0)
     prec, lam, scale, budget = None, 0.0, None, None
-    if cell["kind"] == "lalora":
+    if cell["kind"] == "lalora" and cell["structure"] in ISOTROPIC:
+        prec = lc.isotropic_precision(peft_model, cell["structure"], scope=cell["scope"])
+    elif cell["kind"] == "lalora":
         prec = source_precision(
             peft_model,
             tok,
@@ -352,6 +414,7 @@ def run_cell(cell: Mapping[str, Any], progress: bool = False) -> list[dict[str, 
             mc_samples=cell["mc_samples"],
             seed=seed,
         )
+    if prec is not None:
         if "lam" in cell:
             lam = cell["lam"]
         else:
@@ -445,10 +508,15 @@ def _append(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def run_sweep(
-    cells: list[dict[str, Any]], out: str | Path, workers: int = 2, progress: bool = True
+    cells: list[dict[str, Any]],
+    out: str | Path,
+    workers: int = 2,
+    progress: bool = True,
+    data_dir: str | None = None,
 ) -> dict[str, int]:
     """Run the cells not yet in ``OUT/runs.jsonl`` in ``workers`` processes (spawned, one torch
     thread each; ``workers=1``: in this process) and append each one's records as it finishes.
+    ``data_dir``: the real-text scenario's data (``None``: the Hugging Face hub).
 
     Returns ``{"cells": all, "done": already there, "ran": trained now}``.
     """
@@ -466,13 +534,14 @@ def run_sweep(
     try:
         for bench in {json.dumps(c["benchmark"], sort_keys=True) for c in todo}:
             b = json.loads(bench)  # pretrain (once, cached) before the workers load it
-            pretrained(b["pretrain_seed"], b["pretrain"], progress=progress)
+            if b.get("scenario") != "realtext":  # (that scenario's model is shipped)
+                pretrained(b["pretrain_seed"], b["pretrain"], progress=progress)
         bar = tqdm(total=len(todo), disable=not progress, desc="sweep cells", unit="cell")
         failed: list[tuple[dict[str, Any], BaseException]] = []
         if workers == 1 or len(todo) <= 1:
             for cell in todo:
                 try:
-                    _append(runs, run_cell(cell))
+                    _append(runs, run_cell(cell, data_dir=data_dir))
                 except Exception as err:  # reported after the other cells
                     failed.append((cell, err))
                 bar.update()
@@ -480,7 +549,7 @@ def run_sweep(
             context = multiprocessing.get_context("spawn")
             pool = ProcessPoolExecutor(workers, mp_context=context, initializer=one_thread)
             try:
-                futures = {pool.submit(run_cell, cell): cell for cell in todo}
+                futures = {pool.submit(run_cell, cell, False, data_dir): cell for cell in todo}
                 for future in as_completed(futures):
                     try:
                         _append(runs, future.result())

@@ -57,6 +57,12 @@ def pareto_front(source: Sequence[float], target: Sequence[float]) -> list[int]:
     return sorted(front, key=lambda k: (t[k], k))
 
 
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (``ddof = 1``) over seeds; 0 for a single seed (whose
+    spread is unknown: every table states the number of seeds beside it)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _label(cell: dict[str, Any], varying: Sequence[str]) -> str:
     parts = [
         f"{k}={cell[k]:g}" if isinstance(cell[k], float) else f"{k}={cell[k]}" for k in varying
@@ -67,8 +73,9 @@ def _label(cell: dict[str, Any], varying: Sequence[str]) -> str:
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per configuration: ``method``, ``label`` (the settings that vary within its
     method), ``cell`` (without the seed), ``seeds`` and per step ``points``: ``step``, ``n``,
-    mean and std (over seeds, ``ddof=0``) of ``source_mean``, ``target`` and each
-    ``source/<domain>``, and the seeds' mean ``lam``."""
+    mean and sample std (over seeds, :func:`sample_std`) of ``source_mean``, ``target``, each
+    ``source/<domain>`` and, where the records carry a validation split, ``val/source_mean``
+    and ``val/target``; and the seeds' mean ``lam``."""
     by_config: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_config[r["config"]].append(r)
@@ -96,9 +103,12 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values["target"] = [r["target"] for r in group]
             for domain in group[0]["source"]:
                 values[f"source/{domain}"] = [r["source"][domain] for r in group]
+            if all("val" in r for r in group):  # the validation split's, where measured
+                values["val/source_mean"] = [r["val"]["source_mean"] for r in group]
+                values["val/target"] = [r["val"]["target"] for r in group]
             for name, v in values.items():
                 point[name] = float(np.mean(v))
-                point[f"{name}_std"] = float(np.std(v))
+                point[f"{name}_std"] = sample_std(v)
             point["lam"] = float(np.mean([r["lam"] for r in group]))
             points.append(point)
         out.append(
@@ -143,6 +153,42 @@ def source_at_target(
             best = max(eligible, key=lambda p: (p["source_mean"], p["target"]), default=None)
             out[method][f"{level:g}"] = best
     return out
+
+
+def validation_selected(
+    configs: list[dict[str, Any]], levels: Sequence[float]
+) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """Per method and level ``T``: the (configuration, step) chosen on the *validation* split,
+    the one of highest validation ``source_mean`` among those with validation ``target >= T``
+    (seed means), with its *test* numbers; ``None`` where no point reaches ``T`` on
+    validation. The honest counterpart of :func:`source_at_target`, which reads the test
+    split's own front (a selection on the numbers it reports)."""
+    points_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in configs:
+        for p in c["points"]:
+            if "val/target" in p:
+                points_of[c["method"]].append({**p, "label": c["label"], "config": c["config"]})
+    out: dict[str, dict[str, dict[str, Any] | None]] = {}
+    for method, pts in sorted(points_of.items()):
+        out[method] = {}
+        for level in levels:
+            eligible = [p for p in pts if p["val/target"] >= level]
+            best = max(
+                eligible, key=lambda p: (p["val/source_mean"], p["val/target"]), default=None
+            )
+            out[method][f"{level:g}"] = best
+    return out
+
+
+def nice_levels(top: float, count: int = 9) -> list[float]:
+    """Round levels ``step, 2 step, ... <= top`` with ``step`` the smallest of 0.05, 0.1, 0.2,
+    0.25, 0.5, 1 that gives at most ``count`` levels (0.1, ..., 0.9 for accuracies)."""
+    for step in (0.05, 0.1, 0.2, 0.25, 0.5, 1.0):
+        n = math.floor(top / step + 1e-9)
+        if n <= count:
+            return [round(step * k, 10) for k in range(1, n + 1)]
+    step = 10 ** math.ceil(math.log10(top / count))
+    return [round(step * k, 10) for k in range(1, math.floor(top / step + 1e-9) + 1)]
 
 
 def front_gap(point: dict[str, Any], front: Sequence[dict[str, Any]]) -> float | None:
@@ -194,7 +240,7 @@ def tables(
             best[method] = p
             rows.append(_row("front", method, p, p["label"], seeds_of[p["config"]]))
     top = max(p["target"] for front in fronts.values() for p in front)
-    levels = [round(0.1 * k, 1) for k in range(1, 10) if 0.1 * k <= top + 1e-12]
+    levels = nice_levels(top)
     summary = {
         "threshold": threshold,
         "source_at_target": source_at_target(fronts, levels),
@@ -209,6 +255,9 @@ def tables(
         },
         "configs": configs,
     }
+    if any("val/target" in p for c in configs for p in c["points"]):
+        val_top = max(p["val/target"] for c in configs for p in c["points"])
+        summary["validation_selected"] = validation_selected(configs, nice_levels(val_top))
     return rows, summary
 
 
@@ -291,9 +340,12 @@ def plot_pareto(
     return save_figure(fig, path)
 
 
-def plot_curves(configs: list[dict[str, Any]], path: Path) -> Path | None:
-    """Per method (rows): source accuracy and target exact match against the step, every
-    configuration a line (seed mean) with a band of one std."""
+def plot_curves(
+    configs: list[dict[str, Any]], path: Path, scenario: str = "embedded"
+) -> Path | None:
+    """Per method (rows): source accuracy and target exact match (real text: the source NLL
+    increase and the GSM8K NLL decrease) against the step, every configuration a line (seed
+    mean) with a band of one std."""
     plt = _plt()
     if plt is None:
         return None
@@ -306,14 +358,20 @@ def plot_curves(configs: list[dict[str, Any]], path: Path) -> Path | None:
         for i, c in enumerate(mine):
             steps = [p["step"] for p in c["points"]]
             for ax, key in zip(axes[row], ("source_mean", "target"), strict=True):
-                m = np.array([p[key] for p in c["points"]])
+                sign = -1.0 if scenario == "realtext" and key == "source_mean" else 1.0
+                m = sign * np.array([p[key] for p in c["points"]])
                 s = np.array([p[f"{key}_std"] for p in c["points"]])
                 colour = _colour(plt, i, len(mine))
                 label = c["label"][len(method) :].strip() or method
                 ax.plot(steps, m, marker=".", color=colour, label=f"{label} (n={len(c['seeds'])})")
                 ax.fill_between(steps, m - s, m + s, color=colour, alpha=0.15)
-        axes[row][0].set_ylabel(f"{method}\nsource accuracy")
-        axes[row][1].set_ylabel("target exact match")
+        left, right = (
+            ("source NLL increase", "GSM8K NLL decrease")
+            if scenario == "realtext"
+            else ("source accuracy", "target exact match")
+        )
+        axes[row][0].set_ylabel(f"{method}\n{left}")
+        axes[row][1].set_ylabel(right)
         axes[row][1].legend(fontsize=6, loc="best", ncol=1 + len(mine) // 8)
         for ax in axes[row]:
             ax.grid(True, alpha=0.3)
@@ -321,6 +379,19 @@ def plot_curves(configs: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("optimizer step")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+#: the axes of each scenario's plots (both stored higher-is-better)
+AXES = {
+    "embedded": {},
+    "realtext": {
+        "xlabel": "GSM8K test NLL decrease per token (learning, higher is better)",
+        "ylabel": "held-out source NLL increase per token\n(forgetting, lower is better)",
+        "title": "Real text: fronts over every setting and checkpoint (seed means)",
+        "y_sign": -1.0,
+        "legend_loc": "upper left",
+    },
+}
 
 
 def report(
@@ -342,11 +413,13 @@ def report(
     atomic_write_text(out / "table.csv", buffer.getvalue())
     write_json(out / "summary.json", summary)
     files = [out / "table.csv", out / "summary.json"]
-    for plot, name in ((plot_pareto, "pareto.png"), (plot_curves, "curves.png")):
-        if plot(configs, out / name) is not None:
-            files.append(out / name)
+    scenario = records[0]["cell"]["benchmark"].get("scenario", "embedded")
+    if plot_pareto(configs, out / "pareto.png", **AXES[scenario]) is not None:
+        files.append(out / "pareto.png")
+    if plot_curves(configs, out / "curves.png", scenario) is not None:
+        files.append(out / "curves.png")
     lowest = min(p["source_mean"] for c in configs for p in c["points"])
-    if lowest < 0.9:  # the fronts near the top crowd together: a zoomed copy
+    if scenario == "embedded" and lowest < 0.9:  # the top crowds together: a zoomed copy
         zoomed = plot_pareto(
             configs,
             out / "pareto_top.png",
@@ -406,8 +479,11 @@ __all__ = [
     "format_table",
     "front_gap",
     "method_fronts",
+    "nice_levels",
     "pareto_front",
     "report",
+    "sample_std",
     "source_at_target",
     "tables",
+    "validation_selected",
 ]

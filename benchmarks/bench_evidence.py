@@ -1,0 +1,331 @@
+"""Evidence II: does the curvature matter, or would any pull towards the init do?
+
+The real-text scenario (:mod:`lalora_curv.testbed.realtext`, the shipped 4.2M-parameter model)
+at equal compute, every method's front over learning rate x strength x checkpoint, in two
+stages run by ``lalora-curv``'s sweep machinery into one resumable ``runs.jsonl``:
+
+1. **screen** (``sweeps/evidence_screen.yaml``, 2 seeds): plain LoRA at five learning rates,
+   the three isotropic controls (L2 on every LoRA tensor, on lora_B only, the Frobenius norm of
+   the merged update) and the curvature variants, each at several relative strengths ``c``
+   (``lam = c / mean eigenvalue of P``: one axis for every structure and estimator);
+2. **confirm** (3 more seeds, 5 in all): the settings chosen on the *validation* split for
+   plain LoRA, the best isotropic control and the two best curvature variants (the
+   configurations on each one's validation front, at most :data:`CONFIRM_CONFIGS` each);
+   a method's *score* is the mean, over learning levels of 25, 50, 75 and 90 % of plain LoRA's
+   best validation learning, of the validation forgetting its front reaches there (plain
+   LoRA's at a level it never reaches).
+
+``report`` (run after both, and by the other stages when they finish) reads every record and
+writes ``evidence.json``: per method and learning level, the (lr, strength, step) chosen on
+validation with its *test* numbers (mean, sample std and n over seeds), the test front read at
+the same levels, and the verdict: at each level, does a curvature variant forget less than the
+best isotropic control by more than two standard errors of the difference? Plots:
+``evidence_fronts.png`` (small multiples: each curvature variant against plain LoRA and the
+best isotropic control) and the sweep's own ``pareto.png``/``curves.png``.
+
+    python benchmarks/bench_evidence.py            # screen, confirm, report (hours; resumable)
+    python benchmarks/bench_evidence.py report     # tables and plots from the runs so far
+    python benchmarks/bench_evidence.py --quick    # a smoke run: 2 methods, tiny grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench_core import environment, write_result
+from bench_realtext import add_data_dir_argument, data_dir_of
+from lalora_curv.testbed.sweep import ISOTROPIC, expand_grid, read_runs, run_sweep
+from lalora_curv.testbed.sweep_report import (
+    aggregate,
+    method_fronts,
+    pareto_front,
+    report,
+    source_at_target,
+)
+from lalora_curv.testbed.sweep_report import validation_selected as select_on_validation
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SCREEN = ROOT / "sweeps" / "evidence_screen.yaml"
+OUT = HERE / "results" / "evidence"
+CONFIRM_SEEDS = [2, 3, 4]
+CONFIRM_CONFIGS = 3  # configurations per confirmed method (its validation front's)
+LEVEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)  # of plain LoRA's best validation learning
+PLAIN = "lora"
+
+
+def family(method_cell: dict[str, Any]) -> str:
+    """``plain``, ``isotropic`` or ``curvature``."""
+    if method_cell["kind"] != "lalora":
+        return "plain"
+    return "isotropic" if method_cell["structure"] in ISOTROPIC else "curvature"
+
+
+def levels_of(configs: list[dict[str, Any]], key: str = "val/target") -> list[float]:
+    """The learning levels: fractions of plain LoRA's best learning (``key``), rounded."""
+    top = max(p[key] for c in configs if c["method"] == PLAIN for p in c["points"])
+    return [round(f * top, 3) for f in LEVEL_FRACTIONS]
+
+
+def scores(configs: list[dict[str, Any]], levels: list[float]) -> dict[str, float]:
+    """Per method: the mean over ``levels`` of the validation ``source_mean`` (minus
+    forgetting) its validation front reaches there; at a level it never reaches, plain
+    LoRA's (no better than no penalty)."""
+    picks = select_on_validation(configs, levels)
+    plain = picks[PLAIN]
+    out = {}
+    for method, by_level in picks.items():
+        vals = []
+        for level, p in by_level.items():
+            fallback = plain[level]["val/source_mean"] if plain[level] else -math.inf
+            vals.append(p["val/source_mean"] if p else fallback)
+        out[method] = sum(vals) / len(vals)
+    return out
+
+
+def validation_front_configs(configs: list[dict[str, Any]], method: str, k: int) -> list[str]:
+    """The ``k`` configurations with the most points on ``method``'s validation front."""
+    pts = [(c["config"], p) for c in configs if c["method"] == method for p in c["points"]]
+    front = pareto_front([p["val/source_mean"] for _, p in pts], [p["val/target"] for _, p in pts])
+    count: dict[str, int] = {}
+    for i in front:
+        config, p = pts[i]
+        if p["step"] > 0:  # step 0 is every configuration's (the untouched model)
+            count[config] = count.get(config, 0) + 1
+    return sorted(count, key=lambda c: -count[c])[:k]
+
+
+def confirm_selection(configs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What stage 2 re-runs: plain LoRA, the best isotropic control and the two best curvature
+    variants by :func:`scores`, each with its validation front's configurations."""
+    levels = levels_of(configs)
+    score = scores(configs, levels)
+    fam = {c["method"]: family(c["cell"]) for c in configs}
+    chosen = [PLAIN]
+    for name, n in (("isotropic", 1), ("curvature", 2)):
+        ranked = sorted((m for m in score if fam[m] == name), key=lambda m: -score[m])
+        chosen += ranked[:n]
+    picks = {m: validation_front_configs(configs, m, CONFIRM_CONFIGS) for m in chosen}
+    return {"levels": levels, "scores": score, "families": fam, "methods": picks}
+
+
+def confirm_cells(
+    screen_cells: list[dict[str, Any]], selection: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The chosen configurations' cells at :data:`CONFIRM_SEEDS`."""
+    from lalora_curv.testbed.sweep import config_key
+
+    wanted = {c for cs in selection["methods"].values() for c in cs}
+    out, seen = [], set()
+    for cell in screen_cells:
+        if config_key(cell) in wanted and config_key(cell) not in seen:
+            seen.add(config_key(cell))
+            for seed in CONFIRM_SEEDS:
+                out.append({**copy.deepcopy(cell), "seed": seed})
+    return out
+
+
+def se(point: dict[str, Any], key: str) -> float:
+    """The standard error of a seed mean: sample std / sqrt(n)."""
+    return point[f"{key}_std"] / math.sqrt(point["n"])
+
+
+def verdict(picks: dict[str, dict[str, Any]], families: dict[str, str]) -> list[dict[str, Any]]:
+    """Per level: the best isotropic control and the best curvature variant (by validation
+    forgetting), and whether the curvature one forgets less on test by more than two standard
+    errors of the difference, ``sqrt(se_a^2 + se_b^2)``."""
+    rows = []
+    levels = list(next(iter(picks.values())))
+    for level in levels:
+        best = {}
+        for name in ("plain", "isotropic", "curvature"):
+            cands = [(m, by[level]) for m, by in picks.items() if families[m] == name and by[level]]
+            if cands:
+                best[name] = max(cands, key=lambda mp: mp[1]["val/source_mean"])
+        row: dict[str, Any] = {"level": float(level)}
+        for name, (m, p) in best.items():
+            row[name] = {
+                "method": m,
+                "label": p["label"],
+                "step": p["step"],
+                "n": p["n"],
+                "learning": p["target"],
+                "learning_std": p["target_std"],
+                "forgetting": -p["source_mean"],
+                "forgetting_std": p["source_mean_std"],
+            }
+        if "isotropic" in best and "curvature" in best:
+            (_, iso), (_, cur) = best["isotropic"], best["curvature"]
+            diff = cur["source_mean"] - iso["source_mean"]  # > 0: curvature forgets less
+            err = math.sqrt(se(cur, "source_mean") ** 2 + se(iso, "source_mean") ** 2)
+            row["curvature_minus_isotropic_forgetting"] = -diff
+            row["standard_error"] = err
+            row["curvature_wins"] = bool(diff > 2 * err)
+            row["isotropic_wins"] = bool(-diff > 2 * err)
+        rows.append(row)
+    return rows
+
+
+def write_report(out: Path) -> dict[str, Any]:
+    """``evidence.json`` and the plots from every record in ``out/runs.jsonl``."""
+    records = read_runs(out / "runs.jsonl")
+    if not records:
+        raise SystemExit(f"{out / 'runs.jsonl'}: no runs yet")
+    summary = report(records, out)  # the sweep's pareto.png, curves.png, table.csv
+    configs = aggregate(records)
+    families = {c["method"]: family(c["cell"]) for c in configs}
+    levels = levels_of(configs)
+    n_max = max(len(c["seeds"]) for c in configs)
+    confirmed = [c for c in configs if len(c["seeds"]) == n_max]
+    picks_all = select_on_validation(configs, levels)
+    picks_confirmed = select_on_validation(confirmed, levels)
+    test_front = source_at_target(method_fronts(configs), levels_of(configs, "target"))
+    result = {
+        "levels": levels,
+        "level_fractions": list(LEVEL_FRACTIONS),
+        "families": families,
+        "seeds_max": n_max,
+        "runs": len({r["key"] for r in records}),
+        "validation_selected": picks_all,
+        "validation_selected_confirmed": picks_confirmed,
+        "verdict_confirmed": verdict(picks_confirmed, families) if n_max > 2 else [],
+        "verdict_screen": verdict(picks_all, families),
+        "test_front_at_levels": test_front,
+        "seconds_per_run": sorted({r["key"]: r["seconds"] for r in records}.values()),
+        "environment": environment(),
+    }
+    write_result(out, "evidence.json", result)
+    plot_small_multiples(configs, families, out / "evidence_fronts.png")
+    print_verdict(result)
+    return {**result, "sweep_files": summary["files"]}
+
+
+def plot_small_multiples(configs, families, path: Path) -> Path | None:
+    """One panel per curvature variant: its test front against plain LoRA's and the best
+    isotropic control's (best by validation score), forgetting (y, lower is better) against
+    learning (x)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from lalora_curv.plotting import save_figure
+
+    fronts = method_fronts(configs)
+    levels = levels_of(configs)
+    score = scores(configs, levels)
+    iso = max((m for m in fronts if families[m] == "isotropic"), key=score.get, default=None)
+    variants = sorted((m for m in fronts if families[m] == "curvature"), key=lambda m: -score[m])
+    if not variants:
+        return None
+    cols = min(3, len(variants))
+    rows = math.ceil(len(variants) / cols)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(4.2 * cols, 3.4 * rows),
+        dpi=120,
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+    )
+    for ax, method in zip(axes.flat, variants, strict=False):
+        for name, colour, style in ((PLAIN, "0.4", "--"), (iso, "C0", "-"), (method, "C3", "-")):
+            if name is None or name not in fronts:
+                continue
+            f = fronts[name]
+            x = [p["target"] for p in f]
+            y = [-p["source_mean"] for p in f]
+            ax.step(x, y, where="pre", color=colour, ls=style, lw=1.6, label=name)
+            ax.errorbar(
+                x,
+                y,
+                yerr=[p["source_mean_std"] for p in f],
+                fmt="o",
+                ms=3,
+                color=colour,
+                alpha=0.6,
+                elinewidth=0.7,
+                capsize=1.5,
+            )
+        ax.set_title(f"{method} (score {score[method]:+.3f})", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in axes.flat[len(variants) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("GSM8K NLL decrease (learning)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("source NLL increase\n(forgetting)")
+    fig.suptitle(
+        "Test fronts (seed means +- sample std): each curvature variant against plain LoRA and "
+        f"the best isotropic control ({iso})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def print_verdict(result: dict[str, Any]) -> None:
+    rows = result["verdict_confirmed"] or result["verdict_screen"]
+    which = "5 seeds" if result["verdict_confirmed"] else "screening seeds"
+    print(f"\nverdict ({which}; validation-selected picks, test numbers, nats per token):")
+    print(f"{'level':>6}  {'plain LoRA':>24}  {'best isotropic':>28}  {'best curvature':>28}  diff")
+    for r in rows:
+        cells = [
+            f"{r[n]['method'][:12]} {r[n]['forgetting']:.3f}+-{r[n]['forgetting_std']:.3f}"
+            if n in r
+            else "-"
+            for n in ("plain", "isotropic", "curvature")
+        ]
+        diff = (
+            f"{r['curvature_minus_isotropic_forgetting']:+.3f} (2se {2 * r['standard_error']:.3f})"
+            if "standard_error" in r
+            else "-"
+        )
+        print(f"{r['level']:>6.3f}  {cells[0]:>24}  {cells[1]:>28}  {cells[2]:>28}  {diff}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "stage", nargs="?", default="all", choices=["all", "screen", "confirm", "report"]
+    )
+    add_data_dir_argument(parser)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--grid", type=Path, default=SCREEN)
+    args = parser.parse_args()
+    out: Path = args.out
+    data_dir = data_dir_of(args)
+    grid = yaml.safe_load(args.grid.read_text())
+    screen_cells = expand_grid(grid)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "screen_grid.yaml").write_text(args.grid.read_text())
+    t0 = time.perf_counter()
+    if args.stage in ("all", "screen"):
+        counts = run_sweep(screen_cells, out, workers=args.workers, data_dir=data_dir)
+        print(f"screen: {counts} in {time.perf_counter() - t0:.0f} s")
+    if args.stage in ("all", "confirm"):
+        keys = {c["config"] for c in read_runs(out / "runs.jsonl")}
+        configs = [c for c in aggregate(read_runs(out / "runs.jsonl")) if c["config"] in keys]
+        selection = confirm_selection(configs)
+        write_result(out, "confirm_selection.json", selection)
+        cells = confirm_cells(screen_cells, selection)
+        print(f"confirm: {len(cells)} cells for {list(selection['methods'])}")
+        counts = run_sweep(cells, out, workers=args.workers, data_dir=data_dir)
+        print(f"confirm: {counts} in {time.perf_counter() - t0:.0f} s")
+    write_report(out)
+
+
+if __name__ == "__main__":
+    main()
