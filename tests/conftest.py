@@ -21,6 +21,7 @@ def make_model(
     dtype=torch.float64,
     adapter="default",
     dropout=0.0,
+    attn="eager",
 ):
     base = tiny_llama(
         vocab_size=VOCAB,
@@ -31,6 +32,7 @@ def make_model(
         num_kv_heads=1,
         seed=seed,
         dtype=dtype,
+        attn_implementation=attn,
     )
     return add_lora(
         base,

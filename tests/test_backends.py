@@ -261,8 +261,12 @@ def test_backpack_with_trainable_base_and_input_gradients(batches):
     model = make_model()
     model.enable_input_require_grads()
     model.base_model.model.lm_head.weight.requires_grad_(True)
-    ref = fit(model, batches, structure="diag", granularity="sequence")
-    got = fit(model, batches, structure="diag", backend="backpack")
+    with pytest.raises(lc.LaloraError, match="lm_head"):  # trained but not penalised: named
+        fit(model, batches, structure="diag", granularity="sequence")
+    kw = {"allow_unpenalised": True}
+    ref = fit(model, batches, structure="diag", granularity="sequence", **kw)
+    got = fit(model, batches, structure="diag", backend="backpack", **kw)
+    assert got.metadata["unpenalised"] == ["base_model.model.lm_head.weight"]
     for name in ref.param_names:
         assert rel(got.diag[name], ref.diag[name]) < AGREE
     assert model.base_model.model.lm_head.weight.grad is None

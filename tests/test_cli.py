@@ -292,6 +292,7 @@ def test_fit_storage_options_are_checked_before_fitting(workspace, tmp_path, cap
         ("train", ["--max_grad_norm", "0"], "--max_grad_norm must be > 0"),
         ("train", ["--checkpoint_every", "-1"], "--checkpoint_every must be >= 1"),
         ("train", ["--max_steps", "0"], "--max_steps must be >= 1"),
+        ("train", ["--adapter", "/nowhere"], "no peft adapter there"),
     ],
 )
 def test_refused_arguments_leave_an_earlier_run_directory_alone(

@@ -94,6 +94,28 @@ def test_eval_command_names_a_bad_task(tmp_path):
     assert done.returncode != 0 and "unknown task 'mmlu'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tasks", "", "--output", "OUT/o.json"], "--tasks is empty"),
+        (["--tasks", "arc_challenge", "--output", "OUT"], "is a directory; give a file name"),
+        (["--tasks", "arc_challenge", "--output", "OUT/no/o.json"], "does not exist"),
+        (["--tasks", "arc_challenge", "--output", "OUT/o.json", "--limit", "0"], "--limit"),
+    ],
+)
+def test_eval_refuses_before_any_work(tmp_path, capsys, extra, message):
+    """Refused before the model is even loaded (no model there: a refusal after loading
+    would name the model instead), nothing written."""
+    from lalora_curv.__main__ import main
+
+    args = [x.replace("OUT", str(tmp_path)) for x in extra]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["eval", "--model", str(tmp_path / "no-model"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 @pytest.mark.skipif(not DATA.is_dir(), reason="the shared data is absent")
 def test_supervised_batches_mask_prompts_and_fit(tmp_path):
     import lalora_curv as lc

@@ -42,9 +42,15 @@ def fit(model, batches, **kw):
         ({"estimator": "fisher"}, "unknown estimator 'fisher'"),
         ({"structure": "kfac", "estimator": "batch-grad-squared"}, "only defines a diagonal"),
         ({"estimator": "empirical", "mc_samples": 4}, "applies only to estimator='mc'"),
-        ({"estimator": "mc", "mc_samples": 0}, "positive integer"),
+        ({"estimator": "mc", "mc_samples": 0}, "mc_samples must be >= 1"),
+        ({"estimator": "mc", "mc_samples": True}, "mc_samples must be an integer"),
+        ({"estimator": "mc", "mc_samples": 2.0}, "mc_samples must be an integer"),
         ({"stats_dtype": torch.float16}, "stats_dtype"),
         ({"max_batches": 0}, "max_batches"),
+        ({"seed": "abc"}, "seed must be an integer"),
+        ({"progress": "no"}, "progress must be True or False"),
+        ({"structure": None}, "structure must be a non-empty string"),
+        ({"sources": [3]}, "sources must be a name or a list of names"),
         ({"adapter_name": "nope"}, "no peft LoRA Linear module with adapter 'nope'"),
     ],
 )
@@ -70,13 +76,25 @@ def good():
             {**good(), "input_ids": good()["input_ids"][0], "labels": good()["labels"][0]},
             "must be \\(batch, seq\\)",
         ),
-        ({**good(), "labels": good()["labels"].clamp(min=0) + 1000}, "labels outside \\[0, 48\\)"),
+        ({**good(), "labels": good()["labels"].clamp(min=0) + 1000}, "outside \\[0, 48\\)"),
+        (
+            {**good(), "input_ids": good()["input_ids"] + 48},
+            "outside the model's vocabulary \\[0, 48\\)",
+        ),
+        ({**good(), "input_ids": good()["input_ids"] - 100}, "input_ids holds token id -"),
+        ({**good(), "labels": good()["labels"].clamp(min=0) - 7}, "not -100"),
         ([1, 2, 3], "expected a dict"),
     ],
 )
 def test_bad_batches(model, batch, message):
     with pytest.raises(lc.BatchError, match=message):
         fit(model, [batch])
+
+
+@pytest.mark.parametrize("batches", [None, {"input_ids": 1}, 3])
+def test_batches_that_are_not_an_iterable_of_batches(model, batches):
+    with pytest.raises(lc.LaloraError, match="batches must be an iterable of batch dicts"):
+        fit(model, batches)
 
 
 def test_all_labels_masked_everywhere_raises(model):

@@ -218,3 +218,27 @@ def test_penalty_only_on_training_logs(tmp_path):
     trains = [r for r in trainer.state.log_history if "loss" in r]
     assert evals and all("penalty" not in r for r in evals)
     assert len(trains) == 1 and "penalty" in trains[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lam": "1e3"}, "lam must be a number"),
+        ({"lam": -1.0}, "lam must be >= 0"),
+        ({"lam": float("nan")}, "lam must be finite"),
+        ({"adapter_name": ""}, "adapter_name must be a non-empty string"),
+        ({"precision": "runs/fit", "lam": 1.0}, "precision must be a lalora_curv Precision"),
+    ],
+)
+def test_mixin_arguments_are_checked_before_the_trainer_starts(kwargs, message):
+    from lalora_curv.hf import PenaltyMixin
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("the Trainer must not be built with bad arguments")
+
+    class Trainer(PenaltyMixin, Base):
+        pass
+
+    with pytest.raises(lc.LaloraError, match=message):
+        Trainer(**kwargs)

@@ -95,6 +95,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def eager_model(model: nn.Module) -> nn.Module:
+    """The model to run a fit's forward on: ``model`` itself, or, when a ``torch.compile``
+    wrapper sits anywhere in its DDP / accelerate / compile wrappers, the innermost eager
+    module (hooks cannot see inside a compiled graph; statistics are reduced across ranks by
+    the fit itself, so DDP's forward is not needed)."""
+    chain, m = [model], model
+    while True:
+        inner = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        chain.append(inner)
+        m = inner
+    compiled = any(hasattr(c, "_orig_mod") for c in chain)
+    return chain[-1] if compiled else model
+
+
 def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[str, LoraHandle]:
     """Return the peft LoRA ``Linear`` modules of ``model`` that carry ``adapter_name``.
 
@@ -111,12 +127,24 @@ def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[s
     model = unwrap_model(model)
     found: dict[str, LoraHandle] = {}
     other_adapters: set[str] = set()
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # pragma: no cover - older peft: no LoRA on parameters
+        ParamWrapper = ()
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
         if not _carries(module, adapter_name):
             other_adapters.update(getattr(module, "lora_A", {}).keys())
             continue
+        if isinstance(module, ParamWrapper):
+            raise LaloraError(
+                f"module {name!r} is a LoRA on parameters (peft's target_parameters / "
+                "ParamWrapper: a mixture-of-experts router or its fused experts): its "
+                "curvature would need a K-FAC per expert over the tokens routed to it, which "
+                "is not supported; adapt the attention projections only "
+                "(target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'])"
+            )
         lora_A = module.lora_A[adapter_name] if adapter_name in module.lora_A else None
         lora_B = module.lora_B[adapter_name] if adapter_name in module.lora_B else None
         if not (isinstance(lora_A, nn.Linear) and isinstance(lora_B, nn.Linear)):
@@ -147,6 +175,40 @@ def find_lora_modules(model: nn.Module, adapter_name: str = "default") -> dict[s
             f"no peft LoRA Linear module with adapter {adapter_name!r} in the model{hint}"
         )
     return found
+
+
+def active_adapters(model: nn.Module) -> list[str] | None:
+    """The names of the peft adapters the model runs (None when it does not say)."""
+    inner = unwrap_model(model)
+    active = getattr(inner, "active_adapters", None)
+    if callable(active):
+        active = active()
+    if isinstance(active, str):
+        return [active]
+    return list(active) if isinstance(active, list | tuple) else None
+
+
+def check_active(model: nn.Module, adapter_name: str, error: type[LaloraError] = LaloraError):
+    """Refuse to fit or train ``adapter_name`` while the model runs another adapter (whose
+    weights the forward would use and the optimizer would move)."""
+    active = active_adapters(model)
+    if active is not None and adapter_name not in active:
+        raise error(
+            f"adapter {adapter_name!r} is not the model's active adapter ({active}): the "
+            f"forward would run {active[0]!r}; call model.set_adapter({adapter_name!r}) first"
+        )
+
+
+def unpenalised_trainables(model: nn.Module, handles: dict[str, LoraHandle]) -> list[str]:
+    """Names of the parameters that require a gradient but are not the adapter's lora_A /
+    lora_B weights: ``modules_to_save`` copies, LoRA biases, trainable token rows, another
+    adapter's weights; a LoRA precision does not cover them."""
+    covered = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
+    return [
+        n
+        for n, p in unwrap_model(model).named_parameters()
+        if p.requires_grad and id(p) not in covered
+    ]
 
 
 def adapter_mode(handles: dict[str, LoraHandle], dtype: torch.dtype) -> dict[str, Tensor]:

@@ -87,6 +87,7 @@ KNOWN_KEYS = frozenset(
         "storage",
         "tensor_aliases",
         "metadata_sha256",
+        "unpenalised",
     }
 )
 #: the files a precision writes: a folder holding others is not replaced by a save

@@ -4,6 +4,20 @@ A batch is a mapping with ``input_ids`` (batch x seq, integer), optional ``atten
 (1 = real token, 0 = padding) and ``labels`` (-100 = no loss), the format Hugging Face
 collators produce. Labels are *unshifted*: position ``t`` predicts ``labels[t]`` from the
 logits at ``t - 1``, as in ``transformers``' causal-LM loss.
+
+**Packed and padding-free batches** carry ``position_ids`` that restart at every sequence
+(and perhaps TRL's ``cu_seq_lens_q``/``cu_seq_lens_k``, which say the same): several
+sequences share a row. The model is then called with the ``position_ids`` and without the 2-D
+attention mask, so that transformers masks attention within each sequence (its
+packed-sequence masking); padding, where a batch has some, becomes a segment of its own
+(its positions restart too) and is left out of the statistics as always; and no position
+predicts the first token of the next sequence. The statistics of packed sequences are those
+of the same sequences padded.
+
+**Padded batches without** ``position_ids`` get those a padded row needs,
+``cumsum(attention_mask) - 1`` (as transformers' generation computes them), so a left-padded
+row sees the positions of its unpadded self: models with absolute position embeddings
+(GPT-2) give the same statistics for left and right padding.
 """
 
 from __future__ import annotations
@@ -39,6 +53,18 @@ class PreparedBatch:
     position_mask: Tensor
     supervised: Tensor
     targets: Tensor
+    position_ids: Tensor | None = None
+    packed: bool = False
+    segments: Tensor | None = None  # (batch, seq) sequence index within each row (packed)
+
+    def model_inputs(self, accepts_position_ids: bool = True) -> dict[str, Tensor]:
+        """The keyword arguments of the model's forward for this batch (module docstring)."""
+        if self.packed:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if accepts_position_ids and self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids
+        return inputs
 
     @property
     def num_supervised(self) -> int:
@@ -50,7 +76,15 @@ class PreparedBatch:
 
     @property
     def num_sequences(self) -> int:
-        return int(self.supervised.any(dim=1).sum())
+        """Sequences with a supervised token (several per row when packed)."""
+        if self.segments is None:
+            return int(self.supervised.any(dim=1).sum())
+        seg = self.segments[:, :-1]
+        keys = (
+            seg[self.supervised]
+            + (self.segments.max() + 1) * torch.nonzero(self.supervised, as_tuple=True)[0]
+        )
+        return int(torch.unique(keys).numel())
 
 
 def supervised_mask(labels: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -126,8 +160,56 @@ def prepare_batch(
             f"{where}: labels hold {int(labels[wrong][0])}, outside [0, {vocab_size}) and "
             "not -100 (no loss)"
         )
+    positions = _position_ids(batch, ids, mask, where)
     ids, labels, mask = ids.to(device), labels.to(device, torch.long), mask.to(device)
     position_mask = mask.bool()
     targets = labels[:, 1:]
     supervised = supervised_mask(labels, mask)
-    return PreparedBatch(ids, mask, position_mask, supervised, targets)
+    if positions is None:  # padded rows: the positions each row's unpadded self would see
+        derived = (mask.cumsum(-1) - 1).clamp(min=0)
+        return PreparedBatch(ids, mask, position_mask, supervised, targets, derived)
+    positions = positions.to(device)
+    # padding becomes a segment of its own: its positions restart (0, 1, ...) at each run
+    pad = ~position_mask
+    if bool(pad.any()):
+        index = torch.arange(pad.shape[1], device=device).expand_as(pad)
+        after_pad = torch.cat([torch.zeros_like(pad[:, :1]), pad[:, :-1]], dim=1)
+        run_start = torch.where(pad & ~after_pad, index, torch.zeros_like(index))
+        positions = torch.where(pad, index - torch.cummax(run_start, dim=-1).values, positions)
+    step = torch.diff(positions, dim=-1, prepend=positions[:, :1] - 1)
+    segments = (step != 1).long().cumsum(-1)
+    # no position predicts the first token of the next sequence
+    supervised = supervised & (segments[:, 1:] == segments[:, :-1])
+    return PreparedBatch(
+        ids, mask, position_mask, supervised, targets, positions, packed=True, segments=segments
+    )
+
+
+def _position_ids(batch: Mapping[str, Tensor], ids: Tensor, mask: Tensor, where: str):
+    """The batch's ``position_ids`` (checked against ``cu_seq_lens_*``), or None."""
+    cu = [k for k in ("cu_seq_lens_q", "cu_seq_lens_k") if k in batch]
+    if "position_ids" not in batch:
+        if cu:
+            raise BatchError(
+                f"{where}: {cu[0]} without position_ids; give both (TRL's collator does)"
+            )
+        return None
+    positions = torch.as_tensor(batch["position_ids"])
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0)
+    if positions.shape != ids.shape or positions.dtype.is_floating_point:
+        raise BatchError(
+            f"{where}: position_ids must be integers of the shape of input_ids "
+            f"{tuple(ids.shape)}, got {tuple(positions.shape)} {positions.dtype}"
+        )
+    if bool((positions < 0).any()):
+        raise BatchError(f"{where}: position_ids must be >= 0")
+    for key in cu:  # padding-free rows: the boundaries must be the position restarts
+        bounds = torch.as_tensor(batch[key]).flatten().tolist()
+        starts = (positions.flatten() == 0).nonzero().flatten().tolist()
+        if ids.shape[0] != 1 or bounds[:-1] != starts or bounds[-1] != ids.shape[1]:
+            raise BatchError(
+                f"{where}: {key} {bounds} disagrees with the sequence starts of position_ids "
+                f"{starts} (one packed row of {ids.shape[1]} tokens)"
+            )
+    return positions.long()

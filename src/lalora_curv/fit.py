@@ -15,7 +15,10 @@ from lalora_curv.adapter import (
     adapter_config,
     adapter_mode,
     base_model_info,
+    check_active,
+    eager_model,
     find_lora_modules,
+    unpenalised_trainables,
 )
 from lalora_curv.backends import needed_sums, resolve_backend
 from lalora_curv.backends._common import FitRequest, derive_seed
@@ -43,6 +46,7 @@ def fit_precision(
     stats_dtype: torch.dtype = torch.float32,
     sources: Sequence[str] | str | None = None,
     granularity: str | None = None,
+    allow_unpenalised: bool = False,
 ) -> Precision:
     """Fit a Laplace precision of the LoRA parameters of ``model`` on source ``batches``.
 
@@ -79,6 +83,10 @@ def fit_precision(
         granularity: ``"token"`` (per-token, "expand" statistics) or, for diagonals,
             ``"sequence"`` (squares of per-sequence gradients); ``None`` takes the backend's
             own (``"sequence"`` for BackPACK, ``"token"`` otherwise).
+        allow_unpenalised: fit although the model trains tensors the precision does not
+            cover (see :func:`~lalora_curv.adapter.unpenalised_trainables`; refused by
+            default); their names go to ``metadata["unpenalised"]``, and :func:`lalora_curv.train`
+            accepts exactly those.
 
     Returns:
         A :class:`~lalora_curv.precision.Precision` of the requested structure.
@@ -106,7 +114,20 @@ def fit_precision(
             f"{type(batches).__name__}"
         )
 
+    model = eager_model(model)  # a torch.compile'd model is fitted through its eager module
     handles = find_lora_modules(model, adapter_name)
+    check_active(model, adapter_name)
+    unpenalised = unpenalised_trainables(model, handles)
+    checks.boolean("allow_unpenalised", allow_unpenalised)
+    if unpenalised and not allow_unpenalised:
+        raise LaloraError(
+            f"the model trains {len(unpenalised)} tensors that a LoRA precision does not cover "
+            f"({', '.join(unpenalised[:3])}{', ...' if len(unpenalised) > 3 else ''}: "
+            "modules_to_save copies, LoRA biases, trainable token rows or another adapter's "
+            "weights), which the penalty would leave free to drift; freeze them "
+            "(requires_grad_(False)), or pass allow_unpenalised=True to fit anyway (the "
+            "artifact records their names)"
+        )
     mode = adapter_mode(handles, stats_dtype)
     b0_zero = all(not bool(t.any()) for n, t in mode.items() if n.endswith("lora_B.weight"))
     if b0_zero and structure != "merged-diag":
@@ -177,6 +198,8 @@ def fit_precision(
         "stats_dtype": str(stats_dtype).removeprefix("torch."),
         "scale": 1.0,
     }
+    if unpenalised:
+        metadata["unpenalised"] = unpenalised
     specs = {name: h.spec for name, h in handles.items()}
     if structure != "ekfac":
         return precision_from_statistics(structure, stats, specs, mode, metadata)

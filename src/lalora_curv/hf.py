@@ -56,8 +56,9 @@ class PenaltyMixin:
         self.lam = float(lam)
         self.adapter_name = adapter_name
         self._penalty_log: list[float] = []
-        if precision is not None:
-            precision.adapter_params(self.model, adapter_name)  # a mismatch raises now
+        from lalora_curv.train import check_covered
+
+        check_covered(self.model, precision, adapter_name, LaloraError)  # refused now
 
     def compute_loss(
         self,

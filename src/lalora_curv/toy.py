@@ -22,8 +22,12 @@ def tiny_llama(
     num_kv_heads: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama (eager attention, no dropout) on the CPU."""
+    """A randomly initialised Llama (eager attention by default, no dropout) on the CPU.
+
+    (Eager attention takes its softmax in float32 whatever the model's dtype; ``"sdpa"`` keeps
+    a float64 model in float64 throughout.)"""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -33,7 +37,7 @@ def tiny_llama(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=512,
-        attn_implementation="eager",
+        attn_implementation=attn_implementation,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).to(dtype)

@@ -37,8 +37,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lalora_curv import checks
+from lalora_curv.adapter import (
+    check_active,
+    find_lora_modules,
+    unpenalised_trainables,
+    unwrap_model,
+)
 from lalora_curv.atomic import write_text
-from lalora_curv.batches import supervised_mask
+from lalora_curv.backends._common import accepts_position_ids
+from lalora_curv.batches import prepare_batch
 from lalora_curv.checkpoint import CheckpointError, load_adapter, load_latest, save_checkpoint
 from lalora_curv.checkpoint import set_rng_state as _set_rng_state
 from lalora_curv.distributed import barrier, is_main_process, reduce_scalar
@@ -197,6 +204,31 @@ def check_train_arguments(
     return out
 
 
+def check_covered(
+    model: nn.Module,
+    precision: Precision | None,
+    adapter_name: str,
+    error: type[LaloraError] = TrainingError,
+) -> None:
+    """What training with ``precision`` needs of ``model``: ``adapter_name`` is the active
+    adapter, the precision matches it, and every tensor the optimizer moves is penalised or
+    was named when the precision was fitted (``metadata["unpenalised"]``)."""
+    check_active(model, adapter_name, error)
+    if precision is None:
+        return
+    precision.adapter_params(model, adapter_name)  # a mismatch raises here, not mid-run
+    handles = find_lora_modules(model, adapter_name)
+    allowed = set(precision.metadata.get("unpenalised", []))
+    free = [n for n in unpenalised_trainables(model, handles) if n not in allowed]
+    if free:
+        raise error(
+            f"the model trains {len(free)} tensors the precision does not cover "
+            f"({', '.join(free[:3])}{', ...' if len(free) > 3 else ''}): they would drift "
+            "unpenalised; freeze them, or fit the precision with allow_unpenalised=True "
+            "(which records them)"
+        )
+
+
 def _resume(
     checkpoints: Path,
     run: dict[str, Any],
@@ -345,8 +377,7 @@ def train(
     """
     a = check_train_arguments(train_batches, precision, lam, dict(locals()))
     lam, grad_accum_steps, seed = a["lam"], a["grad_accum_steps"], a["seed"]
-    if precision is not None:
-        precision.adapter_params(model, adapter_name)  # a mismatch raises here, not mid-run
+    check_covered(model, precision, adapter_name, TrainingError)
     check_token_ids(train_batches, model)
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     budget_scale = float(precision.metadata["scale"]) if source_nll_budget is not None else 1.0
@@ -510,6 +541,8 @@ class _Step:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.autocast, self.K, self.max_grad_norm = autocast, grad_accum_steps, max_grad_norm
         self.device = device
+        self.accepts_position_ids = accepts_position_ids(model)
+        self.has_config = hasattr(unwrap_model(model), "config")
 
     def __call__(self, step: int, micro, lam_now: float) -> dict[str, Any]:
         model, K = self.model, self.K
@@ -518,24 +551,33 @@ class _Step:
         for k in range(K):
             last = k == K - 1
             index = next(micro)
-            batch = {
-                key: torch.as_tensor(v).to(self.device) for key, v in self.batches[index].items()
+            raw = self.batches[index]
+            prepared = prepare_batch(raw, self.device, index)
+            # the model's inputs as the fit builds them (packed rows without the 2-D mask, the
+            # positions of padded rows), plus any other key the batch carries
+            inputs = {
+                k: torch.as_tensor(v).to(self.device)
+                for k, v in raw.items()
+                if k not in ("input_ids", "attention_mask", "position_ids", "labels")
             }
+            inputs.update(prepared.model_inputs(self.accepts_position_ids))
+            if self.has_config:  # no KV cache in training (a cache also disables transformers'
+                inputs["use_cache"] = False  # masking of packed sequences)
             # DDP: gradients are all-reduced in the last micro-batch's backward only
             sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                if not bool(supervised_mask(batch["labels"], batch.get("attention_mask")).any()):
+                if prepared.num_supervised == 0:
                     # no loss term: a zero loss keeps every rank's collectives in step
                     skipped += 1
                     logger.warning(
                         "step %d: batch %d has no supervised token; skipped", step, index
                     )
-                    inputs = {key: v for key, v in batch.items() if key != "labels"}
                     with self.autocast:
                         loss = 0.0 * model(**inputs).logits.float().sum()
                 else:
+                    labels = torch.as_tensor(raw["labels"]).to(self.device, torch.long)
                     with self.autocast:
-                        nll = model(**batch).loss
+                        nll = model(**inputs, labels=labels).loss
                     if not bool(torch.isfinite(nll)) and not problem:
                         problem = f"the target NLL of batch {index} is {nll.item()}"
                     nll_sum += nll.item()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -152,10 +153,34 @@ def check_labels(y: Tensor, model: nn.Module, index: int) -> None:
         raise BatchError(f"batch {index}: labels outside [0, {vocab}) other than -100")
 
 
+def accepts_position_ids(model: nn.Module) -> bool:
+    """Whether the model's forward (inside peft's wrappers) takes ``position_ids``."""
+    from lalora_curv.adapter import unwrap_model
+
+    inner = unwrap_model(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    try:
+        params = inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "position_ids" in params
+
+
 def model_logits(model: nn.Module, batch: PreparedBatch) -> Tensor:
-    """The model's logits (batch, seq, vocab) for a prepared batch."""
-    kwargs = {"use_cache": False} if hasattr(model, "config") else {}
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    """The model's logits (batch, seq, vocab) for a prepared batch (its
+    :meth:`~lalora_curv.batches.PreparedBatch.model_inputs`: position ids where the model
+    takes them, packed rows without the 2-D mask)."""
+    from lalora_curv.adapter import unwrap_model
+
+    # no KV cache: it would also switch off transformers' masking of packed sequences
+    kwargs = {"use_cache": False} if hasattr(unwrap_model(model), "config") else {}
+    accepts = accepts_position_ids(model)
+    if batch.packed and not accepts:
+        raise BatchError(
+            f"packed batches need a model whose forward takes position_ids; "
+            f"{type(model).__name__}'s does not: pad the sequences instead"
+        )
+    out = model(**batch.model_inputs(accepts), **kwargs)
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -224,6 +249,15 @@ def fit_loop(
             if max_batches is not None and index >= max_batches:
                 break
             batch = prepare_batch(raw, device, index, request.vocab_size)
+            per_sequence = request.granularity == "sequence" and (
+                request.estimator != "batch-grad-squared"
+            )
+            if batch.packed and (request.backend != "hooks" or per_sequence):
+                raise BatchError(
+                    f"batch {index} is packed (position_ids restart within a row): "
+                    "backend 'hooks' with per-token statistics fits it; per-sequence squares "
+                    f"and backend {request.backend!r} would treat a row as one sequence"
+                )
             stats.batches += 1
             if batch.num_supervised == 0:
                 stats.skipped_batches += 1

@@ -100,23 +100,30 @@ class _Recorder:
         self.position_mask = None
 
     def _check(self, t: Tensor, name: str) -> Tensor:
+        """``t`` as (batch, seq, features): a module fed flattened positions (OPT's fc1/fc2
+        see (batch * seq, features)) is viewed back; any other shape is refused."""
         mask = self.position_mask
         assert mask is not None
+        if t.dim() == 2 and t.shape[0] == mask.numel():
+            return t.view(*mask.shape, t.shape[-1])
         if t.shape[:-1] != mask.shape:
             raise BatchError(
-                f"module {name!r} received an input of shape {tuple(t.shape)}; lalora-curv "
-                f"expects (batch, seq, features) matching input_ids {tuple(mask.shape)}"
+                f"module {name!r} received an input of shape {tuple(t.shape)}, neither "
+                f"(batch, seq, features) nor (batch * seq, features) for input_ids of shape "
+                f"{tuple(mask.shape)}; this module is not supported"
             )
-        return mask
+        return t
 
     def _masked(self, t: Tensor, name: str) -> Tensor:
         """(n, features): the counted positions of ``t``, in the statistics dtype."""
-        return t.detach()[self._check(t, name)].to(self.dtype)
+        assert self.position_mask is not None
+        return self._check(t.detach(), name)[self.position_mask].to(self.dtype)
 
     def _zeroed(self, t: Tensor, name: str) -> Tensor:
         """(batch, seq, features): ``t`` with padding positions zeroed, in the statistics dtype."""
-        mask = self._check(t, name)
-        return t.detach().to(self.dtype) * mask.unsqueeze(-1).to(self.dtype)
+        assert self.position_mask is not None
+        mask = self.position_mask.unsqueeze(-1).to(self.dtype)
+        return self._check(t.detach(), name).to(self.dtype) * mask
 
     def _record(self, t: Tensor, name: str) -> Tensor:
         return self._zeroed(t, name) if self.needs & GROUPED else self._masked(t, name)
@@ -211,6 +218,23 @@ class _Recorder:
         sums.add("lora_A_diag", weight * grad_A.square().sum(0))
 
 
+def _check_reached(flat, outputs, recorder: _Recorder, handles, index: int) -> None:
+    """Every recorded lora_B output must reach the loss: one that does not (its gradient is
+    None) would silently enter as zero curvature. That happens when the forward ran inside a
+    compiled graph (``torch.compile``: the recorded outputs are not the ones autograd saw) or a
+    branch detached from the loss."""
+    pos = 0
+    for name in handles:
+        n = len(recorder.calls[name].outputs)
+        if any(g is None for g in flat[pos : pos + n]):
+            raise LaloraError(
+                f"batch {index}: the output of module {name!r} did not reach the loss, so its "
+                "curvature cannot be measured (a forward inside torch.compile's graph? fit "
+                "the uncompiled model; a LoRA module whose output is detached or unused?)"
+            )
+        pos += n
+
+
 def collect_statistics(
     model: nn.Module,
     handles: dict[str, LoraHandle],
@@ -247,8 +271,10 @@ def collect_statistics(
         if idle:
             raise LaloraError(
                 f"batch {index}: the LoRA adapter of module {idle[0]!r} did not run in the "
-                f"forward pass ({len(idle)} of {len(handles)} modules idle): is the adapter "
-                "active (model.set_adapter) and are adapters enabled?"
+                f"forward pass ({len(idle)} of {len(handles)} modules idle): are adapters "
+                "enabled (not inside disable_adapter())? Or does the model bypass this "
+                "module's forward (a mixture-of-experts router computing with its weight "
+                "directly)? Then leave it out of target_modules"
             )
         outputs = [out for name in handles for out in recorder.calls[name].outputs]
         for k in range(samples):
@@ -257,6 +283,8 @@ def collect_statistics(
             flat = torch.autograd.grad(
                 loss, outputs, retain_graph=k < samples - 1, allow_unused=True
             )
+            if k == 0:
+                _check_reached(flat, outputs, recorder, handles, index)
             grads, pos = {}, 0
             for name in handles:
                 n = len(recorder.calls[name].outputs)

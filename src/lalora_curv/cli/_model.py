@@ -188,3 +188,54 @@ def task_batches(
             random.Random(shuffle_seed).shuffle(examples)
         out[task] = make_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length)
     return out
+
+
+def dataset_name(source: str) -> str:
+    """The source name of a dataset (its artifact's folder): a file's stem, a folder's name,
+    a hub id with ``/`` as ``--``."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p.stem if p.is_file() else p.name
+    return source.replace("/", "--")
+
+
+def dataset_sources(
+    datasets: list[str],
+    tokenizer,
+    split: str,
+    config: str | None,
+    limit: int | None,
+    batch_size: int,
+    max_length: int,
+    packing: bool,
+    shuffle_seed: int | None = None,
+    option: str = "--dataset",
+) -> dict[str, list[Batch]]:
+    """``{name: supervised batches}`` of each dataset (:func:`lalora_curv.data.dataset_batches`:
+    text, prompt-completion or conversational examples from a file, folder or hub id)."""
+    from lalora_curv.data import DatasetError, dataset_batches
+
+    names = [dataset_name(d) for d in datasets]
+    if len(set(names)) != len(names):
+        raise CliError(f"{option}: two datasets share the name {names} (their artifacts' folders)")
+    if SUM_NAME in names:
+        raise CliError(
+            f"{option}: a dataset named {SUM_NAME!r} would overwrite the pooled precision"
+        )
+    out = {}
+    for name, source in zip(names, datasets, strict=True):
+        try:
+            out[name] = dataset_batches(
+                source,
+                tokenizer,
+                batch_size=batch_size,
+                max_length=max_length,
+                packing=packing,
+                split=split,
+                config=config,
+                limit=limit,
+                shuffle_seed=shuffle_seed,
+            )
+        except DatasetError as e:
+            raise CliError(f"{option} {source}: {e}") from None
+    return out

@@ -43,6 +43,7 @@ from lalora_curv.cli._model import (
     Batch,
     Dtype,
     check_tasks,
+    dataset_sources,
     load_base,
     task_batches,
     with_adapter,
@@ -169,6 +170,10 @@ def check_fit_options(o: dict) -> None:
             raise CliError(f"--mc_samples {o['mc_samples']} applies to --estimator mc only")
     except lc.LaloraError as e:
         raise CliError(str(e)) from None
+    if o["dataset"] is not None and o["self_generated"] is not None:
+        raise CliError("--dataset and --self_generated are two sources of data: give one")
+    if o["dataset"] is not None and not split_names(o["dataset"]):
+        raise CliError("--dataset is empty; give a file, a folder or a hub id")
     if o["prompts"] is not None and o["self_generated"] is None:
         raise CliError("--prompts applies to --self_generated only")
     if o["prompts"] is not None and not Path(o["prompts"]).is_file():
@@ -206,6 +211,10 @@ def fit(
     temperature: float = 1.0,
     storage: Storage | None = None,
     storage_rank: int | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_split: str = "train",
+    dataset_config: str | None = None,
+    packing: bool = False,
 ) -> dict[str, lc.Precision]:
     """Fit a Laplace precision of a LoRA adapter on each source sub-dataset, and their sum.
 
@@ -245,6 +254,14 @@ def fit(
             float64, bfloat16 (half the bytes of float32), or lowrank (each K-FAC factor as its
             --storage_rank leading eigenpairs plus a diagonal); default: as fitted.
         storage_rank: the eigenpairs kept per factor with --storage lowrank.
+        dataset: instead of --sources, your own data: a .jsonl/.json/.parquet/.csv file, a
+            folder of them, or a hub id, with "text", "prompt"+"completion" or "messages"
+            examples (TRL's formats; docs/your-data.md); several (comma-separated or a YAML
+            list) are several sources, each its own artifact, pooled into sum.
+        dataset_split: the split of a hub dataset.
+        dataset_config: the configuration of a hub dataset.
+        packing: pack the examples into rows of --max_length tokens (position ids restart
+            at each example) instead of padding them.
 
     Returns:
         ``{source: precision, ..., "sum": pooled precision}``, in the saved storage.
@@ -253,11 +270,23 @@ def fit(
     config = dict(locals())
     check_fit_options(config)
     names = split_names(sources)
-    if self_generated is None:
+    if self_generated is None and dataset is None:
         check_tasks(names, "--sources")
     base, tokenizer = load_base(model, dtype, device)
     peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
-    if self_generated is None:
+    if dataset is not None:
+        batches = dataset_sources(
+            split_names(dataset),
+            tokenizer,
+            dataset_split,
+            dataset_config,
+            limit,
+            batch_size,
+            max_length,
+            packing,
+        )
+        names = list(batches)
+    elif self_generated is None:
         batches = batch_sources(tokenizer, names, data_dir, split, limit, batch_size, max_length)
     else:
         batches = self_generated_source(

@@ -40,6 +40,7 @@ from lalora_curv.cli._model import (
     ADAPTER_DIR,
     Dtype,
     check_tasks,
+    dataset_sources,
     load_base,
     resolve_precision,
     task_batches,
@@ -136,6 +137,10 @@ def train(
     dtype: Dtype = "float32",
     device: str = "auto",
     progress: bool = True,
+    dataset: str | None = None,
+    dataset_split: str = "train",
+    dataset_config: str | None = None,
+    packing: bool = False,
 ) -> list[dict]:
     """Fine-tune a LoRA adapter on the target task with the Laplace penalty lam * r(theta).
 
@@ -175,6 +180,12 @@ def train(
         dtype: model weights' dtype.
         device: "auto" (CUDA if available), "cpu", "cuda", ...
         progress: progress bar.
+        dataset: instead of --task, your own target data: a .jsonl/.json/.parquet/.csv file,
+            a folder of them, or a hub id, with "text", "prompt"+"completion" or "messages"
+            examples (docs/your-data.md), shuffled with the seed.
+        dataset_split: the split of a hub dataset.
+        dataset_config: the configuration of a hub dataset.
+        packing: pack the examples into rows of --max_length tokens instead of padding them.
 
     Returns:
         lc.train's log records.
@@ -202,16 +213,34 @@ def train(
         raise CliError(f"--init {init} makes a new adapter; it cannot be combined with --adapter")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise CliError(f"--data_dir {data_dir}: no such folder")
-    check_tasks([task], "--task")
+    if dataset is None:
+        check_tasks([task], "--task")
     prec_path = resolve_precision(precision) if precision is not None else None
     try:
         prec = lc.load_precision(prec_path) if prec_path is not None else None
     except lc.ArtifactError as e:
         raise CliError(f"--precision {precision}: {e}") from None
     base, tokenizer = load_base(model, dtype, device)
-    batches = task_batches(
-        [task], tokenizer, data_dir, split, limit, batch_size, max_length, seed, "--task"
-    )[task]
+    if dataset is None:
+        batches = task_batches(
+            [task], tokenizer, data_dir, split, limit, batch_size, max_length, seed, "--task"
+        )[task]
+    else:
+        batches = next(
+            iter(
+                dataset_sources(
+                    [dataset],
+                    tokenizer,
+                    dataset_split,
+                    dataset_config,
+                    limit,
+                    batch_size,
+                    max_length,
+                    packing,
+                    shuffle_seed=seed,
+                ).values()
+            )
+        )
     peft_model = with_adapter(
         base, adapter, r, lora_alpha, target_modules, lora_dropout, seed, init
     )
