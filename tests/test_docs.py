@@ -88,3 +88,16 @@ def test_every_docstring_converts():
         assert not residue, f"{obj.path}: {residue} left in\n{text}"
         assert text.count("$$") % 2 == 0, f"{obj.path}: unbalanced $$ in\n{text}"
     assert seen > 100
+
+
+def test_every_test_a_user_page_cites_exists():
+    """The setup tables of docs/your-data.md name the test behind each claim: each exists."""
+    page = (ROOT / "docs" / "your-data.md").read_text()
+    cited = set(re.findall(r"`(test_\w+)`", page))
+    assert len(cited) > 10
+    defined = set()
+    for f in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", f.read_text(), flags=re.MULTILINE))
+    assert cited <= defined, sorted(cited - defined)
+    for path in re.findall(r"`(tests/test_\w+\.py)`", page):
+        assert (ROOT / path).is_file(), path

@@ -484,3 +484,24 @@ def test_cli_demo_runs_its_packaged_grid_and_says_where_the_results_are(
     assert set(summary["methods"]) == {"lora", "kfac"}
     with pytest.raises(CliError, match="is a demo run directory"):  # it belongs to demo
         run_command(["sweep", "--grid", str(ROOT / "sweeps" / "demo.yaml"), "--out", str(out)])
+
+
+def test_demo_without_matplotlib_says_the_plots_were_skipped(cache, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    demo_module = sys.modules["lalora_curv.cli.demo"]
+    monkeypatch.setattr(demo_module, "demo_grid", lambda: tiny_grid(lora={}))
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "demo"
+    run_command(["demo", "--out", str(out), "--workers", "1", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "plots skipped: matplotlib is not installed" in printed
+    assert "lalora-curv[bench]" in printed
+    assert (out / "table.csv").is_file() and not (out / "pareto.png").exists()

@@ -319,3 +319,96 @@ def test_trainable_tensors_beyond_lora_are_named_not_left_free(extra):
     )
     with pytest.raises(lc.TrainingError, match="tensors the precision does not cover"):
         lc.train(other, [batch], trimmed, 1.0, max_steps=1, progress=False)
+
+
+def _architecture(name: str):
+    """A tiny random model of each family (float64, eager attention)."""
+    import transformers as tr
+
+    common = dict(vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    configs = {
+        "mistral": (tr.MistralConfig, tr.MistralForCausalLM, common),
+        "qwen2": (tr.Qwen2Config, tr.Qwen2ForCausalLM, common),
+        "qwen3": (tr.Qwen3Config, tr.Qwen3ForCausalLM, {**common, "head_dim": 8}),
+        "gemma": (tr.GemmaConfig, tr.GemmaForCausalLM, {**common, "head_dim": 8}),
+        "gemma2": (tr.Gemma2Config, tr.Gemma2ForCausalLM, {**common, "head_dim": 8}),
+        "phi3": (tr.Phi3Config, tr.Phi3ForCausalLM, {**common, "pad_token_id": 0}),
+        "gpt_neox": (
+            tr.GPTNeoXConfig,
+            tr.GPTNeoXForCausalLM,
+            {k: v for k, v in common.items() if k != "num_key_value_heads"},
+        ),
+        "falcon": (
+            tr.FalconConfig,
+            tr.FalconForCausalLM,
+            {
+                "vocab_size": 48,
+                "hidden_size": 16,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "new_decoder_architecture": True,
+                "num_kv_heads": 1,
+            },
+        ),
+    }
+    config_cls, model_cls, kw = configs[name]
+    config = config_cls(**kw, attn_implementation="eager")
+    torch.manual_seed(0)
+    base = model_cls(config).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for h in find_lora_modules(model).values():
+            h.lora_B.weight.normal_(std=0.3)
+    return model.double()
+
+
+ARCHITECTURES = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt_neox", "falcon"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_fits_its_brute_force_statistics(arch):
+    """Each family with LoRA on all-linear: the K-FAC factors and the per-token diagonal
+    equal the float64 per-token autograd reference (padding and a masked prompt included)."""
+    from reference import brute_force
+
+    model = _architecture(arch)
+    batches = [padded(sequences(lengths=(7, 4, 9)))]
+    ref = brute_force(model, batches)
+    kfac = fit(model, batches)
+    diag = fit(model, batches, "diag")
+    assert len(kfac.modules) >= 4
+    for name, spec in kfac.modules.items():
+        b = kfac.blocks(name)
+        torch.testing.assert_close(b.input_cov[0], ref[name]["C_x"], rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(kfac.grad_cov[name][0], ref[name]["G_h"], rtol=1e-8, atol=1e-14)
+        torch.testing.assert_close(
+            diag.diag[spec.lora_B_name], ref[name]["diag_B"], rtol=1e-8, atol=1e-14
+        )
+
+
+def test_rslora_scaling_is_the_one_peft_applies():
+    """rsLoRA scales by alpha / sqrt(r): the specs carry peft's scaling, and K-FAC's lora_B
+    block still equals the brute-force one."""
+    from lalora_curv.toy import tiny_llama
+    from reference import brute_force
+
+    base = tiny_llama(vocab_size=48, hidden_size=16, intermediate_size=24, num_layers=1,
+                      num_heads=2, num_kv_heads=1, dtype=torch.float64)  # fmt: skip
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True)
+    model = get_peft_model(base, config).double()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for h in find_lora_modules(model).values():
+            h.lora_B.weight.normal_(std=0.3)
+    batches = [padded(sequences())]
+    prec = fit(model, batches, "tri-kfac")
+    ref = brute_force(model, batches)
+    for name, spec in prec.modules.items():
+        assert spec.scaling == pytest.approx(8 / 4**0.5)
+        torch.testing.assert_close(
+            prec.blocks(name).lora_B_grad_cov[0], ref[name]["G_B"], rtol=1e-8, atol=1e-14
+        )

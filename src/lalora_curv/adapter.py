@@ -251,8 +251,20 @@ def base_model_info(model: nn.Module) -> dict[str, Any]:
         "name_or_path": getattr(config, "name_or_path", None) or None,
         "revision": getattr(config, "_commit_hash", None),
         "model_type": getattr(config, "model_type", None),
+        "quantization": _quantization(config),
     }
     return {k: v for k, v in info.items() if v is not None}
+
+
+def _quantization(config) -> str | None:
+    """``"bitsandbytes-4bit"`` / ``"bitsandbytes-8bit"`` for a quantized base, else None."""
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    get = q.get if isinstance(q, dict) else lambda k, d=None: getattr(q, k, d)
+    method = str(get("quant_method", "quantized")).split(".")[-1].lower().replace("_", "")
+    bits = "4bit" if get("load_in_4bit", False) else "8bit" if get("load_in_8bit", False) else ""
+    return f"{method}-{bits}" if bits else method
 
 
 def match_modules(

@@ -1,9 +1,25 @@
-"""One way to write a figure: atomically (a temporary sibling, then a rename) and closed."""
+"""Figures: matplotlib when it is installed (it is optional: extra ``bench``), written
+atomically (a temporary sibling, then a rename) and closed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+#: what a command prints when it skipped its plots
+SKIPPED = "plots skipped: matplotlib is not installed (pip install 'lalora-curv[bench]')"
+
+
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import lalora_curv as lc
-from lalora_curv.plotting import save_figure
+from lalora_curv.plotting import pyplot, save_figure
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
 
@@ -128,12 +128,8 @@ def run(
 
 
 def _plot(history: dict[str, list[float]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional (extra "bench")
+    plt = pyplot()
+    if plt is None:  # plotting is optional (extra "bench")
         return
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, values in history.items():

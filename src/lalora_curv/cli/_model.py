@@ -36,21 +36,56 @@ def resolve_device(device: str) -> torch.device:
         raise CliError(f"--device {device!r}: {e}") from None
 
 
-def load_base(model: str, dtype: Dtype, device: str) -> tuple[nn.Module, object]:
-    """``AutoModelForCausalLM`` and its tokenizer from a local path or a hub id."""
+Quantization = Literal["4bit", "8bit"]
+
+
+def quantization_config(quantization: str | None, dtype: Dtype):
+    """transformers' ``BitsAndBytesConfig`` for ``--quantization`` (QLoRA: the base in 4 or 8
+    bits, the LoRA weights and the statistics in ``dtype``), or None."""
+    if quantization is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise CliError(
+            f"--quantization {quantization} needs bitsandbytes: pip install 'lalora-curv[quant]'"
+        ) from None
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, dtype))
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise CliError(f"--quantization {quantization!r}: valid: 4bit, 8bit")
+
+
+def load_base(
+    model: str, dtype: Dtype, device: str, quantization: str | None = None
+) -> tuple[nn.Module, object]:
+    """``AutoModelForCausalLM`` and its tokenizer from a local path or a hub id (in 4 or 8
+    bits with ``quantization``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local_looking = model.startswith(("/", ".", "~")) or model.count("/") > 1
     if local_looking and not Path(model).expanduser().exists():
         raise CliError(f"--model {model}: no such directory")
+    quant = quantization_config(quantization, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-        base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+        if quant is None:
+            base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+        else:  # placed by bitsandbytes on the device it quantizes for
+            base = AutoModelForCausalLM.from_pretrained(
+                model, quantization_config=quant, device_map=_device_map(device)
+            )
     except (OSError, ValueError) as e:
         raise CliError(
             f"--model {model}: cannot load a causal LM and its tokenizer ({e})"
         ) from None
-    return base.to(resolve_device(device)), tokenizer
+    return (base if quant is not None else base.to(resolve_device(device))), tokenizer
+
+
+def _device_map(device: str) -> dict[str, str]:
+    return {"": str(resolve_device(device))}
 
 
 def resolve_adapter(path: str) -> str:

@@ -42,6 +42,7 @@ from lalora_curv.cli._model import (
     SUM_NAME,
     Batch,
     Dtype,
+    Quantization,
     check_tasks,
     dataset_sources,
     load_base,
@@ -50,6 +51,7 @@ from lalora_curv.cli._model import (
 )
 from lalora_curv.cli._run import CliError, RunDir, save_adapter, split_names
 from lalora_curv.cli.inspect_precision import plot_spectra, precision_report
+from lalora_curv.plotting import SKIPPED, pyplot
 
 Structure = Literal["diag", "kfac", "tri-kfac", "merged-kfac", "merged-diag", "ekfac"]
 Estimator = Literal["empirical", "mc", "batch-grad-squared"]
@@ -215,6 +217,7 @@ def fit(
     dataset_split: str = "train",
     dataset_config: str | None = None,
     packing: bool = False,
+    quantization: Quantization | None = None,
 ) -> dict[str, lc.Precision]:
     """Fit a Laplace precision of a LoRA adapter on each source sub-dataset, and their sum.
 
@@ -262,6 +265,8 @@ def fit(
         dataset_config: the configuration of a hub dataset.
         packing: pack the examples into rows of --max_length tokens (position ids restart
             at each example) instead of padding them.
+        quantization: load the base in 4bit or 8bit (QLoRA, bitsandbytes: pip install
+            'lalora-curv[quant]'); LoRA weights and statistics stay in --dtype.
 
     Returns:
         ``{source: precision, ..., "sum": pooled precision}``, in the saved storage.
@@ -272,7 +277,7 @@ def fit(
     names = split_names(sources)
     if self_generated is None and dataset is None:
         check_tasks(names, "--sources")
-    base, tokenizer = load_base(model, dtype, device)
+    base, tokenizer = load_base(model, dtype, device, quantization)
     peft_model = with_adapter(base, adapter, r, lora_alpha, target_modules, lora_dropout, seed)
     if dataset is not None:
         batches = dataset_sources(
@@ -361,6 +366,8 @@ def fit(
         if old.name not in stored and (old / "precision.json").is_file():
             shutil.rmtree(old)
     plot = plot_spectra(precision_report(stored[SUM_NAME]), run / "spectra.png")
+    if plot is None and pyplot() is None:
+        print(SKIPPED)
     print(
         f"run directory: {run.path} (config.yaml, metrics.jsonl{', spectra.png' if plot else ''})"
     )

@@ -29,7 +29,7 @@ from torch import Tensor
 import lalora_curv as lc
 from lalora_curv.cli._model import resolve_precision
 from lalora_curv.cli._run import RunDir, write_json
-from lalora_curv.plotting import save_figure
+from lalora_curv.plotting import SKIPPED, pyplot, save_figure
 
 EXAMPLES = """examples:
   lalora-curv inspect --precision runs/fit-kfac/precision/hellaswag --out runs/inspect
@@ -107,12 +107,8 @@ def precision_report(prec: lc.Precision, spectra: bool = True) -> dict[str, Any]
 
 def plot_spectra(report: dict[str, Any], path: Path) -> Path | None:
     """One panel per factor kind: eigenvalues against rank, one line per module (log scale)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional (extra "bench")
+    plt = pyplot()
+    if plt is None:  # plotting is optional (extra "bench")
         return None
     panels: dict[str, list[tuple[str, list[int], list[float]]]] = {}
     for module, m in report["modules"].items():
@@ -202,6 +198,8 @@ def inspect(precision: str, out: str = "runs/inspect", top: int = 5) -> dict[str
     print(f"artifact       {path}")
     print_report(report, top)
     plot = plot_spectra(report, run / "spectra.png")
+    if plot is None and pyplot() is None:
+        print(SKIPPED)
     print(
         f"\nrun directory: {run.path} (config.yaml, report.json{', spectra.png' if plot else ''})"
     )

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lalora_curv.cli._run import CliError, RunDir, atomic_write_text
+from lalora_curv.plotting import SKIPPED, pyplot
 from lalora_curv.testbed.sweep import (
     GridError,
     SweepError,
@@ -70,6 +71,8 @@ def run_grid(
     result = report(records, run.path, threshold)
     print(format_table(result["rows"], result["threshold"], result["source_at_target"]))
     print("\nfiles: " + ", ".join(result["files"]))
+    if pyplot() is None:
+        print(SKIPPED)
     if failure is not None:
         raise CliError(f"{failure}\n(the table and plots above cover the finished cells)")
     return result

@@ -39,6 +39,7 @@ from lalora_curv.baselines import migu
 from lalora_curv.cli._model import (
     ADAPTER_DIR,
     Dtype,
+    Quantization,
     check_tasks,
     dataset_sources,
     load_base,
@@ -47,7 +48,7 @@ from lalora_curv.cli._model import (
     with_adapter,
 )
 from lalora_curv.cli._run import CliError, RunDir, save_adapter
-from lalora_curv.plotting import save_figure
+from lalora_curv.plotting import SKIPPED, pyplot, save_figure
 from lalora_curv.train import check_train_arguments
 
 EXAMPLES = """examples:
@@ -141,6 +142,7 @@ def train(
     dataset_split: str = "train",
     dataset_config: str | None = None,
     packing: bool = False,
+    quantization: Quantization | None = None,
 ) -> list[dict]:
     """Fine-tune a LoRA adapter on the target task with the Laplace penalty lam * r(theta).
 
@@ -186,6 +188,7 @@ def train(
         dataset_split: the split of a hub dataset.
         dataset_config: the configuration of a hub dataset.
         packing: pack the examples into rows of --max_length tokens instead of padding them.
+        quantization: load the base in 4bit or 8bit (QLoRA, bitsandbytes), as it was fitted.
 
     Returns:
         lc.train's log records.
@@ -220,7 +223,7 @@ def train(
         prec = lc.load_precision(prec_path) if prec_path is not None else None
     except lc.ArtifactError as e:
         raise CliError(f"--precision {precision}: {e}") from None
-    base, tokenizer = load_base(model, dtype, device)
+    base, tokenizer = load_base(model, dtype, device, quantization)
     if dataset is None:
         batches = task_batches(
             [task], tokenizer, data_dir, split, limit, batch_size, max_length, seed, "--task"
@@ -300,6 +303,8 @@ def train(
             f"penalty {steps[0]['penalty']:.4e} -> {steps[-1]['penalty']:.4e} (lam {lam:g})"
         )
     plot = _plot(run.metrics_file, run / "training.png")
+    if plot is None and pyplot() is None:
+        print(SKIPPED)
     print(f"adapter (peft format): {adapter_dir}")
     print(
         f"run directory: {run.path} (config.yaml, metrics.jsonl{', training.png' if plot else ''})"
@@ -309,12 +314,8 @@ def train(
 
 def _plot(log_file, path):
     """Target NLL and penalty per optimizer step, from the whole log (a resumed run too)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional (extra "bench")
+    plt = pyplot()
+    if plt is None:  # plotting is optional (extra "bench")
         return None
     rows = [json.loads(line) for line in open(log_file, encoding="utf-8") if line.strip()]
     rows = [r for r in rows if r.get("nll") is not None]

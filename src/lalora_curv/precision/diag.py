@@ -1,6 +1,8 @@
 """Diagonal precisions: on the LoRA parameters (DIAG) and on the merged update (EWC).
 
-``DiagPrecision`` (the paper's DIAG): one precision per LoRA parameter,
+``DiagPrecision``: one precision per LoRA parameter (fitted with the per-token Fisher by
+default; with ``estimator="batch-grad-squared"`` it is the paper's DIAG, squared mini-batch
+gradients),
 
 .. math:: r = \\langle D_A, (A - A_0)^{\\odot 2} \\rangle + \\langle D_B, (B - B_0)^{\\odot 2} \\rangle.
 
@@ -33,7 +35,8 @@ from lalora_curv.precision.factors import upcast
 
 
 class DiagPrecision(Precision):
-    """Per-parameter precision of lora_A and lora_B (the paper's DIAG).
+    """Per-parameter precision of lora_A and lora_B: the per-token Fisher diagonal, or the
+    paper's DIAG when fitted with ``estimator="batch-grad-squared"``.
 
     Attributes:
         diag: ``{param name: precision}``, each of the parameter's shape.

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lalora_curv.plotting import save_figure
+from lalora_curv.plotting import pyplot, save_figure
 
 SETTINGS_SKIPPED_IN_LABELS = ("method", "kind", "seed", "benchmark")
 
@@ -261,17 +261,6 @@ def tables(
     return rows, summary
 
 
-def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional (extra "bench")
-        return None
-    return plt
-
-
 def _colour(plt, i: int, n: int):
     """Matplotlib's default cycle for up to 10 lines, tab20 (20 distinct) beyond."""
     return f"C{i}" if n <= 10 else plt.get_cmap("tab20")(i % 20)
@@ -295,7 +284,7 @@ def plot_pareto(
     higher is better for :func:`pareto_front`): lower is then better on the y axis. ``ylim``
     zooms the y axis (the fronts are computed from every point all the same).
     """
-    plt = _plt()
+    plt = pyplot()
     if plt is None:
         return None
     fronts = method_fronts(configs)
@@ -346,7 +335,7 @@ def plot_curves(
     """Per method (rows): source accuracy and target exact match (real text: the source NLL
     increase and the GSM8K NLL decrease) against the step, every configuration a line (seed
     mean) with a band of one std."""
-    plt = _plt()
+    plt = pyplot()
     if plt is None:
         return None
     methods = sorted({c["method"] for c in configs})
