@@ -75,24 +75,39 @@ def _carries(module: nn.Module, adapter_name: str) -> bool:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / accelerate / ``torch.compile`` wrappers.
 
+    A model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``) needs no unwrapping:
+    its parameters are DTensor shards, gathered where a whole tensor is needed
+    (:func:`whole`).
+
     Raises:
-        LaloraError: the model is FSDP-wrapped (its LoRA weights are sharded).
+        LaloraError: the model is wrapped by FSDP1 (``FullyShardedDataParallel``), whose flat
+            parameters hide the LoRA weights.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     while True:
         if isinstance(model, FullyShardedDataParallel) or any(
-            type(m).__name__.startswith("FSDP") for m in model.modules()
+            isinstance(m, FullyShardedDataParallel) for m in model.modules()
         ):
             raise LaloraError(
-                "the model is FSDP-wrapped: its LoRA weights are sharded, and the precision's "
-                "penalty needs them whole; fit and penalise under DDP (LoRA weights are small "
-                "enough to replicate), or gather the adapter before calling lalora-curv"
+                "the model is wrapped by FSDP1 (FullyShardedDataParallel), whose flat "
+                "parameters hide the LoRA weights: shard it with FSDP2 instead "
+                "(torch.distributed.fsdp.fully_shard; accelerate: fsdp_version 2), or use DDP"
             )
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def whole(t: Tensor) -> Tensor:
+    """A parameter's whole value: an FSDP2 shard (a DTensor) all-gathered, differentiably (its
+    gradient returns to each rank's shard), or the tensor itself."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def eager_model(model: nn.Module) -> nn.Module:
@@ -215,8 +230,8 @@ def adapter_mode(handles: dict[str, LoraHandle], dtype: torch.dtype) -> dict[str
     """The adapter's current weights, detached, on the CPU in ``dtype``: the mode ``mu``."""
     mode: dict[str, Tensor] = {}
     for h in handles.values():
-        mode[h.spec.lora_A_name] = h.lora_A.weight.detach().to("cpu", dtype).clone()
-        mode[h.spec.lora_B_name] = h.lora_B.weight.detach().to("cpu", dtype).clone()
+        mode[h.spec.lora_A_name] = whole(h.lora_A.weight.detach()).to("cpu", dtype).clone()
+        mode[h.spec.lora_B_name] = whole(h.lora_B.weight.detach()).to("cpu", dtype).clone()
     return mode
 
 

@@ -204,6 +204,15 @@ def check_train_arguments(
     return out
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Whether the model's trainable parameters are FSDP2 shards (DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+
+
 def check_covered(
     model: nn.Module,
     precision: Precision | None,
@@ -379,6 +388,12 @@ def train(
     lam, grad_accum_steps, seed = a["lam"], a["grad_accum_steps"], a["seed"]
     check_covered(model, precision, adapter_name, TrainingError)
     check_token_ids(train_batches, model)
+    if checkpoint_dir is not None and _sharded(model):
+        raise TrainingError(
+            "checkpoints of an FSDP-sharded run are not supported (each rank holds a shard of "
+            "the adapter and of the optimizer state): train without checkpoint_dir, or under "
+            "DDP, where the adapter is whole on every rank"
+        )
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
     budget_scale = float(precision.metadata["scale"]) if source_nll_budget is not None else 1.0
 

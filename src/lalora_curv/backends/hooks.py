@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lalora_curv.adapter import LoraHandle
+from lalora_curv.adapter import LoraHandle, whole
 from lalora_curv.backends._common import (
     FitRequest,
     check_finite_loss,
@@ -171,7 +171,7 @@ class _Recorder:
     def _accumulate_tokens(self, name: str, handle: LoraHandle, grads, weight: float) -> None:
         s = handle.spec.scaling
         calls, sums = self.calls[name], self.sums[name]
-        lora_B = handle.lora_B.weight.detach().to(self.dtype)
+        lora_B = whole(handle.lora_B.weight.detach()).to(self.dtype)
         rot = (self.rotations or {}).get(name)
         for c, grad in enumerate(grads):
             if grad is None:  # the module's output does not reach the loss
@@ -200,7 +200,7 @@ class _Recorder:
     def _accumulate_grouped(self, name: str, handle: LoraHandle, grads, weight: float) -> None:
         """Squares of gradients summed over each sequence (or over the whole batch)."""
         calls, sums = self.calls[name], self.sums[name]
-        lora_B = handle.lora_B.weight.detach().to(self.dtype)
+        lora_B = whole(handle.lora_B.weight.detach()).to(self.dtype)
         grad_A = grad_B = None
         for c, grad in enumerate(grads):
             if grad is None:

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lalora_curv.adapter import LoraModuleSpec, find_lora_modules, match_modules
+from lalora_curv.adapter import LoraModuleSpec, find_lora_modules, match_modules, whole
 from lalora_curv.errors import IncompatiblePrecisionError, LaloraError
 from lalora_curv.precision.factors import DENSE_DTYPES, STORAGES, dense_storage
 
@@ -244,7 +244,8 @@ class Precision(ABC):
             AdapterMismatchError: naming the first module of the model's adapter that does
                 not match the precision (other modules, shapes, rank or scaling).
         """
-        params = self.adapter_params(model, adapter_name)
+        # FSDP2 shards are gathered differentiably: each rank gets its shard's gradient
+        params = {n: whole(p) for n, p in self.adapter_params(model, adapter_name).items()}
         device = params[self.param_names[0]].device
         target = self._for_device(device)
         delta = {n: p.to(target.dtype) - target.mode[n] for n, p in params.items()}
