@@ -19,7 +19,7 @@ import torch
 
 import lalora_curv as lc
 from bench_core import environment, write_result
-from lalora_curv.backends.laplace import exact_curvature
+from lalora_curv.exact import exact_curvature
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
 HERE = Path(__file__).resolve().parent

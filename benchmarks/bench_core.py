@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import lalora_curv as lc
+from lalora_curv.atomic import write_text
 from lalora_curv.toy import add_lora, random_batches, tiny_llama
 
 HERE = Path(__file__).resolve().parent
@@ -62,11 +63,8 @@ QUICK_DIMS = dict(
 
 
 def write_result(out_dir: Path, name: str, data: dict) -> Path:
-    """Write ``out_dir/name`` as sorted, indented JSON, atomically (temp file + rename)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return tmp.replace(out_dir / name)
+    """Write ``out_dir/name`` as sorted, indented JSON, atomically (lalora_curv.atomic)."""
+    return write_text(Path(out_dir) / name, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def environment() -> dict[str, object]:

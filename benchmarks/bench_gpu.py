@@ -174,7 +174,7 @@ def main() -> None:
     for structure in ("kfac", "tri-kfac", "merged-kfac", "diag"):
         prec = lc.fit_precision(model, batches[:1], structure=structure, progress=False)
         with tempfile.TemporaryDirectory() as tmp:
-            path = prec.save(Path(tmp) / structure)
+            path = lc.save_precision(prec, Path(tmp) / structure)
             sizes[structure] = sum(f.stat().st_size for f in path.iterdir())
         with torch.no_grad():
             for p in trainable:

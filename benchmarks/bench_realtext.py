@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench_core import environment, write_result
 from lalora_curv.plotting import save_figure
+from lalora_curv.strength import Strength
 from lalora_curv.testbed import realtext as rt
 
 HERE = Path(__file__).resolve().parent
@@ -92,8 +93,7 @@ def main() -> None:
             tok,
             data,
             precision_structure="kfac" if lam else None,
-            lam=lam * text_scale if selfgen else lam,
-            relative_lam=selfgen,
+            strength=Strength.relative(lam * text_scale) if selfgen else lam,
             source="self-generated" if selfgen else "texts",
             steps=steps,
             lr=args.lr,

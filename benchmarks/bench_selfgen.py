@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench_core import environment, write_result
 from lalora_curv.plotting import save_figure
+from lalora_curv.strength import Strength
 from lalora_curv.testbed import pretrained
 from lalora_curv.testbed.experiment import finetune
 
@@ -54,8 +55,7 @@ def main() -> None:
                 world,
                 precision=None if source == "none" else "kfac",
                 source="facts" if source == "none" else source,
-                lam=c,
-                relative_lam=True,
+                strength=Strength.relative(c),
                 steps=steps,
                 lr=args.lr,
                 seed=seed,

@@ -203,8 +203,8 @@ def total_bytes(path: Path) -> int:
 
 def saved_sizes(prec, tmp: Path) -> dict[str, int]:
     """Tensor bytes of ``prec`` saved with and without deduplication, and the files' bytes."""
-    prec.save(tmp / "dedup")
-    prec.save(tmp / "full", dedup=False)
+    lc.save_precision(prec, tmp / "dedup")
+    lc.save_precision(prec, tmp / "full", dedup=False)
     return {
         "payload_bytes": payload(tmp / "dedup"),
         "payload_bytes_no_dedup": payload(tmp / "full"),
@@ -345,7 +345,7 @@ def check_formulas(dims: dict) -> dict:
             else:
                 p = prec.with_structure(structure).with_storage(storage, rank)
             for dedup in (True, False):
-                p.save(Path(tmp) / "a", dedup=dedup)
+                lc.save_precision(p, Path(tmp) / "a", dedup=dedup)
                 want = artifact_bytes(mods, structure, storage, rank, RANK, dedup)
                 got = payload(Path(tmp) / "a")
                 rows.append(

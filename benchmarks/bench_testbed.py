@@ -41,7 +41,7 @@ def main() -> None:
             steps=steps,
             lr=args.lr,
             precision="kfac" if lam else None,
-            lam=lam,
+            strength=lam,
         )
         source = sum(result["after"]["source"].values()) / 3
         runs.append(

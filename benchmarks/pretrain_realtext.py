@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 
 from bench_core import environment
 from bench_realtext import add_data_dir_argument, data_dir_of
+from lalora_curv.atomic import staged_dir
 from lalora_curv.testbed import realtext as rt
 
 
@@ -51,18 +49,10 @@ def main() -> None:
         "environment": environment(),
     }
     out: Path = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as staging:
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
         (staging / "pretraining.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     print(
         f"{info['parameters'] / 1e6:.2f}M parameters, {seconds / 60:.1f} min, kept step "
         f"{report['kept_step']}; held-out source NLL {evaluation['source_all']:.3f} "

@@ -10,6 +10,8 @@ import json
 import re
 from pathlib import Path
 
+from lalora_curv.atomic import write_bytes, write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -209,6 +211,51 @@ def selfgen() -> str:
     return "\n".join(rows)
 
 
+def fill(path: Path) -> None:
+    text = path.read_text()
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m, make=make: m.group(1) + make() + m.group(2), text)
+    write_text(path, text)
+
+
+#: plots the docs site shows, copied from results/ to docs/assets/
+PLOTS = (
+    "testbed.png",
+    "selfgen.png",
+    "realtext.png",
+    "realtext_front.png",
+    "sequential.png",
+    "train.png",
+    "lowrank.png",
+)
+
+
+def lowrank() -> str:
+    r = load("lowrank.json")
+    rows = [
+        "| k per factor | kfac: trained, median (max) | kfac: random | merged-kfac: trained | "
+        "merged-kfac: random |",
+        "|---|---|---|---|---|",
+    ]
+    for k in r["ks"]:
+        t, rnd = r["trained"]["kfac"][str(k)], r["random"]["kfac"][str(k)]
+        mt, mr = r["trained"]["merged-kfac"][str(k)], r["random"]["merged-kfac"][str(k)]
+        rows.append(
+            f"| {k} | {100 * t['median']:.2f} % ({100 * t['max']:.2f} %) | "
+            f"{100 * rnd['median']:.2f} % | {100 * mt['median']:.2f} % | "
+            f"{100 * mr['median']:.2f} % |"
+        )
+    rec = r["recommended"]
+    rows.append(
+        f"| 3B preset: k = {rec['k']} ({rec['bytes_3b'] / 1e6:.0f} MB at 3B), here k = "
+        f"{rec['k_measured']} of {max(r['model']['factor_sizes'])} | "
+        f"{100 * rec['max_error_trained_at_k_measured']:.1f} % (max) | | | |"
+    )
+    return "\n".join(rows)
+
+
 TABLES = {
     "selfgen": selfgen,
     "core-fit": core_fit,
@@ -222,27 +269,8 @@ TABLES = {
     "storage-measured": storage_measured,
     "storage-3b": storage_3b,
     "realtext": realtext,
+    "lowrank": lowrank,
 }
-
-
-def fill(path: Path) -> None:
-    text = path.read_text()
-    for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m, make=make: m.group(1) + make() + m.group(2), text)
-    path.write_text(text)
-
-
-#: plots the docs site shows, copied from results/ to docs/assets/
-PLOTS = (
-    "testbed.png",
-    "selfgen.png",
-    "realtext.png",
-    "realtext_front.png",
-    "sequential.png",
-    "train.png",
-)
 
 
 def copy_plots() -> None:
@@ -251,9 +279,7 @@ def copy_plots() -> None:
     for name in PLOTS:
         source = HERE / "results" / name
         if source.is_file():
-            tmp = assets / (name + ".tmp")
-            tmp.write_bytes(source.read_bytes())
-            tmp.replace(assets / name)
+            write_bytes(assets / name, source.read_bytes())
             print(f"copied {source} -> {assets / name}")
 
 

@@ -25,7 +25,7 @@ def fit(model, structure="kfac", **kw):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("art") / "prec"
-    fit(make_model(dtype=torch.float32), sources=["toy-a"]).save(path)
+    lc.save_precision(fit(make_model(dtype=torch.float32), sources=["toy-a"]), path)
     return path
 
 
@@ -50,9 +50,9 @@ def test_round_trip_is_byte_stable_and_exact(tmp_path, structure):
     prec = fit(model, structure, sources=["toy"])
     if structure == "kfac":
         prec = prec + fit(model, structure, sources=["toy-2"])  # two components
-    prec.save(tmp_path / "a")
+    lc.save_precision(prec, tmp_path / "a")
     loaded = lc.load_precision(tmp_path / "a")
-    loaded.save(tmp_path / "b")
+    lc.save_precision(loaded, tmp_path / "b")
     for name in (artifact.TENSORS_FILE, artifact.METADATA_FILE):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert type(loaded) is type(prec) and loaded.param_names == prec.param_names
@@ -171,7 +171,7 @@ def test_unknown_keys_dropped_with_warning(tmp_path, saved):
 
 def test_files_from_different_saves(tmp_path, saved):
     other = tmp_path / "other"
-    fit(make_model(dtype=torch.float32, seed=4)).save(other)
+    lc.save_precision(fit(make_model(dtype=torch.float32, seed=4)), other)
     art = copy_artifact(saved, tmp_path / "x")
     (art / artifact.TENSORS_FILE).write_bytes((other / artifact.TENSORS_FILE).read_bytes())
     with pytest.raises(lc.ArtifactError, match=r"does not match precision\.json"):
@@ -183,10 +183,10 @@ def test_non_finite_tensor(tmp_path):
     name = prec.param_names[1]
     prec.diag[name][0, 0] = float("nan")
     with pytest.raises(lc.ArtifactError, match=f"cannot save: tensor 'diag.{name}' has NaN/inf"):
-        prec.save(tmp_path / "nan")
+        lc.save_precision(prec, tmp_path / "nan")
     # a forged file with a NaN (and both digests fixed up) is refused on load
     prec.diag[name][0, 0] = 1.0
-    path = prec.save(tmp_path / "nan", dedup=False)
+    path = lc.save_precision(prec, tmp_path / "nan", dedup=False)
     from safetensors.torch import load as st_load
     from safetensors.torch import save as st_save
 
@@ -248,7 +248,7 @@ def test_wrong_shape_in_metadata(tmp_path, saved):
 def test_interrupted_save_keeps_the_old_artifact(tmp_path, monkeypatch):
     path = tmp_path / "prec"
     old = fit(make_model(dtype=torch.float32))
-    old.save(path)
+    lc.save_precision(old, path)
     before = {f.name: f.read_bytes() for f in path.iterdir()}
     new = fit(make_model(dtype=torch.float32, seed=3))
 
@@ -257,17 +257,17 @@ def test_interrupted_save_keeps_the_old_artifact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(artifact, "write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
-        new.save(path)
+        lc.save_precision(new, path)
     monkeypatch.undo()
     assert {f.name: f.read_bytes() for f in path.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["prec"]  # no staging directory left behind
-    new.save(path)  # and a later save replaces it
+    lc.save_precision(new, path)  # and a later save replaces it
     assert lc.load_precision(path).counts == new.counts
 
 
 def test_crash_between_the_renames_restores_the_old_artifact(tmp_path, monkeypatch):
     path = tmp_path / "prec"
-    fit(make_model(dtype=torch.float32)).save(path)
+    lc.save_precision(fit(make_model(dtype=torch.float32)), path)
     before = {f.name: f.read_bytes() for f in path.iterdir()}
     real_rename, calls = os.rename, []
 
@@ -281,7 +281,7 @@ def test_crash_between_the_renames_restores_the_old_artifact(tmp_path, monkeypat
 
     monkeypatch.setattr(atomic.os, "rename", rename)
     with pytest.raises(OSError, match="power cut"):
-        fit(make_model(dtype=torch.float32, seed=3)).save(path)
+        lc.save_precision(fit(make_model(dtype=torch.float32, seed=3)), path)
     monkeypatch.undo()
     assert {f.name: f.read_bytes() for f in path.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["prec"]
@@ -291,7 +291,7 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "keep.txt").write_text("x")
     with pytest.raises(lc.ArtifactError, match=r"holds files a precision does not write \(keep"):
-        fit(make_model(dtype=torch.float32)).save(tmp_path / "data")
+        lc.save_precision(fit(make_model(dtype=torch.float32)), tmp_path / "data")
     assert (tmp_path / "data" / "keep.txt").read_text() == "x"
 
 

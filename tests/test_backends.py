@@ -8,7 +8,8 @@ import torch
 import lalora_curv as lc
 from conftest import make_batches, make_model
 from lalora_curv.adapter import find_lora_modules
-from lalora_curv.backends.laplace import exact_curvature
+from lalora_curv.exact import exact_curvature
+from lalora_curv.export import to_laplace
 
 pytest.importorskip("curvlinops")
 pytest.importorskip("backpack")
@@ -199,7 +200,7 @@ def test_ekfac_equals_curvlinops_ekfac_where_they_coincide():
 def test_export_to_laplace_torch(model, batches, structure):
     prec = fit(model, batches, structure=structure)
     with pytest.warns(UserWarning, match="lacks the data-fit term"):
-        la = prec.to_laplace(model, prior_precision=0.5)
+        la = to_laplace(prec, model, prior_precision=0.5)
     n = prec.counts["supervised_tokens"]
     expected = n * prec.to_dense() + 0.5 * torch.eye(prec.num_params, dtype=torch.float64)
     P = la.posterior_precision
@@ -215,9 +216,9 @@ def test_export_to_laplace_torch(model, batches, structure):
 def test_export_refuses_what_laplace_cannot_hold(model, batches):
     k = fit(model, batches, structure="kfac")
     with pytest.raises(lc.LaloraError, match="no laplace-torch counterpart"):
-        k.with_structure("merged-kfac").to_laplace(model)
+        to_laplace(k.with_structure("merged-kfac"), model)
     with pytest.raises(lc.LaloraError, match="sum of Kronecker products"):
-        (k + k).to_laplace(model)
+        to_laplace(k + k, model)
 
 
 def padded_with_an_unsupervised_row(dtype=torch.float64):
@@ -300,7 +301,7 @@ def test_upstream_hooks_removed_when_a_fit_fails(model, batches, backend):
 
 
 def test_piece_seeds_do_not_overlap_between_neighbouring_seeds():
-    from lalora_curv.backends._common import derive_seed
+    from lalora_curv.backends.common import derive_seed
 
     seeds = {derive_seed(s, "piece", k) for s in range(20) for k in range(20)}
     assert len(seeds) == 400
@@ -312,3 +313,25 @@ def test_laplace_backend_states_laplace_torch_limitations(model, batches):
     backend._WARNED[0] = False
     with pytest.warns(UserWarning, match="rescales each batch's input factor by len"):
         fit(model, batches, structure="kfac", backend="laplace")
+
+
+def test_curvlinops_still_exposes_the_factors_the_backend_reads():
+    """The curvlinops backend reads ``KFACLinearOperator.state_dict()``'s
+    ``input_covariances`` and ``gradient_covariances`` (curvlinops 3.0's public state; later
+    versions drop them, hence the pin ``<3.1``): if an upgrade changes that, this fails first,
+    by name."""
+    from curvlinops import KFACLinearOperator
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    X, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    op = KFACLinearOperator(
+        net, torch.nn.CrossEntropyLoss(reduction="sum"), list(net.parameters()), [(X, y)],
+        check_deterministic=False,
+    )  # fmt: skip
+    op.compute_kronecker_factors()
+    state = op.state_dict()
+    assert {"input_covariances", "gradient_covariances"} <= set(state), sorted(state)
+    assert set(state["input_covariances"]) == {"0"} and set(state["gradient_covariances"]) == {"0"}
+    # the input factor of a bias-carrying layer is (in + 1)^2: its last row is the bias's
+    assert state["input_covariances"]["0"].shape in ((3, 3), (4, 4))

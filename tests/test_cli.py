@@ -440,7 +440,7 @@ def test_inspect_reports_the_factors_spectra_and_traces(fitted, tmp_path, capsys
 def test_inspect_every_structure(structure, tmp_path):
     model, batches = make_model(), make_batches()  # float64, B0 != 0: every block non-zero
     prec = lc.fit_precision(model, batches, structure, progress=False, stats_dtype=torch.float64)
-    prec.save(tmp_path / "p")
+    lc.save_precision(prec, tmp_path / "p")
     assert main(["inspect", "--precision", str(tmp_path / "p"), "--out", str(tmp_path / "i")]) == 0
     report = json.loads((tmp_path / "i" / "report.json").read_text())
     assert (tmp_path / "i" / "spectra.png").is_file()
@@ -648,7 +648,7 @@ def test_bad_inputs_exit_with_a_message_naming_them(workspace, fitted, tmp_path,
     train += ["--data-dir", str(workspace["data"]), "--limit", "2", "--max_steps", "1"]
     train += ["--device", "cpu", "--no-progress", "--out", str(tmp_path / "t")]
     fails([*train, "--precision", str(tmp_path / "nowhere"), "--lam", "1"], "no such directory")
-    fails([*train, "--lam", "1"], "--lam > 0 needs --precision")
+    fails([*train, "--lam", "1"], "--lam > 0 (or --c, --source_nll_budget) needs --precision")
     fails([*train, "--out", str(fitted)], "is a fit run directory; give train its own --out")
 
     other = get_peft_model(  # another base model: hidden size 24 instead of 16
@@ -656,7 +656,7 @@ def test_bad_inputs_exit_with_a_message_naming_them(workspace, fitted, tmp_path,
         LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
     )
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[5, 6, 7, 8]])}
-    lc.fit_precision(other, [batch], progress=False).save(tmp_path / "other")
+    lc.save_precision(lc.fit_precision(other, [batch], progress=False), tmp_path / "other")
     fails(
         [*train, "--precision", str(tmp_path / "other"), "--lam", "1"],
         "does not fit this model's adapter",

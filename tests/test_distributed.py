@@ -42,7 +42,7 @@ def _worker(rank: int, port: int, out: str, job: str) -> None:
                 prec = lc.fit_precision(
                     model, batches, structure=structure, progress=False, stats_dtype=torch.float64
                 )
-                prec.save(Path(out) / f"{structure}-rank{rank}")
+                lc.save_precision(prec, Path(out) / f"{structure}-rank{rank}")
         elif job == "nan":  # rank 1 alone produces a NaN loss: both ranks must stop
             from torch.nn.parallel import DistributedDataParallel
 
@@ -141,7 +141,7 @@ def _fsdp_job(rank: int, out: Path) -> None:
             model, batches, structure=structure, progress=False, stats_dtype=torch.float64
         )
         if rank == 0:
-            fitted[structure].save(out / f"fsdp-{structure}")
+            lc.save_precision(fitted[structure], out / f"fsdp-{structure}")
     reference = lc.load_precision(out / "single-tri-kfac")  # one process's, by the test
     moved, _ = displaced()
     moved = shard(moved)
@@ -241,7 +241,7 @@ def test_fsdp2_fit_penalty_gradient_and_step_equal_one_process(tmp_path):
         s: lc.fit_precision(model, batches, structure=s, progress=False, stats_dtype=torch.float64)
         for s in ("kfac", "diag", "tri-kfac")
     }
-    single["tri-kfac"].save(tmp_path / "single-tri-kfac")
+    lc.save_precision(single["tri-kfac"], tmp_path / "single-tri-kfac")
     spawn(tmp_path, "fsdp")
     for structure, prec in single.items():
         got = lc.load_precision(tmp_path / f"fsdp-{structure}")

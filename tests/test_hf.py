@@ -242,3 +242,35 @@ def test_mixin_arguments_are_checked_before_the_trainer_starts(kwargs, message):
 
     with pytest.raises(lc.LaloraError, match=message):
         Trainer(**kwargs)
+
+
+def test_the_mixin_takes_every_strength_the_thin_loop_takes(tmp_path):
+    """A relative strength is c over the precision's mean eigenvalue; under a source-NLL
+    budget lambda follows the thin loop's update rule from each step's penalty."""
+    from transformers import TrainerCallback
+
+    model, prec = setup()
+    trainer = LaloraTrainer(
+        model=model, args=args(tmp_path), train_dataset=examples(), precision=prec,
+        lam=lc.Strength.relative(0.2),
+    )  # fmt: skip
+    assert trainer.lam == pytest.approx(0.2 / (prec.trace() / prec.num_params))
+
+    seen: list[tuple[float, float]] = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((kwargs["model"] is not None and budgeted.lam, budgeted._budget_step[1]))
+
+    budget = lc.Strength.budget(1e-6, start_lam=5.0, rate=0.3)
+    model, prec = setup()
+    budgeted = LaloraTrainer(
+        model=model, args=args(tmp_path, max_steps=4, gradient_accumulation_steps=1),
+        train_dataset=examples(), precision=prec, lam=budget, callbacks=[Record()],
+    )  # fmt: skip
+    budgeted.train()
+    lams, pens = [x[0] for x in seen], [x[1] for x in seen]
+    assert len(lams) == 4 and lams[0] == 5.0
+    for k in range(1, 4):
+        assert lams[k] == pytest.approx(budget.next_lam(lams[k - 1], pens[k - 1], prec), rel=1e-12)
+    assert lams[-1] > lams[0]  # the penalty exceeded the tiny budget: lambda rose

@@ -109,7 +109,7 @@ def test_save_load_sum_and_scale(tmp_path, structure):
     prec = lc.isotropic_precision(model, structure, dtype=torch.float64)
     displace(model)
     value = prec.penalty(model)
-    loaded = lc.load_precision(prec.save(tmp_path / "p"))
+    loaded = lc.load_precision(lc.save_precision(prec, tmp_path / "p"))
     assert type(loaded) is type(prec)
     torch.testing.assert_close(loaded.penalty(model), value, **EXACT)
     torch.testing.assert_close((prec + loaded).penalty(model), value, **EXACT)  # a mean
@@ -128,7 +128,7 @@ def test_edited_weight_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
     prec = lc.isotropic_precision(make_model(), dtype=torch.float64)
-    path = prec.save(tmp_path / "p")
+    path = lc.save_precision(prec, tmp_path / "p")
     tensors = load_file(path / "precision.safetensors")
     key = next(k for k in tensors if k.startswith("isotropic."))
     tensors[key] = -tensors[key]

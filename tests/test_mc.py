@@ -103,7 +103,7 @@ SAMPLER_ATOL = 0.015  # ~4 standard errors of a frequency near 0.5
 
 
 def test_label_sampler_draws_from_the_softmax():
-    from lalora_curv.backends._common import sample_labels
+    from lalora_curv.backends.common import sample_labels
 
     logits = torch.tensor([[0.0, 1.0, 2.0, -1e4], [3.0, 0.0, 0.0, 0.0]], dtype=torch.float32)
     draws = sample_labels(logits, SAMPLER_DRAWS, torch.Generator().manual_seed(0))

@@ -108,7 +108,7 @@ def test_online_chain_of_three_tasks_and_artifact_round_trip(tmp_path):
     assert prec.metadata["lora_B_init_zero"] is False
     with pytest.raises(lc.LaloraError, match="non-zero lora_B"):
         prec.rebase(model)
-    loaded = lc.load_precision(prec.save(tmp_path / "online"))
+    loaded = lc.load_precision(lc.save_precision(prec, tmp_path / "online"))
     d = random_delta(prec, 7)
     torch.testing.assert_close(loaded.quad(d), prec.quad(d), **EXACT)
     assert loaded.metadata["online"] == prec.metadata["online"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lalora_curv.strength import Strength
 from lalora_curv.tasks import load_records
 from lalora_curv.testbed import realtext as rt
 
@@ -247,7 +248,7 @@ def test_finetune_measures_both_sides_and_a_zero_lambda_penalty_changes_nothing(
     pooled = sum(counts[t] * b["source"][t] for t in rt.SOURCES) / sum(counts.values())
     assert b["source_all"] == pytest.approx(pooled, rel=1e-6)
     strong = rt.finetune(
-        copy.deepcopy(model), tok, small, precision_structure="kfac", lam=1e4, **kw
+        copy.deepcopy(model), tok, small, precision_structure="kfac", strength=1e4, **kw
     )
     assert strong["final_penalty"] > 0 and strong["after"] != plain["after"]
 
@@ -262,8 +263,7 @@ def test_finetune_on_a_self_generated_precision_of_the_same_token_count(small):
         small,
         precision_structure="kfac",
         source="self-generated",
-        lam=0.5,
-        relative_lam=True,
+        strength=Strength.relative(0.5),
         **kw,
     )
     n = texts["source_tokens"]
@@ -293,7 +293,7 @@ def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, m
     monkeypatch.setattr(rt, "get_peft_model", spy_peft)
     monkeypatch.setattr(rt.lc, "train", spy_train)
     kw = dict(steps=4, lr=1e-2, batch_size=4, max_length=64, fit_texts=8, eval_every=2)
-    kw |= dict(precision_structure="kfac", mc_samples=2, lam=1e3)
+    kw |= dict(precision_structure="kfac", mc_samples=2, strength=1e3)
     runs = [rt.finetune(copy.deepcopy(model), tok, small, seed=s, **kw) for s in (0, 0, 1)]
     # every checkpoint of a LALoRA run is measured, as for plain LoRA
     assert [c["step"] for c in runs[0]["trajectory"]] == [2, 4]
@@ -369,8 +369,7 @@ def test_finetune_with_an_isotropic_control_measures_both_splits(structure, scop
         small,
         precision_structure=structure,
         scope=scope,
-        lam=3.0,
-        relative_lam=True,
+        strength=Strength.relative(3.0),
         **kw,
     )
     assert set(result["before"]["val"]) == {"source", "source_all", "target", "target_tokens"}

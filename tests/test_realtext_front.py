@@ -85,7 +85,7 @@ def test_fronts_are_the_non_dominated_seed_means_in_nll_terms(monkeypatch, tmp_p
                     (BEFORE["target"] - c["target"], c["source_all"] - BEFORE["source_all"])
                 )
         means = {k: np.mean(v, axis=0) for k, v in points.items()}
-        stds = {k: np.std(v, axis=0) for k, v in points.items()}
+        stds = {k: np.std(v, axis=0, ddof=1) for k, v in points.items()}  # sample std
         expected = sorted(
             k
             for k, (learn, forget) in means.items()

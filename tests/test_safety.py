@@ -120,7 +120,7 @@ def test_resume_refuses_another_precision_unless_forced(tmp_path, caplog):
         lc.train(model, target, prec, 1.0, max_steps=4, checkpoint_dir=tmp_path, resume=True,
                  seed=5, progress=False)  # fmt: skip
     # the same precision saved and loaded again is the same precision
-    again = lc.load_precision(prec.save(tmp_path / "p"))
+    again = lc.load_precision(lc.save_precision(prec, tmp_path / "p"))
     assert again.digest() == prec.digest() and other.digest() != prec.digest()
     records = lc.train(model, target, other, 1.0, max_steps=3, checkpoint_dir=tmp_path,
                        resume="force", progress=False)  # fmt: skip
@@ -239,7 +239,7 @@ def resign(path: Path, meta_edit=None, tensor_edit=None) -> None:
     ],
 )
 def test_any_metadata_edit_is_refused(tmp_path, edit, message):
-    path = fit().save(tmp_path / "p")
+    path = lc.save_precision(fit(), tmp_path / "p")
     meta = json.loads((path / artifact.METADATA_FILE).read_text())
     edit(meta)
     (path / artifact.METADATA_FILE).write_text(json.dumps(meta))
@@ -283,14 +283,14 @@ def test_any_metadata_edit_is_refused(tmp_path, edit, message):
     ],
 )
 def test_values_behind_the_digest_are_checked(tmp_path, meta_edit, tensor_edit, message):
-    path = fit().save(tmp_path / "p", dedup=False)
+    path = lc.save_precision(fit(), tmp_path / "p", dedup=False)
     resign(path, meta_edit, tensor_edit)
     with pytest.raises(lc.ArtifactError, match=message):
         lc.load_precision(path)
 
 
 def test_an_overflowing_number_in_the_metadata_is_refused(tmp_path):
-    path = fit().save(tmp_path / "p")
+    path = lc.save_precision(fit(), tmp_path / "p")
     text = (path / artifact.METADATA_FILE).read_text()
     (path / artifact.METADATA_FILE).write_text(text.replace('"scale": 1.0', '"scale": 1e999'))
     with pytest.raises(lc.ArtifactError, match="non-finite number 1e999"):
@@ -298,7 +298,7 @@ def test_an_overflowing_number_in_the_metadata_is_refused(tmp_path):
 
 
 def test_a_negative_diagonal_is_refused(tmp_path):
-    path = fit(structure="diag").save(tmp_path / "p", dedup=False)
+    path = lc.save_precision(fit(structure="diag"), tmp_path / "p", dedup=False)
     resign(path, tensor_edit=lambda t: t.update({k: -v - 1 for k, v in t.items() if "diag." in k}))
     with pytest.raises(lc.ArtifactError, match="negative entries"):
         lc.load_precision(path)
@@ -306,7 +306,7 @@ def test_a_negative_diagonal_is_refused(tmp_path):
 
 def test_a_format_1_artifact_still_loads_with_a_warning(tmp_path):
     prec = fit()
-    path = prec.save(tmp_path / "p")
+    path = lc.save_precision(prec, tmp_path / "p")
     meta = json.loads((path / artifact.METADATA_FILE).read_text())
     meta["format_version"] = 1
     del meta["metadata_sha256"]
@@ -321,33 +321,37 @@ def test_save_refuses_non_finite_precisions(tmp_path):
     with pytest.raises(lc.LaloraError, match="finite factor"):
         _ = float("inf") * prec
     with pytest.raises(lc.ArtifactError, match="overflow"):
-        (1e39 * prec).save(tmp_path / "p")  # K-FAC: its component weight overflows float32
+        lc.save_precision(
+            (1e39 * prec), tmp_path / "p"
+        )  # K-FAC: its component weight overflows float32
     with pytest.raises(lc.ArtifactError, match="NaN/inf"):
-        (1e39 * fit(structure="diag")).save(tmp_path / "p")  # diag: its tensors overflow
+        lc.save_precision(
+            (1e39 * fit(structure="diag")), tmp_path / "p"
+        )  # diag: its tensors overflow
     assert not (tmp_path / "p").exists()
     assert not list(tmp_path.iterdir())  # no staging left either
 
 
 def test_resave_never_deletes_other_files(tmp_path):
     prec = fit()
-    path = prec.save(tmp_path / "p")
+    path = lc.save_precision(prec, tmp_path / "p")
     (path / "NOTES.md").write_text("how I fitted it")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
     with pytest.raises(lc.ArtifactError, match=r"holds files a precision does not write \(NOTES"):
-        prec.save(path)
+        lc.save_precision(prec, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
 
 
 def test_leftovers_of_a_killed_save_are_cleaned_and_an_old_copy_is_named(tmp_path):
     prec = fit()
-    path = prec.save(tmp_path / "p")
+    path = lc.save_precision(prec, tmp_path / "p")
     # a kill between the renames: no p, the previous artifact moved aside as .p.<x>.old
     moved = tmp_path / ".p.abc123.old"
     os.rename(path, moved)
     (tmp_path / ".p.def456.tmp").mkdir()  # and a half-built staging folder
     with pytest.raises(lc.ArtifactError, match=r"\.p\.abc123\.old holds the artifact"):
         lc.load_precision(path)
-    prec.save(path)
+    lc.save_precision(prec, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # both cleaned
     assert lc.load_precision(path).digest() == prec.digest()
 
@@ -362,7 +366,7 @@ def test_artifact_fuzz_loads_verified_or_raises_an_artifact_error(tmp_path, stru
         if structure == "isotropic"
         else fit(model, structure=structure)
     )
-    good = prec.save(tmp_path / "good")
+    good = lc.save_precision(prec, tmp_path / "good")
     rng = random.Random(structure)
     names = [artifact.TENSORS_FILE, artifact.METADATA_FILE]
     refused = 0

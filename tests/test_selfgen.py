@@ -221,7 +221,7 @@ def test_fit_records_the_sampling_settings_and_sums_keep_them(tmp_path):
     assert meta["sources"] == ["self-generated"]
     assert meta["self_generated"] == [gen.provenance]
     assert gen.provenance["supervised_tokens"] == meta["counts"]["supervised_tokens"]
-    loaded = lc.load_precision(prec.save(tmp_path / "p"))
+    loaded = lc.load_precision(lc.save_precision(prec, tmp_path / "p"))
     assert loaded.metadata["self_generated"] == [gen.provenance]
     real = [{k: v for k, v in b.items()} for b in gen]  # plain list: no provenance
     both = prec + lc.fit_precision(model, real, structure="kfac", estimator="mc", progress=False)

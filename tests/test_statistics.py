@@ -122,7 +122,7 @@ def test_ekfac_matches_its_definition(model, batches):
 
 
 def test_ekfac_needs_two_passes(model, batches):
-    with pytest.raises(lc.LaloraError, match="two passes"):
+    with pytest.raises(lc.LaloraError, match="makes 2 passes over the batches"):
         fit(model, iter(batches), "ekfac")
     prec = fit(model, batches, "ekfac")
     with pytest.raises(lc.IncompatiblePrecisionError, match="different eigenbases"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,12 +204,12 @@ def test_storage_conversions_and_errors(prec64):
 def test_round_trip_per_storage(tmp_path, storage, rank):
     model = make_model(dtype=torch.float32, targets=ALL_TARGETS)
     prec = lc.fit_precision(model, make_batches(), progress=False).with_storage(storage, rank)
-    prec.save(tmp_path / "a")
+    lc.save_precision(prec, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / artifact.METADATA_FILE).read_text())
     assert meta["storage"] == prec.storage
     assert meta["storage"]["format"] == ("lowrank" if rank else "dense")
     loaded = lc.load_precision(tmp_path / "a")
-    loaded.save(tmp_path / "b")
+    lc.save_precision(loaded, tmp_path / "b")
     for f in (artifact.TENSORS_FILE, artifact.METADATA_FILE):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     assert loaded.storage == prec.storage
@@ -227,8 +228,8 @@ def payload_bytes(art) -> int:
 def test_dedup_stores_shared_input_factors_once(tmp_path, storage, rank):
     model = make_model(dtype=torch.float32, targets=ALL_TARGETS, init_B_std=0.0)
     prec = lc.fit_precision(model, make_batches(), progress=False).with_storage(storage, rank)
-    prec.save(tmp_path / "full", dedup=False)
-    prec.save(tmp_path / "dedup")
+    lc.save_precision(prec, tmp_path / "full", dedup=False)
+    lc.save_precision(prec, tmp_path / "dedup")
     meta = json.loads((tmp_path / "dedup" / artifact.METADATA_FILE).read_text())
     aliases = meta["tensor_aliases"]
     tensors = prec.all_tensors()
@@ -266,8 +267,8 @@ def test_dedup_stores_shared_input_factors_once(tmp_path, storage, rank):
 def test_dedup_halves_the_input_bytes_of_q_and_v(tmp_path):
     model = make_model(dtype=torch.float32, targets=("q_proj", "v_proj"), init_B_std=0.0)
     prec = lc.fit_precision(model, make_batches(), progress=False)
-    prec.save(tmp_path / "full", dedup=False)
-    prec.save(tmp_path / "dedup")
+    lc.save_precision(prec, tmp_path / "full", dedup=False)
+    lc.save_precision(prec, tmp_path / "dedup")
     D = 16
     aliases = json.loads((tmp_path / "dedup" / artifact.METADATA_FILE).read_text())[
         "tensor_aliases"
@@ -312,6 +313,8 @@ def rewrite(art, edit_tensors=None, edit_meta=None):
     import hashlib
 
     meta["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    meta.pop("metadata_sha256", None)  # signed again: the value checks behind the digest
+    meta["metadata_sha256"] = artifact.metadata_digest(meta)
     (art / artifact.METADATA_FILE).write_text(json.dumps(meta))
 
 
@@ -319,7 +322,9 @@ def rewrite(art, edit_tensors=None, edit_meta=None):
 def lowrank_art(tmp_path_factory):
     path = tmp_path_factory.mktemp("low") / "prec"
     model = make_model(dtype=torch.float32, targets=ALL_TARGETS)
-    lc.fit_precision(model, make_batches(), progress=False).with_storage("lowrank", 4).save(path)
+    lc.save_precision(
+        lc.fit_precision(model, make_batches(), progress=False).with_storage("lowrank", 4), path
+    )
     return path
 
 
@@ -387,7 +392,7 @@ def test_corrupt_or_foreign_storage_metadata_rejected(tmp_path, lowrank_art, tam
 
 def test_bfloat16_artifact_storage_mismatch_rejected(tmp_path):
     prec = lc.fit_precision(make_model(dtype=torch.float32), make_batches(), progress=False)
-    prec.with_storage("bfloat16").save(tmp_path / "bf")
+    lc.save_precision(prec.with_storage("bfloat16"), tmp_path / "bf")
     rewrite(
         tmp_path / "bf",
         lambda t: t.update({k: v.float() for k, v in t.items() if "_cov." in k}),
@@ -488,13 +493,13 @@ def test_round_trip_of_the_other_structures_per_storage(tmp_path, structure):
                 p.add_(0.1 * torch.randn_like(p))
     for storage in ("bfloat16", "float64"):
         prec = fitted.with_storage(storage)
-        prec.save(tmp_path / storage)
+        lc.save_precision(prec, tmp_path / storage)
         meta = json.loads((tmp_path / storage / artifact.METADATA_FILE).read_text())
         assert meta["storage"] == {"format": "dense", "dtype": storage} == prec.storage
         loaded = lc.load_precision(tmp_path / storage)
         assert loaded.storage == prec.storage
         assert all(t.dtype == getattr(torch, storage) for t in loaded.structure_tensors().values())
-        loaded.save(tmp_path / "again")
+        lc.save_precision(loaded, tmp_path / "again")
         for f in (artifact.TENSORS_FILE, artifact.METADATA_FILE):
             assert (tmp_path / storage / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
         for d in deltas(prec, n=2):
@@ -554,3 +559,23 @@ def test_lowrank_refused_where_it_is_not_natural(others64, structure, reason):
         prec.with_storage("bfloat16", rank=4)
     with pytest.raises(lc.LaloraError, match="unknown storage 'bf16'"):
         prec.with_storage("bf16")
+
+
+def test_the_compact_preset_is_the_benchmarks_3b_choice():
+    """``compact`` is lowrank at the rank bench_lowrank chose for Llama-3.2-3B (the largest
+    within 300 MB), and behaves as that storage."""
+    result = json.loads(
+        (Path(__file__).parents[1] / "benchmarks" / "results" / "lowrank.json").read_text()
+    )
+    assert lc.STORAGE_PRESETS["compact"] == ("lowrank", result["recommended"]["k"])
+    assert result["recommended"]["bytes_3b"] <= 300e6
+    prec = lc.fit_precision(make_model(dtype=torch.float32), make_batches(), progress=False)
+    a, b = prec.with_storage("compact"), prec.with_storage("lowrank", 48)
+    assert a.storage == b.storage
+    for k, t in a.structure_tensors().items():
+        assert torch.equal(t, b.structure_tensors()[k])
+    with pytest.raises(lc.LaloraError, match="sets its own rank"):
+        prec.with_storage("compact", 3)
+    with pytest.raises(lc.LaloraError, match="no storage 'lowrank'"):
+        lc.fit_precision(make_model(dtype=torch.float32), make_batches(), structure="diag",
+                         progress=False).with_storage("compact")  # fmt: skip

@@ -16,10 +16,10 @@ from peft import LoraConfig, get_peft_model
 from lalora_curv.cli import run_command
 from lalora_curv.cli._run import CliError
 from lalora_curv.cli.demo import demo_grid
+from lalora_curv.strength import mean_curvature
 from lalora_curv.testbed import SOURCES, pretrained
 from lalora_curv.testbed.experiment import (
     ALL_LINEAR,
-    mean_curvature,
     source_accuracy,
     source_precision,
     target_accuracy,

@@ -16,6 +16,7 @@ import torch
 
 import lalora_curv as lc
 from conftest import make_batches, make_model
+from lalora_curv.strength import Strength
 from lalora_curv.train import TrainingError, latest_checkpoint
 
 
@@ -118,8 +119,6 @@ def test_log_has_nll_and_penalty_separately(tmp_path):
         ({"resume": True}, "need a checkpoint_dir"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
         ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
-        ({"lam": 0.0, "source_nll_budget": 0.1}, "start lam > 0"),
-        ({"source_nll_budget": -0.1}, "must be > 0"),
         # the values a careless call passes: each named, none a silently odd run
         ({"max_grad_norm": 0.0}, "max_grad_norm must be > 0"),  # would never learn
         ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),  # would climb the loss
@@ -138,7 +137,7 @@ def test_log_has_nll_and_penalty_separately(tmp_path):
         ({"resume": "yes"}, "resume must be False, True or 'force'"),
         ({"progress": "no"}, "progress must be True or False"),
         ({"eval_fn": 3}, "eval_fn must be callable"),
-        ({"budget_rate": 0.0}, "budget_rate must be > 0"),
+        ({"lam": Strength.budget(1e-3, start_lam=1.0), "precision": None}, "needs a precision"),
         ({"adapter_name": ""}, "adapter_name must be a non-empty string"),
     ],
 )
@@ -344,11 +343,9 @@ def test_source_nll_budget_follows_its_update_rule_and_binds():
             model,
             target,
             prec,
-            1.0,
+            Strength.budget(budget, start_lam=1.0, rate=eta),
             lr=1e-2,
             max_steps=60,
-            source_nll_budget=budget,
-            budget_rate=eta,
             progress=False,
         )
         for a, b in itertools.pairwise(records):
@@ -360,13 +357,14 @@ def test_source_nll_budget_follows_its_update_rule_and_binds():
 
 
 def test_budget_lambda_survives_a_resume(tmp_path):
-    kw = dict(lr=1e-2, schedule="constant", source_nll_budget=1e-3, budget_rate=0.2, progress=False)
+    kw = dict(lr=1e-2, schedule="constant", progress=False)
+    budget = Strength.budget(1e-3, start_lam=1.0, rate=0.2)
     whole, target, prec = setup()
-    full = lc.train(whole, target, prec, 1.0, max_steps=8, **kw)
+    full = lc.train(whole, target, prec, budget, max_steps=8, **kw)
     part, _, _ = setup()
-    lc.train(part, target, prec, 1.0, max_steps=4, checkpoint_dir=tmp_path, **kw)
+    lc.train(part, target, prec, budget, max_steps=4, checkpoint_dir=tmp_path, **kw)
     rest = lc.train(
-        part, target, prec, 1.0, max_steps=8, checkpoint_dir=tmp_path, resume=True, **kw
+        part, target, prec, budget, max_steps=8, checkpoint_dir=tmp_path, resume=True, **kw
     )
     assert [r["lam"] for r in rest] == [r["lam"] for r in full[4:]]
     assert len({r["lam"] for r in full}) == 8  # lambda moved every step
@@ -378,11 +376,11 @@ def test_budget_reads_a_scaled_precision_in_its_own_units_and_refuses_non_token_
     """(2 P, lam0 / 2) trains exactly like (P, lam0): the projected rise is penalty / (2 scale),
     so lambda halves in lockstep; sequence-level or squared-batch-gradient precisions are
     refused (their penalty is not in nats per token)."""
-    kw = dict(lr=1e-2, max_steps=5, source_nll_budget=1e-4, budget_rate=0.2, progress=False)
+    kw = dict(lr=1e-2, max_steps=5, progress=False)
     a, target, prec = setup()
     b, _, _ = setup()
-    ra = lc.train(a, target, prec, 1.0, **kw)
-    rb = lc.train(b, target, prec * 2.0, 0.5, **kw)
+    ra = lc.train(a, target, prec, Strength.budget(1e-4, start_lam=1.0, rate=0.2), **kw)
+    rb = lc.train(b, target, prec * 2.0, Strength.budget(1e-4, start_lam=0.5, rate=0.2), **kw)
     for x, y in zip(ra, rb, strict=True):
         assert y["lam"] == pytest.approx(x["lam"] / 2, rel=1e-9)
         assert y["penalty"] == pytest.approx(2 * x["penalty"], rel=1e-5, abs=1e-12)
@@ -390,7 +388,7 @@ def test_budget_reads_a_scaled_precision_in_its_own_units_and_refuses_non_token_
         a, make_batches(1), structure="diag", granularity="sequence", progress=False
     )
     with pytest.raises(TrainingError, match="per-token Fisher"):
-        lc.train(a, target, seq, 1.0, **kw)
+        lc.train(a, target, seq, Strength.budget(1e-4, start_lam=1.0), **kw)
 
 
 def test_resuming_with_a_new_fixed_lambda_uses_it(tmp_path):
@@ -407,3 +405,32 @@ def test_resuming_with_a_new_fixed_lambda_uses_it(tmp_path):
         progress=False,
     )
     assert [r["lam"] for r in rest] == [1000.0, 1000.0]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Strength.budget(0.1), "needs a start lam > 0"),
+        (lambda: Strength.budget(-0.1, start_lam=1.0), "source_nll_budget must be > 0"),
+        (lambda: Strength.budget(0.1, start_lam=1.0, rate=0.0), "budget_rate must be > 0"),
+        (lambda: Strength.relative(-1.0), "c must be >= 0"),
+        (lambda: Strength.fixed("1e3"), "lam must be a number"),
+        (lambda: Strength("soft", 1.0), "unknown strength kind"),
+    ],
+)
+def test_strength_arguments_are_checked(make, message):
+    with pytest.raises(lc.LaloraError, match=message):
+        make()
+
+
+def test_a_relative_strength_is_c_over_the_mean_eigenvalue():
+    """Strength.relative(c) trains exactly as lam = c / (tr(P) / num_params)."""
+    a, target, prec = setup()
+    b, _, _ = setup()
+    c = 0.3
+    lam = c / (prec.trace() / prec.num_params)
+    ra = lc.train(a, target, prec, Strength.relative(c), lr=1e-2, max_steps=3, progress=False)
+    rb = lc.train(b, target, prec, lam, lr=1e-2, max_steps=3, progress=False)
+    assert [r["lam"] for r in ra] == pytest.approx([lam] * 3, rel=1e-12)
+    for x, y in zip(ra, rb, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-9)

@@ -23,7 +23,7 @@ from lalora_curv.errors import (
 from lalora_curv.fit import fit_precision
 from lalora_curv.online import online_laplace
 from lalora_curv.precision import (
-    STRUCTURE_CLASSES,
+    REGISTRY,
     DiagPrecision,
     EKFACPrecision,
     IsotropicPrecision,
@@ -36,14 +36,17 @@ from lalora_curv.precision import (
     TriKFACPrecision,
     isotropic_precision,
 )
+from lalora_curv.precision.factors import STORAGE_PRESETS
 from lalora_curv.selfgen import SelfGeneratedBatches, self_generated_batches
+from lalora_curv.strength import Strength
 from lalora_curv.train import TrainingError, train
 
-STRUCTURES = tuple(name for name, cls in STRUCTURE_CLASSES.items() if cls.fitted)
-"""The structure names ``fit_precision(structure=...)`` accepts, in ``STRUCTURE_CLASSES`` order
-(the isotropic controls need no data: :func:`isotropic_precision`)."""
+STRUCTURES = tuple(name for name, cls in REGISTRY.items() if cls.fitted)
+"""The structure names ``fit_precision(structure=...)`` accepts (the isotropic controls need no
+data: :func:`isotropic_precision`); every name is in :data:`lalora_curv.precision.REGISTRY`."""
 
 __all__ = [
+    "STORAGE_PRESETS",
     "STRUCTURES",
     "AdapterMismatchError",
     "ArtifactError",
@@ -61,6 +64,7 @@ __all__ = [
     "MergedKFACPrecision",
     "Precision",
     "SelfGeneratedBatches",
+    "Strength",
     "TrainingError",
     "TriKFACPrecision",
     "__version__",

@@ -42,17 +42,19 @@ from lalora_curv._version import __version__
 from lalora_curv.adapter import LoraModuleSpec
 from lalora_curv.atomic import leftovers, staged_dir, write_bytes
 from lalora_curv.errors import ArtifactError, LaloraError
-from lalora_curv.precision import STRUCTURE_CLASSES, Precision
+from lalora_curv.precision import REGISTRY, Precision
 
 KIND = "lalora-curv/precision"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: no metadata digest
 #: a dense K-FAC factor ``F`` loads only if ``max |F - F^T| <= SYMMETRY_RTOL max |F|`` and
-#: (for ``D <= FULL_PSD_CHECK_MAX_DIM``) ``lambda_min(F) >= -PSD_RTOL lambda_max(F)``; larger
-#: factors are held to the PSD conditions of every 2 x 2 principal minor: ``F_ii >= 0`` and
-#: ``F_ij^2 <= F_ii F_jj (1 + PSD_RTOL)`` (which a negated or corrupted factor breaks)
+#: (for ``D <= FULL_PSD_CHECK_MAX_DIM``) ``lambda_min(F) >= -u ||F||_F``, ``u`` the rounding
+#: unit of its storage (:data:`PSD_RTOL`: rounding each entry by ``u`` relative moves every
+#: eigenvalue by at most ``u ||F||_F``); larger factors are held to the PSD conditions of every
+#: 2 x 2 principal minor, ``F_ii >= -u max|F|`` and ``F_ij^2 <= F_ii F_jj (1 + 4u)^2``
+#: (which a negated or corrupted factor breaks)
 SYMMETRY_RTOL = 1e-6
-PSD_RTOL = 1e-5
+PSD_RTOL = {torch.bfloat16: 2.0**-8, torch.float32: 1e-5, torch.float64: 1e-12}
 FULL_PSD_CHECK_MAX_DIM = 2048
 TENSORS_FILE = "precision.safetensors"
 METADATA_FILE = "precision.json"
@@ -290,7 +292,7 @@ def load_precision(path: str | Path) -> Precision:
             )
         tensors[alias] = tensors[target]
     structure = meta.get("structure")
-    if structure not in STRUCTURE_CLASSES:
+    if structure not in REGISTRY:
         raise ArtifactError(f"{meta_path}: unknown structure {structure!r}")
     try:
         modules = {d["name"]: LoraModuleSpec.from_json(d["name"], d) for d in meta["modules"]}
@@ -317,7 +319,7 @@ def load_precision(path: str | Path) -> Precision:
     meta.pop("kind", None)
     meta.pop("format_version", None)
     try:
-        prec = STRUCTURE_CLASSES[structure].from_tensors(modules, mode, tensors, meta)
+        prec = REGISTRY[structure].from_tensors(modules, mode, tensors, meta)
     except ArtifactError as e:
         raise ArtifactError(f"{tensor_path}: {e}") from None
     except LaloraError as e:
@@ -371,10 +373,10 @@ def check_values(prec: Precision, where: Path | str) -> None:
         if kind in NON_NEGATIVE and bool((t < 0).any()):
             raise ArtifactError(f"{where}: tensor {name!r} has negative entries")
         if kind in ("input_cov", "grad_cov"):
-            _check_psd(name, t.double(), where)
+            _check_psd(name, t.double(), PSD_RTOL.get(t.dtype, 1e-5), where)
 
 
-def _check_psd(name: str, stack: torch.Tensor, where: Path | str) -> None:
+def _check_psd(name: str, stack: torch.Tensor, u: float, where: Path | str) -> None:
     for k, F in enumerate(stack):
         scale = float(F.abs().max())
         if scale == 0.0:
@@ -382,18 +384,18 @@ def _check_psd(name: str, stack: torch.Tensor, where: Path | str) -> None:
         if float((F - F.T).abs().max()) > SYMMETRY_RTOL * scale:
             raise ArtifactError(f"{where}: factor {name!r}[{k}] is not symmetric")
         d = F.diagonal()
-        if bool((d < -PSD_RTOL * scale).any()):
+        if bool((d < -u * scale).any()):
             raise ArtifactError(f"{where}: factor {name!r}[{k}] has a negative diagonal (not PSD)")
         if F.shape[0] <= FULL_PSD_CHECK_MAX_DIM:
             eig = torch.linalg.eigvalsh(F)
-            if float(eig[0]) < -PSD_RTOL * max(float(eig[-1]), 0.0) - 1e-30:
+            if float(eig[0]) < -u * float(F.norm()):
                 raise ArtifactError(
                     f"{where}: factor {name!r}[{k}] is not positive semi-definite (smallest "
                     f"eigenvalue {float(eig[0]):.3e}, largest {float(eig[-1]):.3e})"
                 )
         else:
             dd = d.clamp(min=0)
-            if bool((F.square() > torch.outer(dd, dd) * (1 + PSD_RTOL) + 1e-30).any()):
+            if bool((F.square() > torch.outer(dd, dd) * (1 + 4 * u) ** 2 + 1e-30).any()):
                 raise ArtifactError(
                     f"{where}: factor {name!r}[{k}] is not positive semi-definite (an entry "
                     "exceeds the geometric mean of its diagonal entries)"

@@ -1,7 +1,8 @@
 """Atomic writes: a file or a directory appears whole or not at all.
 
-* :func:`write_bytes` / :func:`write_text`: a file written to a temporary sibling, flushed to
-  disk (``fsync``) and renamed over the target (``os.replace`` is atomic on POSIX).
+* :func:`write_bytes` / :func:`write_text` / :func:`write_json`: a file written to a temporary
+  sibling, flushed to disk (``fsync``) and renamed over the target (``os.replace`` is atomic on
+  POSIX).
 * :func:`staged_dir`: a directory built in a temporary sibling ``.NAME.<random>.tmp``, then
   swapped in: an existing ``NAME`` is first renamed to ``.NAME.<random>.old``, the new one
   renamed to ``NAME``, and the old copy deleted; if the swap fails the old copy is renamed
@@ -13,11 +14,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -51,6 +54,11 @@ def write_text(path: Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def write_json(path: Path, obj: Any) -> Path:
+    """``obj`` as sorted, indented JSON (no NaN/inf), written atomically."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
 def leftovers(final: Path) -> dict[str, list[Path]]:
     """Siblings an interrupted :func:`staged_dir` of ``final`` left: ``{"tmp": [...], "old":
     [...]}`` (a half-built new copy; the previous copy, moved aside)."""
@@ -66,15 +74,19 @@ def leftovers(final: Path) -> dict[str, list[Path]]:
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
+def staged_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty staging directory; on a normal exit it replaces ``final`` atomically
-    (module docstring), on an exception it is deleted and ``final`` is untouched."""
+    (module docstring), on an exception it is deleted and ``final`` is untouched. With
+    ``replace=False`` (a cache), a ``final`` another process completed meanwhile is kept and
+    the staging copy dropped."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         os.chmod(staging, 0o777 & ~_umask())  # as mkdir would (mkdtemp makes it private)
         yield staging
+        if final.exists() and not replace:
+            return
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
             os.rmdir(old)
@@ -94,4 +106,4 @@ def staged_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-__all__ = ["leftovers", "staged_dir", "write_bytes", "write_text"]
+__all__ = ["leftovers", "staged_dir", "write_bytes", "write_json", "write_text"]

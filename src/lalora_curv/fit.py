@@ -20,13 +20,13 @@ from lalora_curv.adapter import (
     find_lora_modules,
     unpenalised_trainables,
 )
-from lalora_curv.backends import needed_sums, resolve_backend
-from lalora_curv.backends._common import FitRequest, derive_seed
+from lalora_curv.backends import resolve_backend
+from lalora_curv.backends.common import FitRequest, derive_seed
 from lalora_curv.distributed import rank, world_size
 from lalora_curv.errors import CurvatureError, LaloraError
-from lalora_curv.precision import STRUCTURE_CLASSES, EKFACPrecision, KFACPrecision, Precision
-from lalora_curv.precision.base import _now
-from lalora_curv.statistics import KFAC_STRUCTURES, LoraStatistics
+from lalora_curv.precision import REGISTRY, Precision
+from lalora_curv.statistics import LoraStatistics
+from lalora_curv.timestamps import utc_now
 
 logger = logging.getLogger("lalora_curv")
 
@@ -136,46 +136,6 @@ def fit_precision(
             "blocks of the precision are exactly zero; only lora_B carries curvature"
         )
 
-    collector = spec.collector()
-
-    def collect(needs: frozenset[str], pass_seed: int, **extra: Any) -> LoraStatistics:
-        request = FitRequest(
-            backend=backend,
-            needs=needs,
-            estimator=estimator,
-            mc_samples=mc_samples,
-            seed=derive_seed(pass_seed, "rank", rank()) if world_size() > 1 else pass_seed,
-            max_batches=max_batches,
-            progress=progress and rank() == 0,
-            dtype=stats_dtype,
-            granularity=granularity,
-            vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
-            **extra,
-        )
-        stats = collector(model, handles, batches, request)
-        if world_size() > 1:  # each rank saw its shard: sum the sums and counts
-            keys = {"lora_A_grad": "lora_A_diag", "lora_B_grad": "lora_B_diag"}
-            stats.all_reduce(
-                {n: _shapes(h.spec) for n, h in handles.items()},
-                {keys.get(k, k) for k in needs},
-                stats_dtype,
-                next(iter(handles.values())).lora_A.weight.device,
-            )
-        if stats.supervised_tokens == 0:
-            raise CurvatureError(
-                f"no supervised token in {stats.batches} batches (all labels -100 "
-                "or padding): nothing to fit"
-            )
-        stats.check_finite()
-        return stats
-
-    if structure == "ekfac" and iter(batches) is batches:  # type: ignore[comparison-overlap]
-        raise LaloraError(
-            "structure 'ekfac' makes two passes over the batches: pass a list or "
-            "a DataLoader, not an iterator"
-        )
-    stats = collect(needed_sums(structure, estimator, granularity), seed)
-
     if isinstance(sources, str):
         sources = [sources]
     provenance = getattr(batches, "provenance", None)  # lc.self_generated_batches
@@ -187,12 +147,11 @@ def fit_precision(
         "granularity": granularity,
         "mc_samples": mc_samples,
         "seed": seed,
-        "counts": stats.counts(),
         "adapter": adapter_config(model, adapter_name),
         "base_model": base_model_info(model),
         "sources": list(sources or []),
         "self_generated": [provenance] if provenance is not None else [],
-        "created": _now(),
+        "created": utc_now(),
         "library_version": __version__,
         "lora_B_init_zero": b0_zero,
         "stats_dtype": str(stats_dtype).removeprefix("torch."),
@@ -200,27 +159,61 @@ def fit_precision(
     }
     if unpenalised:
         metadata["unpenalised"] = unpenalised
-    specs = {name: h.spec for name, h in handles.items()}
-    if structure != "ekfac":
-        return precision_from_statistics(structure, stats, specs, mode, metadata)
-    # EKFAC: the K-FAC eigenbasis from this pass, its eigenvalues refitted in a second one
-    kfac = precision_from_statistics("kfac", stats, specs, mode, dict(metadata))
-    bases = ekfac_bases(kfac)
+    cls = REGISTRY[structure]
+    if cls.passes > 1 and iter(batches) is batches:  # type: ignore[comparison-overlap]
+        raise LaloraError(
+            f"structure {structure!r} makes {cls.passes} passes over the batches: pass a list "
+            "or a DataLoader, not an iterator"
+        )
+    collector = spec.collector()
     device = next(iter(handles.values())).lora_A.weight.device
-    rotations = {n: {k: q.to(device, stats_dtype) for k, q in b.items()} for n, b in bases.items()}
-    second = collect(
-        frozenset({"lora_A_diag", "lora_B_diag"}),
-        derive_seed(seed, "pass", 2),
-        rotations=rotations,
-    )
-    if second.counts() != stats.counts():
-        raise LaloraError("the batches changed between the two passes of the EKFAC fit")
-    eig_pass = precision_from_statistics("diag", second, specs, mode, dict(metadata))
-    grad, inp = {}, {}
-    for name, spec in specs.items():
-        grad[spec.lora_A_name], inp[spec.lora_A_name] = bases[name]["g_A"], bases[name]["x"]
-        grad[spec.lora_B_name], inp[spec.lora_B_name] = bases[name]["g_B"], bases[name]["u"]
-    return EKFACPrecision(specs, mode, grad, inp, eig_pass.diag, metadata)
+
+    def collect(
+        needs: frozenset[str],
+        pass_number: int = 1,
+        rotations: dict[str, dict[str, Tensor]] | None = None,
+    ) -> LoraStatistics:
+        """One pass over the batches (the structure's :meth:`~Precision.fit` calls it)."""
+        pass_seed = seed if pass_number == 1 else derive_seed(seed, "pass", pass_number)
+        if rotations is not None:
+            rotations = {
+                n: {k: q.to(device, stats_dtype) for k, q in b.items()}
+                for n, b in rotations.items()
+            }
+        request = FitRequest(
+            backend=backend,
+            needs=needs,
+            estimator=estimator,
+            mc_samples=mc_samples,
+            seed=derive_seed(pass_seed, "rank", rank()) if world_size() > 1 else pass_seed,
+            max_batches=max_batches,
+            progress=progress and rank() == 0,
+            dtype=stats_dtype,
+            granularity=granularity,
+            rotations=rotations,
+            vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
+        )
+        stats = collector(model, handles, batches, request)
+        if world_size() > 1:  # each rank saw its shard: sum the sums and counts
+            keys = {"lora_A_grad": "lora_A_diag", "lora_B_grad": "lora_B_diag"}
+            stats.all_reduce(
+                {n: _shapes(h.spec) for n, h in handles.items()},
+                {keys.get(k, k) for k in needs},
+                stats_dtype,
+                device,
+            )
+        if stats.supervised_tokens == 0:
+            raise CurvatureError(
+                f"no supervised token in {stats.batches} batches (all labels -100 "
+                "or padding): nothing to fit"
+            )
+        stats.check_finite()
+        if pass_number == 1:
+            metadata["counts"] = stats.counts()
+        return stats
+
+    specs = {name: h.spec for name, h in handles.items()}
+    return cls.fit(collect, specs, mode, metadata, estimator, granularity)
 
 
 def _shapes(spec) -> dict[str, tuple[int, ...]]:
@@ -231,57 +224,3 @@ def _shapes(spec) -> dict[str, tuple[int, ...]]:
         "lora_B_diag": (spec.out_features, spec.rank),
         "weight_diag": (spec.out_features, spec.in_features),
     }
-
-
-def ekfac_bases(kfac: KFACPrecision) -> dict[str, dict[str, Tensor]]:
-    """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``."""
-    bases = {}
-    for name in kfac.modules:
-        b = kfac.blocks(name)
-        factors = {
-            "x": b.input_cov,
-            "g_A": b.lora_A_grad_cov,
-            "u": b.lora_B_input_cov,
-            "g_B": b.lora_B_grad_cov,
-        }
-        # contiguous: the artifact stores them so, and matmul results must not depend on layout
-        bases[name] = {k: torch.linalg.eigh(f[0])[1].contiguous() for k, f in factors.items()}
-    return bases
-
-
-def precision_from_statistics(
-    structure: str, stats: LoraStatistics, specs, mode, metadata: dict[str, Any]
-) -> Precision:
-    """Normalise the token sums (see :mod:`lalora_curv.precision`) into a precision."""
-    n, positions = stats.supervised_tokens, stats.positions
-    cls = STRUCTURE_CLASSES[structure]
-    dtype = next(iter(mode.values())).dtype
-
-    def mean(t: Tensor | None, shape: tuple[int, ...], count: int) -> Tensor:
-        # A module whose output never reaches the loss has no gradient sums: zero curvature.
-        return torch.zeros(shape, dtype=dtype) if t is None else (t / count).cpu()
-
-    tensors: dict[str, Tensor] = {}
-    for name, spec in specs.items():
-        sums = stats.modules[name]
-        if structure in KFAC_STRUCTURES:
-            tensors[f"input_cov.{name}"] = mean(
-                sums.input_cov, (spec.in_features,) * 2, positions
-            ).unsqueeze(0)
-            tensors[f"grad_cov.{name}"] = mean(
-                sums.grad_cov, (spec.out_features,) * 2, n
-            ).unsqueeze(0)
-        elif structure == "diag":
-            tensors[f"diag.{spec.lora_A_name}"] = mean(
-                sums.lora_A_diag, (spec.rank, spec.in_features), n
-            )
-            tensors[f"diag.{spec.lora_B_name}"] = mean(
-                sums.lora_B_diag, (spec.out_features, spec.rank), n
-            )
-        else:
-            tensors[f"weight_diag.{name}"] = mean(
-                sums.weight_diag, (spec.out_features, spec.in_features), n
-            )
-    if structure in KFAC_STRUCTURES:
-        metadata["component_weights"] = [1.0]
-    return cls.from_tensors(specs, mode, tensors, metadata)

@@ -4,6 +4,7 @@
 subclass; ``LaloraTrainer`` is ``transformers.Trainer`` with it::
 
     trainer = LaloraTrainer(model=model, args=args, train_dataset=ds, precision=prec, lam=1e3)
+    trainer = LaloraTrainer(..., precision=prec, lam=lc.Strength.relative(0.1))  # or a budget
 
     from trl import SFTTrainer                       # the same for TRL
     class LaloraSFTTrainer(PenaltyMixin, SFTTrainer): ...
@@ -30,6 +31,7 @@ from torch import nn
 from lalora_curv import checks
 from lalora_curv.errors import LaloraError
 from lalora_curv.precision import Precision
+from lalora_curv.strength import Strength, as_strength
 
 
 class PenaltyMixin:
@@ -39,23 +41,24 @@ class PenaltyMixin:
         self,
         *args: Any,
         precision: Precision | None = None,
-        lam: float = 0.0,
+        lam: float | Strength = 0.0,
         adapter_name: str = "default",
         **kwargs: Any,
     ) -> None:
-        lam = checks.number("lam", lam, 0.0)
+        strength = as_strength(lam)
         checks.string("adapter_name", adapter_name)
         if precision is not None and not isinstance(precision, Precision):
             raise LaloraError(
                 f"precision must be a lalora_curv Precision or None, got {type(precision).__name__}"
             )
-        if lam > 0 and precision is None:
-            raise LaloraError("lam > 0 needs a precision")
+        strength.check(precision)
         super().__init__(*args, **kwargs)
         self.precision = precision
-        self.lam = float(lam)
+        self.strength = strength
+        self.lam = strength.initial_lam(precision)
         self.adapter_name = adapter_name
         self._penalty_log: list[float] = []
+        self._budget_step: tuple[int, float] | None = None  # (step, its penalty)
         from lalora_curv.train import check_covered
 
         check_covered(self.model, precision, adapter_name, LaloraError)  # refused now
@@ -77,6 +80,7 @@ class PenaltyMixin:
         if not bool(torch.isfinite(penalty)):
             raise LaloraError(f"step {self.state.global_step}: the penalty is {penalty.item()}")
         self._penalty_log.append(float(penalty.detach()))
+        self._follow_budget(float(penalty.detach()))
         if self.lam > 0:
             # training_step divides the loss by the accumulation steps unless it was already
             # normalised over the window (num_items_in_batch): the penalty enters once a window
@@ -91,6 +95,17 @@ class PenaltyMixin:
             )
             loss = loss + self.lam * penalty / (steps if scaled else 1)
         return (loss, *rest) if return_outputs else loss
+
+    def _follow_budget(self, penalty: float) -> None:
+        """Under a source-NLL budget, update ``lam`` once per optimizer step, from the penalty
+        of the step before (the thin loop's rule; the parameters do not move within a step)."""
+        if self.strength.kind != "budget":
+            return
+        step = self.state.global_step
+        if self._budget_step is not None and step > self._budget_step[0]:
+            self.lam = self.strength.next_lam(self.lam, self._budget_step[1], self.precision)
+        if self._budget_step is None or step > self._budget_step[0]:
+            self._budget_step = (step, penalty)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._penalty_log and "loss" in logs:  # training records only, not evaluation ones

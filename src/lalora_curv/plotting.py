@@ -3,8 +3,11 @@ atomically (a temporary sibling, then a rename) and closed."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
+
+from lalora_curv.atomic import write_bytes
 
 #: what a command prints when it skipped its plots
 SKIPPED = "plots skipped: matplotlib is not installed (pip install 'lalora-curv[bench]')"
@@ -23,16 +26,14 @@ def pyplot() -> Any | None:
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save the matplotlib ``fig`` to ``path`` (a crash never leaves a half-written PNG) and
-    close it; returns the path."""
-    import matplotlib.pyplot as plt
-
+    """Save the matplotlib ``fig`` to ``path`` atomically (:func:`lalora_curv.atomic.write_bytes`:
+    a crash never leaves a half-written image) and close it; returns the path."""
+    plt = pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp)
+        fig.savefig(buffer, format=path.suffix.lstrip(".") or "png")
     finally:
-        plt.close(fig)
-    tmp.replace(path)
-    return path
+        if plt is not None:
+            plt.close(fig)
+    return write_bytes(path, buffer.getvalue())

@@ -61,7 +61,7 @@ def run(
             sources=["toy-source"],
         )
         fit_s = time.perf_counter() - t0
-        path = prec.save(out / structure)
+        path = lc.save_precision(prec, out / structure)
         loaded = lc.load_precision(path)
         precisions[structure] = loaded
         fitted[structure] = prec

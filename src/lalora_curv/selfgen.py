@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lalora_curv.backends._common import derive_seed
+from lalora_curv.backends.common import derive_seed
 from lalora_curv.errors import LaloraError
 
 logger = logging.getLogger(__name__)

@@ -30,11 +30,6 @@ from torch import Tensor
 
 from lalora_curv.errors import CurvatureError
 
-# Which sums each structure needs.
-KFAC_STRUCTURES = ("kfac", "tri-kfac", "merged-kfac")
-DIAG_STRUCTURES = ("diag", "merged-diag")
-STRUCTURES = ("diag", *KFAC_STRUCTURES, "merged-diag", "ekfac")
-
 
 @dataclass
 class ModuleSums:

@@ -10,12 +10,9 @@ over ``K`` accumulated micro-batches (each NLL the model's mean over its supervi
 The penalty does not depend on the batch, so it is computed and back-propagated once per
 optimizer step, not once per micro-batch.
 
-Instead of a fixed ``lambda``, a *source-NLL budget* ``epsilon`` (nats per source token) can
-set it: the precision is the mean Fisher per source token, so to second order the fine-tuned
-adapter raises the mean source NLL by ``q = (theta-mu)^T P (theta-mu) / 2``. Training then
-solves ``min NLL_target  s.t.  q <= epsilon`` by multiplicative dual ascent on ``lambda``:
-
-.. math:: \\lambda_{t+1} = \\lambda_t \\exp\\big(\\eta\\, \\mathrm{clip}(q_t/\\epsilon - 1, -1, 1)\\big).
+``lambda`` is a :class:`~lalora_curv.strength.Strength`: fixed, relative to the precision's
+mean eigenvalue, or adapted each step to a source-NLL budget (a plain number is a fixed
+``lambda``).
 """
 
 from __future__ import annotations
@@ -44,13 +41,14 @@ from lalora_curv.adapter import (
     unwrap_model,
 )
 from lalora_curv.atomic import write_text
-from lalora_curv.backends._common import accepts_position_ids
+from lalora_curv.backends.common import accepts_position_ids
 from lalora_curv.batches import prepare_batch
 from lalora_curv.checkpoint import CheckpointError, load_adapter, load_latest, save_checkpoint
 from lalora_curv.checkpoint import set_rng_state as _set_rng_state
 from lalora_curv.distributed import barrier, is_main_process, reduce_scalar
 from lalora_curv.errors import BatchError, LaloraError
 from lalora_curv.precision import Precision
+from lalora_curv.strength import Strength, as_strength
 
 logger = logging.getLogger("lalora_curv")
 
@@ -58,15 +56,13 @@ logger = logging.getLogger("lalora_curv")
 #: what it may change (with a warning; the optimizer's saved learning rate prevails)
 RESUME_MUST_MATCH = ("precision_digest", "data_digest", "grad_accum_steps", "seed", "adapter_name")
 RESUME_MAY_CHANGE = (
-    "lam",
+    "strength",
     "lr",
     "schedule",
     "warmup_steps",
     "weight_decay",
     "max_grad_norm",
     "total_steps",
-    "source_nll_budget",
-    "budget_rate",
 )
 
 
@@ -141,13 +137,15 @@ def check_train_arguments(
     :class:`TrainingError` names the first wrong one; the validated values are returned."""
     e = {"error": TrainingError}
     out = dict(kw)
-    out["lam"] = checks.number("lam", lam, 0.0, **e)
-    if out["lam"] > 0 and precision is None:
-        raise TrainingError("lam > 0 needs a precision")
     if precision is not None and not isinstance(precision, Precision):
         raise TrainingError(
             f"precision must be a lalora_curv Precision or None, got {type(precision).__name__}"
         )
+    try:
+        out["strength"] = as_strength(lam)
+    except LaloraError as err:
+        raise TrainingError(str(err)) from None
+    out["strength"].check(precision, TrainingError)
     out["lr"] = checks.number("lr", kw["lr"], 0.0, **e)  # (0: a run that must not move)
     out["weight_decay"] = checks.number("weight_decay", kw["weight_decay"], 0.0, **e)
     out["warmup_steps"] = checks.integer("warmup_steps", kw["warmup_steps"], 0, **e)
@@ -171,26 +169,6 @@ def check_train_arguments(
         )
     if kw["eval_fn"] is not None and not callable(kw["eval_fn"]):
         raise TrainingError("eval_fn must be callable: eval_fn(model, step) -> metrics")
-    out["budget_rate"] = checks.number("budget_rate", kw["budget_rate"], 0.0, strict=True, **e)
-    budget = checks.number(
-        "source_nll_budget", kw["source_nll_budget"], 0.0, strict=True, optional=True, **e
-    )
-    out["source_nll_budget"] = budget
-    if budget is not None:
-        if precision is None or not out["lam"] > 0:
-            raise TrainingError("source_nll_budget needs a precision and a start lam > 0")
-        meta = precision.metadata
-        if meta.get("granularity") == "sequence" or meta.get("estimator") == "batch-grad-squared":
-            raise TrainingError(
-                "source_nll_budget reads penalty / 2 as nats per source token, which needs a "
-                "per-token Fisher; this precision is "
-                f"{meta.get('estimator')!r} at {meta.get('granularity')!r} granularity"
-            )
-        if meta.get("scale") is None or not float(meta["scale"]) > 0:
-            raise TrainingError(
-                "source_nll_budget needs the precision's positive scale (a sum of "
-                f"differently scaled precisions has none); got {meta.get('scale')!r}"
-            )
     if not isinstance(train_batches, Sequence):
         raise TrainingError(
             f"train_batches must be a sequence (a list) of batches, not "
@@ -306,7 +284,7 @@ def train(
     model: nn.Module,
     train_batches: Sequence[Mapping[str, Tensor]],
     precision: Precision | None = None,
-    lam: float = 0.0,
+    lam: float | Strength = 0.0,
     *,
     lr: float = 5e-4,
     weight_decay: float = 0.0,
@@ -326,8 +304,6 @@ def train(
     seed: int = 0,
     adapter_name: str = "default",
     progress: bool = True,
-    source_nll_budget: float | None = None,
-    budget_rate: float = 0.02,
 ) -> list[dict[str, float | None]]:
     """Fine-tune the LoRA adapter of ``model`` on ``train_batches`` with ``lam * penalty``.
 
@@ -340,7 +316,11 @@ def train(
             pass). Shuffle it yourself, seeded, for other orders. Under DDP each rank passes
             its shard; the run stops at the shortest rank's step count.
         precision: the source precision; ``None`` trains plain LoRA.
-        lam: penalty strength ``lambda >= 0`` (with ``source_nll_budget``: its start value).
+        lam: the penalty's strength: a number (``lambda >= 0``) or a
+            :class:`~lalora_curv.strength.Strength` (``Strength.relative(c)``: ``c`` over the
+            precision's mean eigenvalue; ``Strength.budget(epsilon, start_lam=...)``:
+            ``lambda`` adapted each step so that the projected rise of the mean source NLL,
+            ``penalty / 2``, stays near ``epsilon`` nats per token).
         lr: AdamW learning rate (the paper: 5e-4).
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear warm-up of the learning rate.
@@ -368,11 +348,6 @@ def train(
         seed: seeds torch, numpy and python's RNG (dropout).
         adapter_name: the peft adapter to train and penalise.
         progress: tqdm bar with target NLL and penalty.
-        source_nll_budget: ``epsilon``: adapt ``lambda`` each step so that the projected
-            increase of the mean source NLL, ``penalty / 2``, stays near ``epsilon`` (see the
-            module docstring); ``None`` keeps ``lambda`` fixed.
-        budget_rate: ``eta``, the log-step of the ``lambda`` update (at most
-            ``exp(eta)`` per step).
 
     Returns:
         The log records (dicts with ``step``, ``nll`` (None if every micro-batch of the step
@@ -385,7 +360,7 @@ def train(
         BatchError: a malformed batch (a token id outside the vocabulary, float ids).
     """
     a = check_train_arguments(train_batches, precision, lam, dict(locals()))
-    lam, grad_accum_steps, seed = a["lam"], a["grad_accum_steps"], a["seed"]
+    strength, grad_accum_steps, seed = a["strength"], a["grad_accum_steps"], a["seed"]
     check_covered(model, precision, adapter_name, TrainingError)
     check_token_ids(train_batches, model)
     if checkpoint_dir is not None and _sharded(model):
@@ -395,7 +370,6 @@ def train(
             "DDP, where the adapter is whole on every rank"
         )
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    budget_scale = float(precision.metadata["scale"]) if source_nll_budget is not None else 1.0
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -419,7 +393,7 @@ def train(
         autocast = torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
     run = {
-        "lam": lam,
+        "strength": strength.to_json(),
         "lr": a["lr"],
         "grad_accum_steps": grad_accum_steps,
         "seed": seed,
@@ -429,12 +403,10 @@ def train(
         "max_grad_norm": a["max_grad_norm"],
         "total_steps": total,
         "adapter_name": adapter_name,
-        "source_nll_budget": source_nll_budget,
-        "budget_rate": a["budget_rate"],
         "precision_digest": precision.digest() if precision is not None else None,
         "data_digest": data_digest(train_batches),
     }
-    lam_now = lam  # changes only under a source-NLL budget
+    lam_now = strength.initial_lam(precision)  # changes only under a source-NLL budget
 
     start = 0
     if resume:
@@ -448,8 +420,8 @@ def train(
             scheduler,
             scaler,
         )
-        if start and source_nll_budget is not None:  # the adapted lambda goes on; a fixed
-            lam_now = float(saved.get("lam_now", lam))  # one is the caller's
+        if start and strength.kind == "budget":  # the adapted lambda goes on; another
+            lam_now = float(saved.get("lam_now", lam_now))  # strength is the caller's
     if start >= total:
         logger.warning(
             "nothing to train: the checkpoint is at step %d, the run has %d", start, total
@@ -509,10 +481,7 @@ def train(
             record = step_fn(step, micro, lam_now)
             emit(record)
             pen, nll_mean = float(record["penalty"] or 0.0), record["nll"]
-            if source_nll_budget is not None:  # dual ascent on lambda (module docstring)
-                projected = 0.5 * pen / budget_scale
-                excess = min(1.0, max(-1.0, projected / source_nll_budget - 1.0))
-                lam_now *= math.exp(a["budget_rate"] * excess)
+            lam_now = strength.next_lam(lam_now, pen, precision)
             bar.update(1)
             bar.set_postfix(
                 nll=f"{nll_mean:.4f}" if nll_mean is not None else "-", penalty=f"{pen:.3e}"

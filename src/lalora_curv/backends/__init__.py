@@ -20,21 +20,36 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lalora_curv.backends._common import FitRequest
+from lalora_curv.backends.common import FitRequest
 from lalora_curv.errors import LaloraError
-from lalora_curv.statistics import KFAC_STRUCTURES, STRUCTURES, LoraStatistics
+from lalora_curv.precision import REGISTRY, Precision
+from lalora_curv.statistics import LoraStatistics
 
 ESTIMATORS = ("empirical", "mc", "batch-grad-squared")
 GRANULARITIES = ("token", "sequence")
+#: every statistic a structure may need (:meth:`~lalora_curv.Precision.required_statistics`)
+ALL_STATISTICS = frozenset(
+    {
+        "input_cov",
+        "grad_cov",
+        "lora_A_diag",
+        "lora_B_diag",
+        "weight_diag",
+        "lora_A_grad",
+        "lora_B_grad",
+        "rotated",
+    }
+)
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A statistics backend and what it supports."""
+    """A statistics backend: the statistics, estimators and granularities it computes. Which
+    structures it can fit follows from what each structure declares it needs."""
 
     name: str
     module: str  # defines ``collect_statistics(model, handles, batches, request: FitRequest)``
-    structures: tuple[str, ...]
+    statistics: frozenset[str]
     estimators: tuple[str, ...]
     granularities: tuple[str, ...]
     requires: str = ""  # the pip extra that installs its dependency
@@ -48,13 +63,35 @@ class Backend:
             ) from e
         return module.collect_statistics
 
+    def fits(self, cls: type[Precision], estimator: str, granularity: str) -> bool:
+        """Whether this backend computes everything structure ``cls`` needs."""
+        return (
+            estimator in self.estimators
+            and granularity in self.granularities
+            and estimator in cls.estimators
+            and granularity in cls.granularities
+            and cls.required_statistics(estimator, granularity) <= self.statistics
+        )
 
+    def structures(self) -> list[str]:
+        """The fitted structures this backend can fit with some estimator and granularity."""
+        return [
+            name
+            for name, cls in REGISTRY.items()
+            if cls.fitted
+            and any(self.fits(cls, e, g) for e in self.estimators for g in self.granularities)
+        ]
+
+
+KFAC_SUMS = frozenset({"input_cov", "grad_cov"})
 BACKENDS: dict[str, Backend] = {
-    "hooks": Backend("hooks", "lalora_curv.backends.hooks", STRUCTURES, ESTIMATORS, GRANULARITIES),
+    "hooks": Backend(
+        "hooks", "lalora_curv.backends.hooks", ALL_STATISTICS, ESTIMATORS, GRANULARITIES
+    ),
     "curvlinops": Backend(
         "curvlinops",
         "lalora_curv.backends.curvlinops",
-        KFAC_STRUCTURES,
+        KFAC_SUMS,
         ("empirical", "mc"),
         ("token",),
         "curvlinops-for-pytorch",
@@ -62,7 +99,7 @@ BACKENDS: dict[str, Backend] = {
     "backpack": Backend(
         "backpack",
         "lalora_curv.backends.backpack",
-        ("diag",),
+        frozenset({"lora_A_grad", "lora_B_grad"}),
         ("empirical", "mc"),
         ("sequence",),
         "backpack-for-pytorch",
@@ -70,7 +107,7 @@ BACKENDS: dict[str, Backend] = {
     "laplace": Backend(
         "laplace",
         "lalora_curv.backends.laplace",
-        KFAC_STRUCTURES,
+        KFAC_SUMS,
         ("empirical", "mc"),
         ("token",),
         "laplace-torch",
@@ -82,13 +119,14 @@ def resolve_backend(
     backend: str, structure: str, estimator: str, granularity: str | None
 ) -> tuple[Backend, str]:
     """The backend for this combination and the granularity it uses; a clear error otherwise."""
-    if structure in ("isotropic", "merged-isotropic"):
+    fitted = sorted(n for n, c in REGISTRY.items() if c.fitted)
+    if structure in REGISTRY and not REGISTRY[structure].fitted:
         raise LaloraError(
             f"structure {structure!r} is an isotropic control that needs no data: build it "
             "with lalora_curv.isotropic_precision(model, structure, scope=...)"
         )
-    if structure not in STRUCTURES:
-        raise LaloraError(f"unknown structure {structure!r}; valid: {sorted(STRUCTURES)}")
+    if structure not in REGISTRY:
+        raise LaloraError(f"unknown structure {structure!r}; valid: {fitted}")
     if backend not in BACKENDS:
         raise LaloraError(f"unknown backend {backend!r}; valid: {sorted(BACKENDS)}")
     if estimator not in ESTIMATORS:
@@ -109,42 +147,38 @@ def resolve_backend(
                 f"(unbiased for the GGN) with more mc_samples; valid: {list(ESTIMATORS)}"
             )
         raise LaloraError(f"unknown estimator {estimator!r}; valid: {list(ESTIMATORS)}")
-    spec = BACKENDS[backend]
+    spec, cls = BACKENDS[backend], REGISTRY[structure]
     granularity = granularity or spec.granularities[0]
     if granularity not in GRANULARITIES:
         raise LaloraError(f"unknown granularity {granularity!r}; valid: {list(GRANULARITIES)}")
     supported = (
-        f"backend {backend!r} supports structures {list(spec.structures)}, "
-        f"estimators {list(spec.estimators)}, granularity {list(spec.granularities)}"
+        f"backend {backend!r} supports structures {spec.structures()}, estimators "
+        f"{list(spec.estimators)}, granularity {list(spec.granularities)}"
     )
-    if structure not in spec.structures:
+    if structure not in spec.structures():
         raise LaloraError(f"structure {structure!r} is not available here: {supported}")
-    if estimator not in spec.estimators:
-        raise LaloraError(f"estimator {estimator!r} is not available here: {supported}")
-    if granularity not in spec.granularities:
-        raise LaloraError(f"granularity {granularity!r} is not available here: {supported}")
-    if estimator == "batch-grad-squared" and structure != "diag":
+    if estimator not in cls.estimators:
         raise LaloraError(
-            "estimator 'batch-grad-squared' (squared mini-batch gradients) only defines a "
-            f"diagonal; use structure='diag', not {structure!r}"
+            f"estimator {estimator!r} is not defined for structure {structure!r} (valid: "
+            f"{list(cls.estimators)})"
+            + (
+                "; 'batch-grad-squared' (squared mini-batch gradients) only defines a "
+                "diagonal: use structure='diag'"
+                if estimator == "batch-grad-squared"
+                else ""
+            )
         )
-    if granularity == "sequence" and structure != "diag":
+    if granularity not in cls.granularities:
         raise LaloraError(
-            f"granularity 'sequence' (per-sequence squared gradients) is only defined for "
-            f"structure='diag', not {structure!r}"
+            f"granularity {granularity!r} is not defined for structure {structure!r} (valid: "
+            f"{list(cls.granularities)}); 'sequence' (per-sequence squared gradients) is only "
+            "defined for structure='diag'"
         )
+    if not spec.fits(cls, estimator, granularity):
+        what = "estimator" if estimator not in spec.estimators else "granularity"
+        value = estimator if what == "estimator" else granularity
+        raise LaloraError(f"{what} {value!r} is not available here: {supported}")
     return spec, granularity
-
-
-def needed_sums(structure: str, estimator: str, granularity: str) -> frozenset[str]:
-    """The token sums (and recorded tensors) a structure needs."""
-    if estimator == "batch-grad-squared" or granularity == "sequence":
-        return frozenset({"lora_A_grad", "lora_B_grad"})
-    if structure == "diag":
-        return frozenset({"lora_A_diag", "lora_B_diag"})
-    if structure == "merged-diag":
-        return frozenset({"weight_diag"})
-    return frozenset({"input_cov", "grad_cov"})
 
 
 __all__ = [
@@ -153,6 +187,5 @@ __all__ = [
     "GRANULARITIES",
     "Backend",
     "FitRequest",
-    "needed_sums",
     "resolve_backend",
 ]

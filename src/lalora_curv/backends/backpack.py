@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraHandle
-from lalora_curv.backends._common import (
+from lalora_curv.backends.common import (
     FitRequest,
     check_finite_loss,
     fit_loop,

@@ -18,74 +18,24 @@ offered (one backward per vocabulary entry; biased for causal LMs).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraHandle
-from lalora_curv.backends._common import (
+from lalora_curv.backends.common import (
     FitRequest,
+    SupervisedLogits,
     check_labels,
     derive_seed,
     fit_loop,
     fitting_state,
     hooks_restored,
     only_lora_trainable,
+    unpadded_pieces,
 )
 from lalora_curv.batches import PreparedBatch
-from lalora_curv.errors import LaloraError
 from lalora_curv.statistics import LoraStatistics, ModuleSums
-
-
-class SupervisedLogits(nn.Module):
-    """``X -> logits[:, :-1][X["supervised"]]``: the model's logits at supervised positions."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, X: Mapping[str, Tensor]) -> Tensor:
-        kwargs = {"use_cache": False} if hasattr(self.model, "config") else {}
-        out = self.model(input_ids=X["input_ids"], attention_mask=X["attention_mask"], **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        logits = logits[:, :-1][X["supervised"]]
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def unpadded_pieces(
-    batch: PreparedBatch, backend: str
-) -> Iterator[tuple[dict[str, Tensor], Tensor, int]]:
-    """``(X, y, positions)`` without padding: the batch itself, or each sequence cropped.
-
-    A sequence without a supervised token is still yielded (``y`` empty): its positions count
-    in the input factor like everywhere else.
-    """
-    if bool(batch.position_mask.all()):
-        X = {
-            "input_ids": batch.input_ids,
-            "attention_mask": batch.attention_mask,
-            "supervised": batch.supervised,
-        }
-        yield X, batch.targets[batch.supervised], batch.num_positions
-        return
-    for i in range(batch.input_ids.shape[0]):
-        real = batch.position_mask[i].nonzero().flatten()
-        if real.numel() == 0:
-            continue
-        start, end = int(real[0]), int(real[-1]) + 1
-        if real.numel() != end - start:
-            raise LaloraError(
-                "padding inside a sequence (not only at its start or end) is "
-                f"not supported by backend {backend!r}; use backend='hooks'"
-            )
-        sup = batch.supervised[i : i + 1, start : end - 1]
-        X = {
-            "input_ids": batch.input_ids[i : i + 1, start:end],
-            "attention_mask": batch.attention_mask[i : i + 1, start:end],
-            "supervised": sup,
-        }
-        yield X, batch.targets[i : i + 1, start : end - 1][sup], end - start
 
 
 def collect_statistics(

@@ -5,21 +5,19 @@ Layout (each command adds its own artifacts and plots)::
     OUT/config.yaml      every argument of the run, loadable again with --config
     OUT/metrics.jsonl    one JSON object per line (appended as the run goes)
 
-Every file is written atomically (a temporary sibling, then a rename).
+Every file is written atomically (:mod:`lalora_curv.atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lalora_curv.atomic import staged_dir, write_text
 from lalora_curv.errors import LaloraError
 
 CONFIG_FILE = "config.yaml"
@@ -30,18 +28,6 @@ COMMAND_FILE = ".lalora-curv-command"
 
 class CliError(LaloraError):
     """A command-line input is wrong (a path, a name, a combination); the message says which."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def split_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -78,9 +64,9 @@ class RunDir:
                 f"{command} its own --out"
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(owner, command + "\n")
+        write_text(owner, command + "\n")
         clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
-        atomic_write_text(
+        write_text(
             self.path / CONFIG_FILE, yaml.safe_dump(clean, sort_keys=False, allow_unicode=True)
         )
         if fresh_metrics:
@@ -102,28 +88,14 @@ class RunDir:
 def save_adapter(
     model, path: Path, adapter_name: str = "default", initial: Path | None = None
 ) -> Path:
-    """``model.save_pretrained`` (peft format) into ``path``, atomically replacing it.
+    """``model.save_pretrained`` (peft format) into ``path``, atomically replacing it
+    (:func:`lalora_curv.atomic.staged_dir`).
 
     ``initial``: the saved init of a PiSSA/OLoRA/MiLoRA adapter, whose base weights are the
     residual ``W - s B0 A0``. peft then writes the plain LoRA adapter of rank ``2 r`` for the
     *original* base, ``[B, -B0] [A; A0]`` (``s (B A - B0 A0)``, the same function).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        extra = (
-            {} if initial is None else {"path_initial_model_for_weight_conversion": str(initial)}
-        )
+    extra = {} if initial is None else {"path_initial_model_for_weight_conversion": str(initial)}
+    with staged_dir(path) as staging:
         model.save_pretrained(staging, selected_adapters=[adapter_name], **extra)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rmdir(old)
-            os.rename(path, old)
-            os.rename(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return path

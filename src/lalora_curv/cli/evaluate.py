@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lalora_curv.cli._run import CliError, RunDir, atomic_write_text, split_names
+from lalora_curv.atomic import write_text
+from lalora_curv.cli._run import CliError, RunDir, split_names
 
 EXAMPLES = """examples:
   lalora-curv eval --model ./llama --adapter runs/train-kfac/adapter \\
@@ -106,10 +107,10 @@ def evaluate(
     text = json.dumps(results, indent=2, sort_keys=True) + "\n"
     written = []
     if output is not None:
-        atomic_write_text(Path(output), text)
+        write_text(Path(output), text)
         written.append(output)
     if run is not None:
-        atomic_write_text(run / "results.json", text)
+        write_text(run / "results.json", text)
         written.append(str(run / "results.json"))
     print(text, end="")
     print(f"wrote {', '.join(written)}")

@@ -52,11 +52,12 @@ from lalora_curv.cli._model import (
 from lalora_curv.cli._run import CliError, RunDir, save_adapter, split_names
 from lalora_curv.cli.inspect_precision import plot_spectra, precision_report
 from lalora_curv.plotting import SKIPPED, pyplot
+from lalora_curv.precision import REGISTRY
 
-Structure = Literal["diag", "kfac", "tri-kfac", "merged-kfac", "merged-diag", "ekfac"]
+Structure = Literal[lc.STRUCTURES]  # type: ignore[valid-type]  (the registry's names)
 Estimator = Literal["empirical", "mc", "batch-grad-squared"]
 Backend = Literal["hooks", "curvlinops", "backpack", "laplace"]
-Storage = Literal["float32", "float64", "bfloat16", "lowrank"]
+Storage = Literal["float32", "float64", "bfloat16", "lowrank", "compact"]
 
 EXAMPLES = """examples:
   lalora-curv fit --model ./llama --data_dir ../shared/data \\
@@ -79,13 +80,15 @@ def check_storage(structure: str, storage: str | None, storage_rank: int | None)
         if storage_rank is not None:
             raise CliError("--storage_rank applies to --storage lowrank only (no --storage given)")
         return
+    if storage in lc.STORAGE_PRESETS and storage_rank is not None:
+        raise CliError(f"--storage {storage} is a preset with its own rank: no --storage_rank")
     if storage == "lowrank" and storage_rank is None:
         raise CliError("--storage lowrank needs --storage_rank K (eigenpairs kept per factor)")
-    if storage != "lowrank" and storage_rank is not None:
+    if storage not in ("lowrank", *lc.STORAGE_PRESETS) and storage_rank is not None:
         raise CliError(f"--storage_rank applies to --storage lowrank only, not {storage!r}")
     if storage_rank is not None and storage_rank < 1:
         raise CliError(f"--storage_rank must be >= 1, got {storage_rank}")
-    lc.STRUCTURE_CLASSES[structure].check_storage(storage, storage_rank)
+    REGISTRY[structure].check_storage(storage, storage_rank)
 
 
 def batch_sources(
@@ -254,8 +257,11 @@ def fit(
         temperature: with --self_generated, the sampling temperature (1.0: the model's own
             distribution).
         storage: save every precision in this storage (``prec.with_storage``): float32,
-            float64, bfloat16 (half the bytes of float32), or lowrank (each K-FAC factor as its
-            --storage_rank leading eigenpairs plus a diagonal); default: as fitted.
+            float64, bfloat16 (half the bytes of float32), lowrank (each K-FAC factor as its
+            --storage_rank leading eigenpairs plus a diagonal), or compact (lowrank at the
+            rank that keeps a Llama-3.2-3B K-FAC artifact within 300 MB); default: as fitted.
+            On a trained model low rank misses much of the penalty fine-tuning meets at small
+            ranks (docs/benchmarks.md): bfloat16 is the safer way to halve the bytes.
         storage_rank: the eigenpairs kept per factor with --storage lowrank.
         dataset: instead of --sources, your own data: a .jsonl/.json/.parquet/.csv file, a
             folder of them, or a hub id, with "text", "prompt"+"completion" or "messages"
@@ -327,7 +333,7 @@ def fit(
         if storage is not None:
             prec = prec.with_storage(storage, storage_rank)
         stored[name] = prec
-        path = prec.save(run / PRECISION_DIR / name)
+        path = lc.save_precision(prec, run / PRECISION_DIR / name)
         run.log(
             {
                 "artifact": name,
@@ -351,6 +357,13 @@ def fit(
         )
         return prec
 
+    if storage in ("lowrank", *lc.STORAGE_PRESETS):
+        print(
+            "note: low rank keeps the top of each factor's spectrum and only the diagonal of "
+            "the rest; on a trained model fine-tuning moves in that rest, where the penalty "
+            "can be off by tens of percent at small ranks (docs/benchmarks.md, 'Low rank on "
+            "trained spectra'); bfloat16 halves the bytes within 2^-8"
+        )
     fitted = {name: fit_one(name, b, [name]) for name, b in batches.items()}
     if structure == "ekfac" and len(fitted) > 1:
         # EKFAC eigenbases differ between data sets: the pooled precision is one fit on all

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 import lalora_curv as lc
+from lalora_curv.atomic import write_json
 from lalora_curv.cli._model import resolve_precision
-from lalora_curv.cli._run import RunDir, write_json
+from lalora_curv.cli._run import RunDir
 from lalora_curv.plotting import SKIPPED, pyplot, save_figure
 
 EXAMPLES = """examples:

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from lalora_curv.cli._run import CliError, RunDir, atomic_write_text
+from lalora_curv.atomic import write_text
+from lalora_curv.cli._run import CliError, RunDir
 from lalora_curv.plotting import SKIPPED, pyplot
 from lalora_curv.testbed.sweep import (
     GridError,
@@ -54,7 +55,7 @@ def run_grid(
         cells = expand_grid(grid)
     except GridError as e:
         raise CliError(f"--grid: {e}") from None
-    atomic_write_text(run / "grid.yaml", yaml.safe_dump(grid, sort_keys=False))
+    write_text(run / "grid.yaml", yaml.safe_dump(grid, sort_keys=False))
     failure = None
     try:
         counts = run_sweep(cells, run.path, workers=workers, progress=progress, data_dir=data_dir)

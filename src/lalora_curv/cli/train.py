@@ -95,6 +95,15 @@ def _matching_precision(prec: lc.Precision, peft_model, path) -> lc.Precision:
     return rebased
 
 
+def _strength(lam: float, c: float | None, budget: float | None, rate: float) -> lc.Strength:
+    """The one strength --lam, --c and --source_nll_budget describe."""
+    if c is not None and lam != 0.0:
+        raise CliError("give --lam or --c, not both")
+    if budget is not None:
+        return lc.Strength.budget(budget, start_lam=lam or None, start_c=c, rate=rate)
+    return lc.Strength.relative(c) if c is not None else lc.Strength.fixed(lam)
+
+
 def _warn_other_base(prec: lc.Precision, peft_model, model: str) -> None:
     fitted = prec.metadata.get("base_model", {}).get("name_or_path")
     here = getattr(getattr(peft_model, "config", None), "name_or_path", None)
@@ -116,6 +125,9 @@ def train(
     init: Literal["default", "pissa", "olora", "milora"] = "default",
     precision: str | None = None,
     lam: float = 0.0,
+    c: float | None = None,
+    source_nll_budget: float | None = None,
+    budget_rate: float = 0.02,
     migu_threshold: float | None = None,
     task: str = "gsm8k",
     data_dir: str | None = None,
@@ -158,7 +170,13 @@ def train(
         lora_dropout: LoRA dropout of a new adapter.
         init: init of a new adapter: peft's default (B = 0), pissa, olora (peft) or milora.
         precision: a precision artifact, or a fit run (its precision/sum); none: plain LoRA.
-        lam: penalty strength lambda >= 0.
+        lam: penalty strength lambda >= 0 (with --source_nll_budget: its start).
+        c: instead of --lam, a relative strength: lambda = c / the precision's mean
+            eigenvalue (dimensionless: one range serves every structure and estimator).
+        source_nll_budget: adapt lambda each step so that the projected rise of the mean
+            source NLL, penalty / 2, stays near this many nats per token (starting from
+            --lam, or from --c).
+        budget_rate: the budget's log-step: lambda changes by at most exp(rate) per step.
         migu_threshold: train with MIGU's gradient mask at this quantile (0.7 in its paper);
             null: off.
         task: the target task.
@@ -197,7 +215,6 @@ def train(
     # config.yaml, metrics.jsonl and adapters stay as they were
     config = dict(locals())
     try:
-        lam = checks.number("--lam", lam, 0.0)
         checks.number("--migu_threshold", migu_threshold, 0.0, optional=True)
         for name, minimum, optional in (
             ("limit", 1, True),
@@ -208,8 +225,17 @@ def train(
             checks.integer(f"--{name}", config[name], minimum, optional=optional)
     except lc.LaloraError as e:
         raise CliError(str(e)) from None
-    if lam > 0 and precision is None:
-        raise CliError("--lam > 0 needs --precision (a precision artifact or a fit run)")
+    try:
+        strength = _strength(lam, c, source_nll_budget, budget_rate)
+    except CliError:
+        raise
+    except lc.LaloraError as e:
+        raise CliError(f"--{e}") from None
+    if strength.active and precision is None:
+        raise CliError(
+            "--lam > 0 (or --c, --source_nll_budget) needs --precision (a precision artifact "
+            "or a fit run)"
+        )
     if migu_threshold is not None and not migu_threshold < 1:
         raise CliError(f"--migu_threshold must be in [0, 1), got {migu_threshold}")
     if init != "default" and adapter is not None:
@@ -269,15 +295,13 @@ def train(
         check_train_arguments(
             batches,
             prec,
-            lam,
+            strength,
             {
                 **train_options,
                 "eval_fn": None,
                 "eval_every": None,
                 "checkpoint_dir": "checkpoints",
                 "adapter_name": "default",
-                "source_nll_budget": None,
-                "budget_rate": 0.02,
             },
         )
     except lc.TrainingError as e:
@@ -290,7 +314,7 @@ def train(
             peft_model,
             batches,
             prec,
-            lam,
+            strength,
             log_file=run.metrics_file,
             checkpoint_dir=run / "checkpoints",
             **train_options,
@@ -300,7 +324,8 @@ def train(
     if steps:
         print(
             f"target NLL {steps[0]['nll']:.4f} -> {steps[-1]['nll']:.4f} over {len(steps)} steps; "
-            f"penalty {steps[0]['penalty']:.4e} -> {steps[-1]['penalty']:.4e} (lam {lam:g})"
+            f"penalty {steps[0]['penalty']:.4e} -> {steps[-1]['penalty']:.4e} "
+            f"(lam {steps[0]['lam']:g} -> {steps[-1]['lam']:g})"
         )
     plot = _plot(run.metrics_file, run / "training.png")
     if plot is None and pyplot() is None:

@@ -9,33 +9,23 @@ number of supervised tokens ``N``; ``metadata['counts']`` keeps ``N`` and the ot
 
 from __future__ import annotations
 
-from lalora_curv.precision.base import Precision
+from lalora_curv.precision.base import REGISTRY, Precision
 from lalora_curv.precision.diag import DiagPrecision, MergedDiagPrecision
 from lalora_curv.precision.ekfac import EKFACPrecision
 from lalora_curv.precision.isotropic import (
-    ISOTROPIC_CLASSES,
     IsotropicPrecision,
     MergedIsotropicPrecision,
     isotropic_precision,
 )
 from lalora_curv.precision.kfac import (
-    KFAC_CLASSES,
     KFACPrecision,
     KroneckerPrecision,
     MergedKFACPrecision,
     TriKFACPrecision,
 )
 
-STRUCTURE_CLASSES: dict[str, type[Precision]] = {
-    "diag": DiagPrecision,
-    **KFAC_CLASSES,
-    "merged-diag": MergedDiagPrecision,
-    "ekfac": EKFACPrecision,
-    **ISOTROPIC_CLASSES,
-}
-
 __all__ = [
-    "STRUCTURE_CLASSES",
+    "REGISTRY",
     "DiagPrecision",
     "EKFACPrecision",
     "IsotropicPrecision",

@@ -24,26 +24,52 @@ tensors <-> metadata pair; this class derives the rest (penalty, sums, scaling, 
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import hashlib
 import json
 import math
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from lalora_curv.adapter import LoraModuleSpec, find_lora_modules, match_modules, whole
+from lalora_curv.adapter import (
+    LoraModuleSpec,
+    adapter_config,
+    adapter_mode,
+    find_lora_modules,
+    match_modules,
+    whole,
+)
 from lalora_curv.errors import IncompatiblePrecisionError, LaloraError
-from lalora_curv.precision.factors import DENSE_DTYPES, STORAGES, dense_storage
+from lalora_curv.precision.factors import (
+    DENSE_DTYPES,
+    STORAGE_PRESETS,
+    STORAGES,
+    dense_storage,
+    resolve_storage,
+)
+from lalora_curv.statistics import LoraStatistics
+from lalora_curv.timestamps import utc_now
+
+#: every structure by name, filled by the classes themselves (:meth:`Precision.__init_subclass__`):
+#: the one list of structures that fitting, loading, the backends and the command line read
+REGISTRY: dict[str, type[Precision]] = {}
+
+#: what :meth:`Precision.fit` is given to run a pass over the batches: ``collect(needs,
+#: **extra) -> LoraStatistics`` (``extra``: e.g. EKFAC's ``rotations``)
+Collect = Callable[..., LoraStatistics]
 
 
 class Precision(ABC):
     """A precision (curvature) of LoRA parameters with its mode, penalty and artifact.
+
+    A structure is a subclass with a ``structure`` name: defining it registers the class
+    (:data:`REGISTRY`), and the class says what it is fitted from (:meth:`needs`,
+    :attr:`estimators`, :attr:`granularities`) and how (:meth:`from_statistics`, or
+    :meth:`fit` for several passes); nothing else names it.
 
     Attributes:
         modules: the adapted modules, in model order.
@@ -51,6 +77,12 @@ class Precision(ABC):
     """
 
     structure: ClassVar[str]
+    #: the Fisher estimators the structure is defined for (``fit_precision(estimator=...)``)
+    estimators: ClassVar[tuple[str, ...]] = ("empirical", "mc")
+    #: ``"token"`` (per-token, "expand" statistics) and, for diagonals, ``"sequence"``
+    granularities: ClassVar[tuple[str, ...]] = ("token",)
+    #: passes over the batches a fit makes (more than one needs a re-iterable, not an iterator)
+    passes: ClassVar[int] = 1
     #: the penalty is a quadratic form in ``theta - mu`` (False for the merged-update forms)
     quadratic: ClassVar[bool] = True
     #: the statistics live on the base layer, so the precision serves any adapter of the base
@@ -61,6 +93,55 @@ class Precision(ABC):
     lowrank_refusal: ClassVar[str] = ""
     #: the precision is estimated from source data (False for the isotropic controls)
     fitted: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register every class that names a structure (a shared base names none)."""
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("structure")
+        if isinstance(name, str):
+            REGISTRY[name] = cls
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """The statistics (:class:`~lalora_curv.statistics.ModuleSums` fields, or
+        ``"lora_A_grad"``/``"lora_B_grad"`` for squares of summed gradients) a pass over the
+        batches must accumulate for this structure."""
+        raise LaloraError(f"structure {cls.structure!r} is not fitted from data")
+
+    @classmethod
+    def required_statistics(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """Every statistic of every pass (a backend must offer them all); ``"rotated"``: the
+        diagonal sums in another basis (EKFAC's second pass)."""
+        return cls.needs(estimator, granularity)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        stats: LoraStatistics,
+        specs: Mapping[str, LoraModuleSpec],
+        mode: Mapping[str, Tensor],
+        metadata: dict[str, Any],
+    ) -> Precision:
+        """The precision from one pass's token sums, normalised as every structure is (see
+        :mod:`lalora_curv.precision`): input factors divided by the counted positions,
+        everything built from gradients by the supervised tokens ``N``."""
+        raise LaloraError(f"structure {cls.structure!r} is not fitted from data")
+
+    @classmethod
+    def fit(
+        cls,
+        collect: Collect,
+        specs: Mapping[str, LoraModuleSpec],
+        mode: Mapping[str, Tensor],
+        metadata: dict[str, Any],
+        estimator: str,
+        granularity: str,
+    ) -> Precision:
+        """Fit the structure: one pass collecting :meth:`needs`, then
+        :meth:`from_statistics` (EKFAC overrides it with its two passes)."""
+        stats = collect(cls.needs(estimator, granularity))
+        return cls.from_statistics(stats, specs, mode, metadata)
 
     def __init__(
         self,
@@ -320,7 +401,7 @@ class Precision(ABC):
             meta["lora_B_init_zero"] = bool(self._metadata.get("lora_B_init_zero", True)) and bool(
                 other._metadata.get("lora_B_init_zero", True)
             )
-        meta["created"] = _now()
+        meta["created"] = utc_now()
         scales = {self._metadata.get("scale", 1.0), other._metadata.get("scale", 1.0)}
         meta["scale"] = scales.pop() if len(scales) == 1 else None  # mixed: no single factor
         return result
@@ -433,21 +514,16 @@ class Precision(ABC):
         meta["recentred"] = True
         return type(self).from_tensors(self.modules, new_mode, self.structure_tensors(), meta)
 
-    def to_laplace(
-        self, model: nn.Module, adapter_name: str | None = None, prior_precision: float = 1.0
-    ):
-        """A laplace-torch posterior with this precision (see
-        :func:`lalora_curv.backends.laplace.to_laplace`)."""
-        from lalora_curv.backends.laplace import to_laplace
-
-        return to_laplace(self, model, adapter_name, prior_precision)
-
     @classmethod
     def check_storage(cls, storage: str, rank: int | None = None) -> None:
         """Raise :class:`LaloraError` naming the problem unless :meth:`with_storage` accepts
-        ``(storage, rank)`` for this structure (a check that needs no fitted precision)."""
+        ``(storage, rank)`` for this structure (a check that needs no fitted precision); a
+        preset (:data:`~lalora_curv.precision.factors.STORAGE_PRESETS`) counts as what it
+        names."""
+        storage, rank = resolve_storage(storage, rank)
         if storage not in STORAGES:
-            raise LaloraError(f"unknown storage {storage!r}; valid: {', '.join(STORAGES)}")
+            valid = ", ".join([*STORAGES, *STORAGE_PRESETS])
+            raise LaloraError(f"unknown storage {storage!r}; valid: {valid}")
         if storage not in cls.storages:
             raise LaloraError(
                 f"a {cls.structure!r} precision has no storage {storage!r}: "
@@ -482,22 +558,48 @@ class Precision(ABC):
         :meth:`check_storage` says.
         """
         self.check_storage(storage, rank)
+        storage, rank = resolve_storage(storage, rank)
         target = DENSE_DTYPES[storage]
         tensors = {n: t.to(target) for n, t in self.structure_tensors().items()}
         return type(self).from_tensors(self.modules, self.mode, tensors, self._metadata)
 
-    # ------------------------------------------------------------------ artifact
-    def save(self, path: str | Path, *, dedup: bool = True) -> Path:
-        """Write ``path/precision.safetensors`` and ``path/precision.json`` atomically.
 
-        ``dedup``: store tensors of identical content (the input factor shared by q/k/v or by
-        gate/up, zero ``B0`` of equal shape) once, the others as ``metadata["tensor_aliases"]``.
-        Choose the storage of the structure's tensors with :meth:`with_storage` before saving.
-        """
-        from lalora_curv.artifact import save_precision
+def rebased_modules(
+    prec: Precision, model: nn.Module, adapter_name: str
+) -> tuple[dict[str, LoraModuleSpec], dict[str, Tensor]]:
+    """The model adapter's module specs and mode, checked against the base-layer shapes.
 
-        return save_precision(self, path, dedup=dedup)
+    The base-layer statistics are those of the model *with* the fitted adapter; they describe
+    the base model alone only when that adapter was a no-op (``B0 = 0``, the default init).
+    """
+    if prec.fitted and prec.metadata.get("lora_B_init_zero") is False:
+        raise LaloraError(
+            "cannot rebase: this precision was fitted with a non-zero lora_B (B0 != 0), so its "
+            "statistics include that adapter's update s B0 A0; refit on the new adapter, or "
+            "fit at a zero-B init to get a portable precision"
+        )
+    handles = find_lora_modules(model, adapter_name)
+    for name in sorted(set(handles) | set(prec.modules)):
+        if name not in handles or name not in prec.modules:
+            where = "the model" if name not in handles else "the precision"
+            raise LaloraError(f"cannot rebase: module {name!r} is missing from {where}")
+        old, new = prec.modules[name], handles[name].spec
+        if (old.in_features, old.out_features) != (new.in_features, new.out_features):
+            raise LaloraError(
+                f"cannot rebase: module {name!r} is {new.out_features}x"
+                f"{new.in_features} in the model, {old.out_features}x"
+                f"{old.in_features} in the precision (another base model?)"
+            )
+    modules = {name: handles[name].spec for name in prec.modules}
+    mode = adapter_mode({n: handles[n] for n in prec.modules}, prec.dtype)
+    mode = {n: t.to(prec.device) for n, t in mode.items()}
+    return modules, mode
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+def rebased_metadata(prec: Precision, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    meta = prec.metadata
+    meta["adapter"] = adapter_config(model, adapter_name)
+    # "lora_B_init_zero" says where the statistics were measured (rebase refuses B0 != 0), and
+    # they are unchanged: a B0 = 0 fit moved onto a B0 != 0 adapter (PiSSA) stays portable
+    meta["rebased"] = True
+    return meta

@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lalora_curv.adapter import LoraModuleSpec, adapter_mode, find_lora_modules
-from lalora_curv.errors import LaloraError
-from lalora_curv.precision._util import take
-from lalora_curv.precision.base import Precision
+from lalora_curv.adapter import LoraModuleSpec
+from lalora_curv.precision._util import mean_of, take
+from lalora_curv.precision.base import Precision, rebased_metadata, rebased_modules
 from lalora_curv.precision.factors import upcast
 
 
@@ -43,10 +42,35 @@ class DiagPrecision(Precision):
     """
 
     structure = "diag"
+    estimators = ("empirical", "mc", "batch-grad-squared")
+    granularities = ("token", "sequence")
     lowrank_refusal = (
         "a diagonal is one number per LoRA parameter, with no factor to truncate "
         "(bfloat16 halves its bytes)"
     )
+
+    @classmethod
+    def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """Per-token squared gradients, or squares of gradients summed over a sequence
+        (``granularity="sequence"``) or a whole batch (``"batch-grad-squared"``)."""
+        if estimator == "batch-grad-squared" or granularity == "sequence":
+            return frozenset({"lora_A_grad", "lora_B_grad"})
+        return frozenset({"lora_A_diag", "lora_B_diag"})
+
+    @classmethod
+    def from_statistics(cls, stats, specs, mode, metadata) -> DiagPrecision:
+        """``D = S / N`` for lora_A and lora_B of every module."""
+        n, dtype = stats.supervised_tokens, next(iter(mode.values())).dtype
+        diag = {}
+        for name, spec in specs.items():
+            sums = stats.modules[name]
+            diag[spec.lora_A_name] = mean_of(
+                sums.lora_A_diag, (spec.rank, spec.in_features), n, dtype
+            )
+            diag[spec.lora_B_name] = mean_of(
+                sums.lora_B_diag, (spec.out_features, spec.rank), n, dtype
+            )
+        return cls(specs, mode, diag, metadata)
 
     def __init__(
         self,
@@ -119,6 +143,22 @@ class MergedDiagPrecision(Precision):
         "halves its bytes; merged-kfac has a low-rank storage)"
     )
 
+    @classmethod
+    def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
+        return frozenset({"weight_diag"})
+
+    @classmethod
+    def from_statistics(cls, stats, specs, mode, metadata) -> MergedDiagPrecision:
+        """``D_W = S_W / N`` per module."""
+        n, dtype = stats.supervised_tokens, next(iter(mode.values())).dtype
+        weight_diag = {
+            name: mean_of(
+                stats.modules[name].weight_diag, (spec.out_features, spec.in_features), n, dtype
+            )
+            for name, spec in specs.items()
+        }
+        return cls(specs, mode, weight_diag, metadata)
+
     def __init__(
         self,
         modules: Mapping[str, LoraModuleSpec],
@@ -167,46 +207,3 @@ class MergedDiagPrecision(Precision):
         return MergedDiagPrecision(
             modules, mode, self.weight_diag, rebased_metadata(self, model, adapter_name)
         )
-
-
-def rebased_modules(
-    prec: Precision, model: nn.Module, adapter_name: str
-) -> tuple[dict[str, LoraModuleSpec], dict[str, Tensor]]:
-    """The model adapter's module specs and mode, checked against the base-layer shapes.
-
-    The base-layer statistics are those of the model *with* the fitted adapter; they describe
-    the base model alone only when that adapter was a no-op (``B0 = 0``, the default init).
-    """
-    if prec.fitted and prec.metadata.get("lora_B_init_zero") is False:
-        raise LaloraError(
-            "cannot rebase: this precision was fitted with a non-zero lora_B (B0 != 0), so its "
-            "statistics include that adapter's update s B0 A0; refit on the new adapter, or "
-            "fit at a zero-B init to get a portable precision"
-        )
-    handles = find_lora_modules(model, adapter_name)
-    for name in sorted(set(handles) | set(prec.modules)):
-        if name not in handles or name not in prec.modules:
-            where = "the model" if name not in handles else "the precision"
-            raise LaloraError(f"cannot rebase: module {name!r} is missing from {where}")
-        old, new = prec.modules[name], handles[name].spec
-        if (old.in_features, old.out_features) != (new.in_features, new.out_features):
-            raise LaloraError(
-                f"cannot rebase: module {name!r} is {new.out_features}x"
-                f"{new.in_features} in the model, {old.out_features}x"
-                f"{old.in_features} in the precision (another base model?)"
-            )
-    modules = {name: handles[name].spec for name in prec.modules}
-    mode = adapter_mode({n: handles[n] for n in prec.modules}, prec.dtype)
-    mode = {n: t.to(prec.device) for n, t in mode.items()}
-    return modules, mode
-
-
-def rebased_metadata(prec: Precision, model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    from lalora_curv.adapter import adapter_config
-
-    meta = prec.metadata
-    meta["adapter"] = adapter_config(model, adapter_name)
-    # "lora_B_init_zero" says where the statistics were measured (rebase refuses B0 != 0), and
-    # they are unchanged: a B0 = 0 fit moved onto a B0 != 0 adapter (PiSSA) stays portable
-    meta["rebased"] = True
-    return meta

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from lalora_curv.adapter import LoraModuleSpec
-from lalora_curv.errors import IncompatiblePrecisionError
-from lalora_curv.precision._util import take
+from lalora_curv.errors import IncompatiblePrecisionError, LaloraError
+from lalora_curv.precision._util import mean_of, take
 from lalora_curv.precision.base import Precision
 from lalora_curv.precision.factors import upcast
 
@@ -54,6 +54,7 @@ class EKFACPrecision(Precision):
     """
 
     structure = "ekfac"
+    passes = 2
     lowrank_refusal = (
         "its eigenbases Q_g, Q_a are orthogonal matrices, not PSD factors: keeping k "
         "eigenvectors would drop whole directions of the refitted eigenvalues, with no "
@@ -75,6 +76,37 @@ class EKFACPrecision(Precision):
         self.eigenvalues = dict(eigenvalues)
         self._record_storage()
         self._upcast: dict = {}
+
+    @classmethod
+    def required_statistics(cls, estimator: str, granularity: str) -> frozenset[str]:
+        return frozenset({"input_cov", "grad_cov", "lora_A_diag", "lora_B_diag", "rotated"})
+
+    @classmethod
+    def fit(cls, collect, specs, mode, metadata, estimator, granularity) -> EKFACPrecision:
+        """Two passes: K-FAC's factors and their eigenbases ``Q_g, Q_a`` from the first, the
+        per-token squared gradients in that basis (``Lambda``) from the second."""
+        from lalora_curv.precision.kfac import KFACPrecision
+
+        first = collect(KFACPrecision.needs(estimator, granularity))
+        kfac = KFACPrecision.from_statistics(first, specs, mode, dict(metadata))
+        bases = eigenbases(kfac)
+        second = collect(frozenset({"lora_A_diag", "lora_B_diag"}), pass_number=2, rotations=bases)
+        if second.counts() != first.counts():
+            raise LaloraError("the batches changed between the two passes of the EKFAC fit")
+        n, dtype = second.supervised_tokens, next(iter(mode.values())).dtype
+        grad, inp, eig = {}, {}, {}
+        for name, spec in specs.items():
+            sums = second.modules[name]
+            b = bases[name]
+            grad[spec.lora_A_name], inp[spec.lora_A_name] = b["g_A"], b["x"]
+            grad[spec.lora_B_name], inp[spec.lora_B_name] = b["g_B"], b["u"]
+            eig[spec.lora_A_name] = mean_of(
+                sums.lora_A_diag, (spec.rank, spec.in_features), n, dtype
+            )
+            eig[spec.lora_B_name] = mean_of(
+                sums.lora_B_diag, (spec.out_features, spec.rank), n, dtype
+            )
+        return cls(specs, mode, grad, inp, eig, metadata)
 
     def _eigvecs(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(Q_g, Q_a)`` of parameter ``name`` in the compute ``dtype`` (upcast once)."""
@@ -138,3 +170,20 @@ class EKFACPrecision(Precision):
         return EKFACPrecision(
             self.modules, self.mode, self.grad_eigvecs, self.input_eigvecs, eig, self._metadata
         )
+
+
+def eigenbases(kfac) -> dict[str, dict[str, Tensor]]:
+    """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``
+    (of a one-component :class:`~lalora_curv.KFACPrecision`)."""
+    bases = {}
+    for name in kfac.modules:
+        b = kfac.blocks(name)
+        factors = {
+            "x": b.input_cov,
+            "g_A": b.lora_A_grad_cov,
+            "u": b.lora_B_input_cov,
+            "g_B": b.lora_B_grad_cov,
+        }
+        # contiguous: the artifact stores them so, and matmul results must not depend on layout
+        bases[name] = {k: torch.linalg.eigh(f[0])[1].contiguous() for k, f in factors.items()}
+    return bases

@@ -52,6 +52,19 @@ DENSE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 STORAGES = (*DENSE_DTYPES, "lowrank")
+#: named storages: ``"compact"`` is the largest rank whose K-FAC artifact for Llama-3.2-3B
+#: shapes (all seven linears, r = 16) stays within 300 MB (``benchmarks/bench_lowrank.py``,
+#: where its penalty error on a trained model is measured: far above 1 %)
+STORAGE_PRESETS: dict[str, tuple[str, int | None]] = {"compact": ("lowrank", 48)}
+
+
+def resolve_storage(storage: str, rank: int | None) -> tuple[str, int | None]:
+    """A preset name as its ``(storage, rank)``; any other pair unchanged."""
+    if storage in STORAGE_PRESETS:
+        if rank is not None:
+            raise LaloraError(f"storage preset {storage!r} sets its own rank; give no rank")
+        return STORAGE_PRESETS[storage]
+    return storage, rank
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

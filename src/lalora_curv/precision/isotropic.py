@@ -44,8 +44,8 @@ from lalora_curv.adapter import (
 )
 from lalora_curv.errors import ArtifactError, LaloraError
 from lalora_curv.precision._util import take
-from lalora_curv.precision.base import Precision, _now
-from lalora_curv.precision.diag import rebased_metadata, rebased_modules
+from lalora_curv.precision.base import REGISTRY, Precision, rebased_metadata, rebased_modules
+from lalora_curv.timestamps import utc_now
 
 #: which LoRA tensors :class:`IsotropicPrecision` pulls back
 SCOPES = ("all", "lora_B")
@@ -203,12 +203,6 @@ class MergedIsotropicPrecision(Precision):
         )
 
 
-ISOTROPIC_CLASSES: dict[str, type[Precision]] = {
-    "isotropic": IsotropicPrecision,
-    "merged-isotropic": MergedIsotropicPrecision,
-}
-
-
 def isotropic_precision(
     model: nn.Module,
     structure: str = "isotropic",
@@ -229,10 +223,9 @@ def isotropic_precision(
         adapter_name: the peft adapter.
         dtype: the dtype of the mode and the weights (float32 or float64).
     """
-    if structure not in ISOTROPIC_CLASSES:
-        raise LaloraError(
-            f"unknown isotropic structure {structure!r}; valid: {sorted(ISOTROPIC_CLASSES)}"
-        )
+    controls = sorted(n for n, c in REGISTRY.items() if not c.fitted)
+    if structure not in controls:
+        raise LaloraError(f"unknown isotropic structure {structure!r}; valid: {controls}")
     if scope not in SCOPES:
         raise LaloraError(f"unknown scope {scope!r}; valid: {list(SCOPES)}")
     if structure == "merged-isotropic" and scope != "all":
@@ -262,7 +255,7 @@ def isotropic_precision(
         "base_model": base_model_info(model),
         "sources": [],
         "self_generated": [],
-        "created": _now(),
+        "created": utc_now(),
         "library_version": __version__,
         "lora_B_init_zero": b0_zero,
         "stats_dtype": str(dtype).removeprefix("torch."),
@@ -270,4 +263,4 @@ def isotropic_precision(
     }
     prefix = "isotropic" if structure == "isotropic" else "merged_isotropic"
     tensors = {f"{prefix}.{n}": t for n, t in weight.items()}
-    return ISOTROPIC_CLASSES[structure].from_tensors(specs, mode, tensors, metadata)
+    return REGISTRY[structure].from_tensors(specs, mode, tensors, metadata)

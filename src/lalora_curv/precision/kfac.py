@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from lalora_curv.adapter import LoraModuleSpec
 from lalora_curv.errors import ArtifactError, LaloraError
-from lalora_curv.precision.base import Precision
-from lalora_curv.precision.diag import rebased_metadata, rebased_modules
+from lalora_curv.precision._util import mean_of
+from lalora_curv.precision.base import REGISTRY, Precision, rebased_metadata, rebased_modules
 from lalora_curv.precision.factors import (
     STORAGES,
     DenseFactor,
@@ -57,6 +57,7 @@ from lalora_curv.precision.factors import (
     concat,
     convert,
     factor_from_tensors,
+    resolve_storage,
 )
 
 
@@ -132,6 +133,23 @@ class KroneckerPrecision(Precision):
 
     rebasable = True
     storages = STORAGES
+
+    @classmethod
+    def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
+        return frozenset({"input_cov", "grad_cov"})
+
+    @classmethod
+    def from_statistics(cls, stats, specs, mode, metadata) -> KroneckerPrecision:
+        """``C_x = S_x / positions`` and ``G_h = S_g / N`` per module, one component."""
+        n, positions = stats.supervised_tokens, stats.positions
+        dtype = next(iter(mode.values())).dtype
+        input_cov, grad_cov = {}, {}
+        for name, spec in specs.items():
+            sums = stats.modules[name]
+            d_in, d_out = spec.in_features, spec.out_features
+            input_cov[name] = mean_of(sums.input_cov, (d_in, d_in), positions, dtype).unsqueeze(0)
+            grad_cov[name] = mean_of(sums.grad_cov, (d_out, d_out), n, dtype).unsqueeze(0)
+        return cls(specs, mode, input_cov, grad_cov, [1.0], metadata)
 
     def __init__(
         self,
@@ -249,6 +267,7 @@ class KroneckerPrecision(Precision):
         not to a larger rank.
         """
         self.check_storage(storage, rank)
+        storage, rank = resolve_storage(storage, rank)
         dtype = self.dtype
 
         def conv(f: Factor) -> Factor:
@@ -266,11 +285,10 @@ class KroneckerPrecision(Precision):
 
     def with_structure(self, structure: str) -> KroneckerPrecision:
         """The same factors under another K-FAC structure (kfac, tri-kfac, merged-kfac)."""
-        if structure not in KFAC_CLASSES:
-            raise LaloraError(
-                f"unknown K-FAC structure {structure!r}; valid: {sorted(KFAC_CLASSES)}"
-            )
-        cls = KFAC_CLASSES[structure]
+        family = sorted(n for n, c in REGISTRY.items() if issubclass(c, KroneckerPrecision))
+        if structure not in family:
+            raise LaloraError(f"unknown K-FAC structure {structure!r}; valid: {family}")
+        cls = REGISTRY[structure]
         return cls(
             self.modules,
             self.mode,
@@ -399,13 +417,6 @@ class MergedKFACPrecision(KroneckerPrecision):
         w = torch.tensor(self.weights, dtype=torch.float64)
         G, C = self.grad_factors[name], self.input_factors[name]
         return float((w * G.trace() * C.trace()).sum())
-
-
-KFAC_CLASSES: dict[str, type[KroneckerPrecision]] = {
-    "kfac": KFACPrecision,
-    "tri-kfac": TriKFACPrecision,
-    "merged-kfac": MergedKFACPrecision,
-}
 
 
 def _as_factor(f: Tensor | Factor) -> Factor:

@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import lalora_curv as lc
+from lalora_curv.strength import Strength, as_strength, mean_curvature
 from lalora_curv.tasks.formatting import make_batches
 from lalora_curv.tasks.scoring import score_multiple_choice
 from lalora_curv.testbed.world import SOURCES, World
@@ -100,21 +101,13 @@ def source_precision(
     return lc.fit_precision(model, batches.first_tokens(tokens), **fit)
 
 
-def mean_curvature(precision: lc.Precision) -> float:
-    """``tr(P) / num_params`` (:meth:`lalora_curv.Precision.trace`): with ``lam = c / mean``
-    the penalty's strength ``c`` is comparable across sources and estimators, whose raw
-    scales differ by orders of magnitude."""
-    return precision.trace() / precision.num_params
-
-
 def finetune(
     model: nn.Module,
     tok,
     world: World,
     *,
     precision: str | lc.Precision | None = None,
-    lam: float = 0.0,
-    relative_lam: bool = False,
+    strength: float | Strength = 0.0,
     source: str = "facts",
     estimator: str = "mc",
     mc_samples: int = 8,
@@ -131,7 +124,7 @@ def finetune(
 
     ``precision`` is a structure name (fitted here at the adapter's init with
     :func:`source_precision` on ``source``) or ``None`` for plain LoRA. With
-    ``relative_lam`` the penalty weight is ``lam / mean_curvature(P)``.
+    ``strength`` a number (``lambda``) or a :class:`~lalora_curv.strength.Strength`.
     """
     torch.manual_seed(seed)
     peft_model = get_peft_model(
@@ -142,7 +135,7 @@ def finetune(
         "source": source_accuracy(peft_model, tok, world),
         "target": target_accuracy(peft_model, tok, test),
     }
-    prec, weight, scale = None, 0.0, None
+    prec = None
     if precision is not None:
         prec = source_precision(
             peft_model,
@@ -154,10 +147,12 @@ def finetune(
             mc_samples=mc_samples,
             seed=seed,
         )
-        scale = mean_curvature(prec) if relative_lam else 1.0
-        weight = lam / scale
+    strength = as_strength(strength)
+    weight = strength.initial_lam(prec)
     train = make_batches(world.problems("train", train_problems), tok, batch_size=16, max_length=64)
-    lc.train(peft_model, train, prec, weight, lr=lr, max_steps=steps, seed=seed, progress=progress)
+    lc.train(
+        peft_model, train, prec, strength, lr=lr, max_steps=steps, seed=seed, progress=progress
+    )
     after = {
         "source": source_accuracy(peft_model, tok, world),
         "target": target_accuracy(peft_model, tok, test),
@@ -169,6 +164,6 @@ def finetune(
         "source_drop": mean(before["source"]) - mean(after["source"]),
         "target_gain": after["target"] - before["target"],
         "lam_applied": weight,
-        "mean_curvature": scale if relative_lam else None,
+        "mean_curvature": mean_curvature(prec) if prec is not None else None,
         "source_tokens": prec.counts["supervised_tokens"] if prec is not None else 0,
     }

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from lalora_curv.atomic import staged_dir
 from lalora_curv.testbed.world import World
 
 PRETRAIN = {
@@ -67,17 +66,10 @@ def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
     path = cache_dir(kind) / key
     if not (path / "config.json").is_file():
         model, tok = build()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
-        try:
+        with staged_dir(path, replace=False) as staging:
             model.save_pretrained(staging)
             tok.save_pretrained(staging)
             (staging / f"{kind}.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-            if not path.exists():
-                os.rename(staging, path)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     model = LlamaForCausalLM.from_pretrained(path)
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     return model.eval(), tok

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lalora_curv as lc
+from lalora_curv.strength import Strength, as_strength, mean_curvature
 from lalora_curv.tasks.data import TASKS, TaskDataError, load_records
 from lalora_curv.tasks.formatting import make_batches, supervised_examples
 from lalora_curv.tasks.multiple_choice import hellaswag_preprocess, multiple_choice_items
@@ -436,8 +437,7 @@ def finetune(
     *,
     precision_structure: str | None = None,
     scope: str = "all",
-    lam: float = 0.0,
-    relative_lam: bool = False,
+    strength: float | Strength = 0.0,
     source: str = "texts",
     estimator: str = "mc",
     mc_samples: int = 1,
@@ -462,8 +462,9 @@ def finetune(
     unconditional samples (:func:`lalora_curv.self_generated_batches`, up to ``max_length``
     tokens) holding as many supervised tokens as those texts. ``"isotropic"`` (``scope``
     ``"all"`` or ``"lora_B"``) and ``"merged-isotropic"`` are the data-free L2 controls
-    (:func:`lalora_curv.isotropic_precision`). With ``relative_lam`` the penalty weight is
-    ``lam / (tr(P) / num_params)``, the same mean eigenvalue ``lam`` for every structure.
+    (:func:`lalora_curv.isotropic_precision`). ``strength``: a number (``lambda``) or a
+    :class:`~lalora_curv.strength.Strength` (``Strength.relative(c)``: the same mean eigenvalue
+    ``c`` of ``lambda P`` for every structure).
     ``before`` skips measuring the untouched model again; ``validation`` measures the
     validation split too (under ``"val"`` of each measurement). Returns the NLLs before and
     after, ``source_increase`` (pooled source NLL after minus before: forgetting),
@@ -478,7 +479,7 @@ def finetune(
     before = before or measure(peft_model, tok, data, max_length, validation)
     if source not in ("texts", "self-generated"):
         raise ValueError(f"source must be 'texts' or 'self-generated', got {source!r}")
-    precision, weight = None, lam
+    precision = None
     if precision_structure in ("isotropic", "merged-isotropic"):
         precision = lc.isotropic_precision(peft_model, precision_structure, scope=scope)
     elif precision_structure is not None:
@@ -494,8 +495,8 @@ def finetune(
             max_length=max_length,
             seed=seed,
         )
-    if precision is not None and relative_lam:
-        weight = lam / (precision.trace() / precision.num_params)
+    strength = as_strength(strength)
+    weight = strength.initial_lam(precision)
     pairs = random.Random(seed).sample(
         data.target_train, min(steps * batch_size, len(data.target_train))
     )
@@ -510,7 +511,7 @@ def finetune(
         peft_model,
         train,
         precision,
-        weight,
+        strength,
         lr=lr,
         max_steps=steps,
         seed=seed,
@@ -529,7 +530,7 @@ def finetune(
         "final_penalty": steps_logged[-1]["penalty"] if steps_logged else None,
         "penalty_at": {r["step"]: r["penalty"] for r in steps_logged} if precision else {},
         "lam_applied": weight,
-        "mean_curvature": precision.trace() / precision.num_params if precision else None,
+        "mean_curvature": mean_curvature(precision) if precision else None,
         "source_tokens": precision.counts["supervised_tokens"] if precision else 0,
     }
     if eval_every:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from lalora_curv.strength import Strength
 from lalora_curv.testbed import realtext as rt
 
 #: the scenario's settings in a grid's ``benchmark``, with their defaults
@@ -83,8 +84,11 @@ def run_cell(
         texts,
         precision_structure=structure,
         scope=cell.get("scope", "all"),
-        lam=(c if c is not None else cell.get("lam", 0.0)) if lalora else 0.0,
-        relative_lam=lalora and c is not None,
+        strength=(
+            (Strength.relative(c) if c is not None else Strength.fixed(cell.get("lam", 0.0)))
+            if lalora
+            else 0.0
+        ),
         source="self-generated" if cell.get("source") == "self-generated" else "texts",
         estimator=cell.get("estimator", "mc"),
         mc_samples=cell.get("mc_samples", 1),

@@ -27,10 +27,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import lalora_curv as lc
+from lalora_curv.strength import mean_curvature
 from lalora_curv.tasks.formatting import make_batches
 from lalora_curv.testbed.experiment import (
     ALL_LINEAR,
-    mean_curvature,
     source_accuracy,
     source_precision,
     target_accuracy,

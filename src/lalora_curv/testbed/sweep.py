@@ -11,10 +11,11 @@ LALoRA's strength is one of
 
 * ``lam``: the raw ``lambda`` of ``lam * (theta - mu)^T P (theta - mu)``;
 * ``c``: ``lambda = c / m(P)`` with ``m(P) = tr(P) / num_params`` the mean curvature
-  (:func:`lalora_curv.testbed.experiment.mean_curvature`), dimensionless, so comparable
+  (:func:`lalora_curv.strength.mean_curvature`), dimensionless, so comparable
   across estimators and sources;
 * ``budget``: ``epsilon`` nats per source token; ``lambda`` follows the dual ascent of
-  :func:`lalora_curv.train` (``source_nll_budget``) from ``c / m(P)`` (``c`` default 0.01).
+  :class:`lalora_curv.strength.Strength` (``Strength.budget``) from ``c / m(P)`` (``c`` default
+  0.01).
 
 The grid file (YAML) maps each *method name* (one front in the plots) to its settings; a list
 is swept, a scalar fixed; ``common`` applies to every method (a method's own entry wins)::
@@ -53,13 +54,14 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 import lalora_curv as lc
+from lalora_curv.atomic import write_text
 from lalora_curv.baselines import INITS, lora_adapter, migu
 from lalora_curv.errors import LaloraError
+from lalora_curv.strength import Strength, mean_curvature
 from lalora_curv.tasks.formatting import make_batches
 from lalora_curv.testbed import realtext_sweep
 from lalora_curv.testbed.experiment import (
     ALL_LINEAR,
-    mean_curvature,
     source_accuracy,
     source_precision,
     target_accuracy,
@@ -400,7 +402,7 @@ def run_cell(
     peft_model.eval()
     with torch.no_grad():
         at_start = evaluate(peft_model, 0)
-    prec, lam, scale, budget = None, 0.0, None, None
+    prec, lam, scale = None, 0.0, None
     if cell["kind"] == "lalora" and cell["structure"] in ISOTROPIC:
         prec = lc.isotropic_precision(peft_model, cell["structure"], scope=cell["scope"])
     elif cell["kind"] == "lalora":
@@ -414,13 +416,17 @@ def run_cell(
             mc_samples=cell["mc_samples"],
             seed=seed,
         )
+    strength = Strength.fixed(0.0)
     if prec is not None:
         if "lam" in cell:
-            lam = cell["lam"]
+            strength = Strength.fixed(cell["lam"])
+        elif cell.get("budget") is not None:
+            strength = Strength.budget(cell["budget"], start_c=cell["c"])
         else:
+            strength = Strength.relative(cell["c"])
+        if "lam" not in cell:
             scale = mean_curvature(prec)
-            lam = cell["c"] / scale
-        budget = cell.get("budget")
+        lam = strength.initial_lam(prec)
     problems = world.problems("train", bench["train_problems"])
     random.Random(seed).shuffle(problems)  # the seed varies the data order too
     train = make_batches(problems, tok, batch_size=16, max_length=64)
@@ -430,13 +436,12 @@ def run_cell(
             peft_model,
             train,
             prec,
-            lam,
+            strength,
             lr=cell["lr"],
             max_steps=cell["steps"],
             seed=seed,
             eval_fn=evaluate,
             eval_every=cell["eval_every"],
-            source_nll_budget=budget,
             progress=progress,
         )
     lam_at = {r["step"]: r["lam"] for r in log if "lam" in r}
@@ -502,9 +507,7 @@ def _append(path: Path, records: list[dict[str, Any]]) -> None:
     """Append ``records`` to ``path`` atomically: the whole file is rewritten, then renamed."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     new = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(old + new, encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, old + new)
 
 
 def run_sweep(

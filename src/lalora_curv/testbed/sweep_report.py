@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lalora_curv.atomic import write_json, write_text
 from lalora_curv.plotting import pyplot, save_figure
 
 SETTINGS_SKIPPED_IN_LABELS = ("method", "kind", "seed", "benchmark")
@@ -388,8 +389,6 @@ def report(
 ) -> dict[str, Any]:
     """Write ``table.csv``, ``summary.json``, ``pareto.png`` and ``curves.png`` into ``out``
     from every record; returns the summary plus ``rows`` and the written ``files``."""
-    from lalora_curv.cli._run import atomic_write_text, write_json  # (cli imports this module)
-
     if not records:
         raise ValueError("no records: the sweep has not finished any cell")
     out = Path(out)
@@ -399,7 +398,7 @@ def report(
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "table.csv", buffer.getvalue())
+    write_text(out / "table.csv", buffer.getvalue())
     write_json(out / "summary.json", summary)
     files = [out / "table.csv", out / "summary.json"]
     scenario = records[0]["cell"]["benchmark"].get("scenario", "embedded")
