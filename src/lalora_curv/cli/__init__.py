@@ -25,6 +25,8 @@ from lalora_curv.cli.fit import EXAMPLES as FIT_EXAMPLES
 from lalora_curv.cli.fit import fit
 from lalora_curv.cli.inspect_precision import EXAMPLES as INSPECT_EXAMPLES
 from lalora_curv.cli.inspect_precision import inspect
+from lalora_curv.cli.paper import EXAMPLES as PAPER_EXAMPLES
+from lalora_curv.cli.paper import paper
 from lalora_curv.cli.quickstart import EXAMPLES as QUICKSTART_EXAMPLES
 from lalora_curv.cli.quickstart import quickstart
 from lalora_curv.cli.sweep import EXAMPLES as SWEEP_EXAMPLES
@@ -41,6 +43,11 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str, str]] = {
         sweep,
         "a grid of methods x settings x seeds: fronts, curves, tables",
         SWEEP_EXAMPLES,
+    ),
+    "paper": (
+        paper,
+        "the paper's recipe on a real LLM: fit, train, select on validation, score",
+        PAPER_EXAMPLES,
     ),
     "demo": (demo, "the embedded benchmark end to end in minutes (start here)", DEMO_EXAMPLES),
     "inspect": (inspect, "a precision's metadata, norms, traces, spectra", INSPECT_EXAMPLES),
