@@ -43,6 +43,7 @@ from lalora_curv.adapter import LoraModuleSpec
 from lalora_curv.atomic import leftovers, staged_dir, write_bytes
 from lalora_curv.errors import ArtifactError, LaloraError
 from lalora_curv.precision import REGISTRY, Precision
+from lalora_curv.precision.metadata import PrecisionMetadata
 
 KIND = "lalora-curv/precision"
 FORMAT_VERSION = 2
@@ -59,39 +60,13 @@ FULL_PSD_CHECK_MAX_DIM = 2048
 TENSORS_FILE = "precision.safetensors"
 METADATA_FILE = "precision.json"
 
-#: metadata keys this format version defines; others (from newer versions) are dropped.
-KNOWN_KEYS = frozenset(
-    {
-        "kind",
-        "format_version",
-        "library_version",
-        "structure",
-        "backend",
-        "estimator",
-        "mc_samples",
-        "seed",
-        "counts",
-        "adapter",
-        "base_model",
-        "sources",
-        "self_generated",
-        "created",
-        "lora_B_init_zero",
-        "stats_dtype",
-        "scale",
-        "component_weights",
-        "modules",
-        "tensors_sha256",
-        "rebased",
-        "recentred",
-        "online",
-        "granularity",
-        "storage",
-        "tensor_aliases",
-        "metadata_sha256",
-        "unpenalised",
-    }
+#: the artifact's own keys of ``precision.json``; the rest is the precision's metadata, whose
+#: one schema is :class:`~lalora_curv.precision.metadata.PrecisionMetadata`
+ARTIFACT_KEYS = frozenset(
+    {"kind", "format_version", "modules", "tensors_sha256", "tensor_aliases", "metadata_sha256"}
 )
+#: keys this format version defines; others (from newer versions) are dropped on load
+KNOWN_KEYS = ARTIFACT_KEYS | PrecisionMetadata.fields()
 #: the files a precision writes: a folder holding others is not replaced by a save
 OWN_FILES = frozenset({"precision.safetensors", "precision.json"})
 
@@ -330,7 +305,7 @@ def load_precision(path: str | Path) -> Precision:
         raise ArtifactError(
             f"{tensor_path}: unexpected tensor {extra[0]!r} for structure {structure!r}"
         )
-    if "storage" in meta and meta["storage"] != prec.metadata.get("storage"):
+    if meta.get("storage") is not None and meta["storage"] != prec.metadata.get("storage"):
         raise ArtifactError(
             f"{meta_path}: 'storage' says {meta['storage']!r} but the tensors are stored as "
             f"{prec.metadata.get('storage')!r}"
@@ -414,35 +389,11 @@ def _finite_float(text: str) -> float:
 
 
 def _check_metadata_values(meta: dict[str, Any], where: Path) -> None:
-    """Counts are non-negative integers, component weights finite and >= 0, the scale a
-    positive finite number (or null: a sum of differently scaled precisions), modules sane."""
-    scale = meta.get("scale", 1.0)
-    if scale is not None and (
-        isinstance(scale, bool)
-        or not isinstance(scale, int | float)
-        or not math.isfinite(scale)
-        or not scale > 0
-    ):
-        raise ArtifactError(f"{where}: 'scale' must be a positive finite number, got {scale!r}")
-    if not isinstance(meta.get("structure"), str):
-        raise ArtifactError(f"{where}: 'structure' must be a name, got {meta.get('structure')!r}")
-    counts = meta.get("counts", {})
-    if not isinstance(counts, dict) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()
-    ):
-        raise ArtifactError(f"{where}: 'counts' must map names to non-negative integers")
-    weights = meta.get("component_weights", [1.0])
-    if (
-        not isinstance(weights, list)
-        or not weights
-        or not all(
-            isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
-            for w in weights
-        )
-    ):
-        raise ArtifactError(
-            f"{where}: 'component_weights' must be a non-empty list of numbers >= 0"
-        )
+    """The precision's metadata against its schema (:meth:`PrecisionMetadata.from_json`: types,
+    counts >= 0, a positive finite scale or null, component weights >= 0), then the modules."""
+    PrecisionMetadata.from_json(
+        {k: v for k, v in meta.items() if k not in ARTIFACT_KEYS}, where=str(where)
+    )
     modules = meta.get("modules")
     if not isinstance(modules, list) or not modules:
         raise ArtifactError(f"{where}: 'modules' must be a non-empty list")

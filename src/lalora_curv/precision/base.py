@@ -51,6 +51,7 @@ from lalora_curv.precision.factors import (
     dense_storage,
     resolve_storage,
 )
+from lalora_curv.precision.metadata import PrecisionMetadata
 from lalora_curv.statistics import LoraStatistics
 from lalora_curv.timestamps import utc_now
 
@@ -151,8 +152,10 @@ class Precision(ABC):
     ) -> None:
         self.modules = dict(modules)
         self.mode = dict(mode)
-        self._metadata = copy.deepcopy(dict(metadata))
-        self._metadata["structure"] = self.structure
+        # every field checked and present (defaults filled): the one schema of the metadata
+        self._metadata = PrecisionMetadata.from_json(
+            {**dict(metadata), "structure": self.structure}, where=f"{self.structure} metadata"
+        ).to_json()
         self._on_device: dict[torch.device, Precision] = {}
         self._resolved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         missing = [n for n in self.param_names if n not in self.mode]
@@ -211,6 +214,11 @@ class Precision(ABC):
     def metadata(self) -> dict[str, Any]:
         """A copy of the artifact metadata (structure, estimator, counts, adapter, ...)."""
         return copy.deepcopy(self._metadata)
+
+    @property
+    def meta(self) -> PrecisionMetadata:
+        """The metadata, typed (:class:`~lalora_curv.precision.metadata.PrecisionMetadata`)."""
+        return PrecisionMetadata.from_json(self._metadata)
 
     @property
     def counts(self) -> dict[str, int]:

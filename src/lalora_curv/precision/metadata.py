@@ -1,11 +1,12 @@
 """What a precision records besides its tensors: one typed, validated schema.
 
 :class:`PrecisionMetadata` is the one place the metadata's fields, types and admissible values
-are stated and checked (:meth:`PrecisionMetadata.from_json`); every precision holds one
-(``prec.meta``), the artifact's ``precision.json`` is its :meth:`~PrecisionMetadata.to_json`
-(plus the artifact's own fields: kind, format version, modules, digests, aliases), and
-``prec.metadata`` is a copy of that JSON form (every field), so a saved, loaded and re-saved
-artifact is byte-identical.
+are stated and checked (:meth:`PrecisionMetadata.from_json`): every precision's metadata
+passes through it when the precision is built (fitted, summed, scaled, re-based, loaded), so
+``prec.metadata`` (the JSON form, a copy) always holds every field, and ``prec.meta`` gives it
+typed. The artifact's ``precision.json`` is that JSON form plus the artifact's own fields
+(kind, format version, modules, digests, aliases), so a saved, loaded and re-saved artifact is
+byte-identical.
 """
 
 from __future__ import annotations
