@@ -370,28 +370,10 @@ def train(
             "DDP, where the adapter is whole on every rank"
         )
     checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else None
-
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (seed the global RNG user code may draw from)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no trainable parameter")
-    device = params[0].device
-    steps_per_epoch = math.ceil(len(train_batches) / grad_accum_steps)
-    total = max_steps if max_steps is not None else epochs * steps_per_epoch
-    total = int(reduce_scalar(total, "min", device))  # DDP: every rank makes the same steps
-    optimizer = torch.optim.AdamW(params, lr=a["lr"], weight_decay=a["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(schedule, warmup_steps, total)
-    )
-    autocast = nullcontext()
-    if mixed_precision is not None:
-        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-        if not torch.amp.autocast_mode.is_autocast_available(device.type):
-            raise TrainingError(f"autocast is not available on {device.type}")
-        autocast = torch.autocast(device.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+    opt = _Optimisation.build(model, len(train_batches), a, mixed_precision)
     run = {
         "strength": strength.to_json(),
         "lr": a["lr"],
@@ -401,13 +383,12 @@ def train(
         "warmup_steps": warmup_steps,
         "weight_decay": a["weight_decay"],
         "max_grad_norm": a["max_grad_norm"],
-        "total_steps": total,
+        "total_steps": opt.total,
         "adapter_name": adapter_name,
         "precision_digest": precision.digest() if precision is not None else None,
         "data_digest": data_digest(train_batches),
     }
     lam_now = strength.initial_lam(precision)  # changes only under a source-NLL budget
-
     start = 0
     if resume:
         start, saved = _resume(
@@ -416,15 +397,15 @@ def train(
             resume == "force",
             model,
             adapter_name,
-            optimizer,
-            scheduler,
-            scaler,
+            opt.optimizer,
+            opt.scheduler,
+            opt.scaler,
         )
         if start and strength.kind == "budget":  # the adapted lambda goes on; another
             lam_now = float(saved.get("lam_now", lam_now))  # strength is the caller's
-    if start >= total:
+    if start >= opt.total:
         logger.warning(
-            "nothing to train: the checkpoint is at step %d, the run has %d", start, total
+            "nothing to train: the checkpoint is at step %d, the run has %d", start, opt.total
         )
         return []
     if checkpoints is not None:
@@ -432,73 +413,138 @@ def train(
     main = is_main_process()  # under torch.distributed only rank 0 writes logs and checkpoints
     if log_file is not None and main and start > 0:
         _truncate_log(Path(log_file), start)
-    log = open(log_file, "a") if log_file is not None and main else None
-    records: list[dict[str, float | None]] = []
+    with _Log(log_file if main else None) as log:
+        loop = _Loop(
+            model, train_batches, precision, strength, adapter_name, opt, a["max_grad_norm"],
+            grad_accum_steps, log, eval_fn, eval_every, checkpoints, checkpoint_every, run, main,
+        )  # fmt: skip
+        loop.run(start, lam_now, progress and main)
+        return log.records
 
-    def emit(record: dict[str, float | None]) -> None:
-        records.append(record)
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
 
-    def evaluate(step: int) -> None:
-        if eval_fn is None:
+class _Optimisation:
+    """The trainable parameters, the step count, AdamW, the learning-rate schedule, autocast
+    and the gradient scaler of one run."""
+
+    def __init__(self, params, device, total, optimizer, scheduler, scaler, autocast) -> None:
+        self.params, self.device, self.total = params, device, total
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.scaler, self.autocast = scaler, autocast
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, n_batches: int, a: dict[str, Any], mixed_precision: str | None
+    ) -> _Optimisation:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainingError("the model has no trainable parameter")
+        device = params[0].device
+        steps_per_epoch = math.ceil(n_batches / a["grad_accum_steps"])
+        total = a["max_steps"] if a["max_steps"] is not None else a["epochs"] * steps_per_epoch
+        total = int(reduce_scalar(total, "min", device))  # DDP: every rank makes the same steps
+        optimizer = torch.optim.AdamW(params, lr=a["lr"], weight_decay=a["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(a["schedule"], a["warmup_steps"], total)
+        )
+        autocast = nullcontext()
+        if mixed_precision is not None:
+            dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+            if not torch.amp.autocast_mode.is_autocast_available(device.type):
+                raise TrainingError(f"autocast is not available on {device.type}")
+            autocast = torch.autocast(device.type, dtype=dtype)
+        scaler = torch.amp.GradScaler(device.type, enabled=mixed_precision == "fp16")
+        return cls(params, device, total, optimizer, scheduler, scaler, autocast)
+
+
+class _Log:
+    """The run's records, returned and appended to ``log_file`` (JSON lines) as they come."""
+
+    def __init__(self, log_file: str | Path | None) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._file = open(log_file, "a") if log_file is not None else None
+
+    def __enter__(self) -> _Log:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+
+class _Loop:
+    """The optimizer steps from a start step to the last, with the strength's updates,
+    evaluations every ``eval_every`` steps (and at the end) and checkpoints every
+    ``checkpoint_every`` steps (and at the end)."""
+
+    def __init__(
+        self, model, batches, precision, strength, adapter_name, opt, max_grad_norm,
+        grad_accum_steps, log, eval_fn, eval_every, checkpoints, checkpoint_every, run, main,
+    ) -> None:  # fmt: skip
+        self.model, self.batches, self.precision = model, batches, precision
+        self.strength, self.adapter_name, self.opt = strength, adapter_name, opt
+        self.K, self.log, self.eval_fn, self.eval_every = grad_accum_steps, log, eval_fn, eval_every
+        self.checkpoints, self.checkpoint_every = checkpoints, checkpoint_every
+        self.run_settings, self.main = run, main
+        self.step_fn = _Step(
+            model, batches, precision, adapter_name, opt.params, opt.optimizer, opt.scheduler,
+            opt.scaler, opt.autocast, grad_accum_steps, max_grad_norm, opt.device,
+        )  # fmt: skip
+
+    def evaluate(self, step: int) -> None:
+        if self.eval_fn is None:
             return
-        was_training = model.training
-        model.eval()
+        was_training = self.model.training
+        self.model.eval()
         with torch.no_grad():
-            metrics = eval_fn(model, step)
-        model.train(was_training)
-        emit({"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}})
+            metrics = self.eval_fn(self.model, step)
+        self.model.train(was_training)
+        self.log.emit({"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}})
 
-    def save(step: int) -> None:
-        if main:
+    def save(self, step: int, lam_now: float) -> None:
+        if self.main:
             save_checkpoint(
-                checkpoints,  # type: ignore[arg-type]
+                self.checkpoints,
                 step,
-                model,
-                adapter_name,
-                optimizer,
-                scheduler,
-                scaler,
-                {**run, "lam_now": lam_now},
+                self.model,
+                self.adapter_name,
+                self.opt.optimizer,
+                self.opt.scheduler,
+                self.opt.scaler,
+                {**self.run_settings, "lam_now": lam_now},
             )
         barrier()
 
-    micro = itertools.islice(
-        itertools.cycle(range(len(train_batches))), start * grad_accum_steps, None
-    )
-    bar = tqdm(
-        total=total, initial=start, disable=not (progress and main), desc="training", unit="step"
-    )
-    step_fn = _Step(
-        model, train_batches, precision, adapter_name, params, optimizer, scheduler, scaler,
-        autocast, grad_accum_steps, a["max_grad_norm"], device,
-    )  # fmt: skip
-    model.train()
-    try:
-        for step in range(start + 1, total + 1):
-            record = step_fn(step, micro, lam_now)
-            emit(record)
-            pen, nll_mean = float(record["penalty"] or 0.0), record["nll"]
-            lam_now = strength.next_lam(lam_now, pen, precision)
-            bar.update(1)
-            bar.set_postfix(
-                nll=f"{nll_mean:.4f}" if nll_mean is not None else "-", penalty=f"{pen:.3e}"
-            )
-            if eval_every and step % eval_every == 0:
-                evaluate(step)
-            if checkpoints is not None and checkpoint_every and step % checkpoint_every == 0:
-                save(step)
-        if eval_fn is not None and not (eval_every and total % eval_every == 0):
-            evaluate(total)
-        if checkpoints is not None and not (checkpoint_every and total % checkpoint_every == 0):
-            save(total)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    return records
+    def run(self, start: int, lam_now: float, progress: bool) -> None:
+        total, every, ckpt = self.opt.total, self.eval_every, self.checkpoint_every
+        micro = itertools.islice(itertools.cycle(range(len(self.batches))), start * self.K, None)
+        bar = tqdm(total=total, initial=start, disable=not progress, desc="training", unit="step")
+        self.model.train()
+        try:
+            for step in range(start + 1, total + 1):
+                record = self.step_fn(step, micro, lam_now)
+                self.log.emit(record)
+                pen, nll_mean = float(record["penalty"] or 0.0), record["nll"]
+                lam_now = self.strength.next_lam(lam_now, pen, self.precision)
+                bar.update(1)
+                bar.set_postfix(
+                    nll=f"{nll_mean:.4f}" if nll_mean is not None else "-", penalty=f"{pen:.3e}"
+                )
+                if every and step % every == 0:
+                    self.evaluate(step)
+                if self.checkpoints is not None and ckpt and step % ckpt == 0:
+                    self.save(step, lam_now)
+            if self.eval_fn is not None and not (every and total % every == 0):
+                self.evaluate(total)
+            if self.checkpoints is not None and not (ckpt and total % ckpt == 0):
+                self.save(total, lam_now)
+        finally:
+            bar.close()
 
 
 class _Step:
