@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -91,34 +92,14 @@ def fit_precision(
     Returns:
         A :class:`~lalora_curv.precision.Precision` of the requested structure.
     """
-    for name, value in (("structure", structure), ("backend", backend), ("estimator", estimator)):
-        checks.string(name, value)
-    spec, granularity = resolve_backend(backend, structure, estimator, granularity)
-    checks.integer("mc_samples", mc_samples, 1)
-    if mc_samples != 1 and estimator != "mc":
-        raise LaloraError(f"mc_samples={mc_samples} applies only to estimator='mc'")
-    if stats_dtype not in (torch.float32, torch.float64):
-        raise LaloraError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
-    checks.integer("max_batches", max_batches, 1, optional=True)
-    checks.integer("seed", seed)
-    checks.string("adapter_name", adapter_name)
-    checks.boolean("progress", progress)
-    if sources is not None and not (
-        isinstance(sources, str)
-        or (isinstance(sources, Sequence) and all(isinstance(x, str) and x for x in sources))
-    ):
-        raise LaloraError(f"sources must be a name or a list of names, got {sources!r}")
-    if batches is None or isinstance(batches, Mapping) or not isinstance(batches, Iterable):
-        raise LaloraError(
-            "batches must be an iterable of batch dicts (a list or a DataLoader), got "
-            f"{type(batches).__name__}"
-        )
-
+    spec, granularity = _check_arguments(
+        batches, structure, backend, estimator, mc_samples, granularity, stats_dtype,
+        max_batches, seed, adapter_name, progress, sources, allow_unpenalised,
+    )  # fmt: skip
     model = eager_model(model)  # a torch.compile'd model is fitted through its eager module
     handles = find_lora_modules(model, adapter_name)
     check_active(model, adapter_name)
     unpenalised = unpenalised_trainables(model, handles)
-    checks.boolean("allow_unpenalised", allow_unpenalised)
     if unpenalised and not allow_unpenalised:
         raise LaloraError(
             f"the model trains {len(unpenalised)} tensors that a LoRA precision does not cover "
@@ -135,10 +116,9 @@ def fit_precision(
             "lora_B is zero at the mode (default LoRA init): the lora_A and cross "
             "blocks of the precision are exactly zero; only lora_B carries curvature"
         )
-
+    provenance = getattr(batches, "provenance", None)  # lc.self_generated_batches
     if isinstance(sources, str):
         sources = [sources]
-    provenance = getattr(batches, "provenance", None)  # lc.self_generated_batches
     if sources is None and provenance is not None:
         sources = ["self-generated"]
     metadata: dict[str, Any] = {
@@ -156,51 +136,100 @@ def fit_precision(
         "lora_B_init_zero": b0_zero,
         "stats_dtype": str(stats_dtype).removeprefix("torch."),
         "scale": 1.0,
+        "unpenalised": unpenalised,
     }
-    if unpenalised:
-        metadata["unpenalised"] = unpenalised
     cls = REGISTRY[structure]
     if cls.passes > 1 and iter(batches) is batches:  # type: ignore[comparison-overlap]
         raise LaloraError(
             f"structure {structure!r} makes {cls.passes} passes over the batches: pass a list "
             "or a DataLoader, not an iterator"
         )
-    collector = spec.collector()
-    device = next(iter(handles.values())).lora_A.weight.device
+    request = FitRequest(
+        backend=backend,
+        needs=frozenset(),
+        estimator=estimator,
+        mc_samples=mc_samples,
+        seed=seed,
+        max_batches=max_batches,
+        progress=progress and rank() == 0,
+        dtype=stats_dtype,
+        granularity=granularity,
+        vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
+    )
+    collect = _Passes(spec.collector(), model, handles, batches, request, metadata)
+    specs = {name: h.spec for name, h in handles.items()}
+    return cls.fit(collect, specs, mode, metadata, estimator, granularity)
 
-    def collect(
+
+def _check_arguments(
+    batches, structure, backend, estimator, mc_samples, granularity, stats_dtype, max_batches,
+    seed, adapter_name, progress, sources, allow_unpenalised,
+):  # fmt: skip
+    """Every argument of :func:`fit_precision` checked (a :class:`LaloraError` names the first
+    wrong one); returns the backend's spec and the resolved granularity."""
+    for name, value in (("structure", structure), ("backend", backend), ("estimator", estimator)):
+        checks.string(name, value)
+    spec, granularity = resolve_backend(backend, structure, estimator, granularity)
+    checks.integer("mc_samples", mc_samples, 1)
+    if mc_samples != 1 and estimator != "mc":
+        raise LaloraError(f"mc_samples={mc_samples} applies only to estimator='mc'")
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise LaloraError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
+    checks.integer("max_batches", max_batches, 1, optional=True)
+    checks.integer("seed", seed)
+    checks.string("adapter_name", adapter_name)
+    checks.boolean("progress", progress)
+    checks.boolean("allow_unpenalised", allow_unpenalised)
+    if sources is not None and not (
+        isinstance(sources, str)
+        or (isinstance(sources, Sequence) and all(isinstance(x, str) and x for x in sources))
+    ):
+        raise LaloraError(f"sources must be a name or a list of names, got {sources!r}")
+    if batches is None or isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+        raise LaloraError(
+            "batches must be an iterable of batch dicts (a list or a DataLoader), got "
+            f"{type(batches).__name__}"
+        )
+    return spec, granularity
+
+
+class _Passes:
+    """One pass over the batches collecting what a structure ``needs`` (its
+    :meth:`~lalora_curv.precision.Precision.fit` calls it once per pass): the backend's
+    statistics, summed over ranks under ``torch.distributed``, checked (supervised tokens,
+    finite), the first pass's counts recorded in ``metadata``."""
+
+    def __init__(self, collector, model, handles, batches, request: FitRequest, metadata) -> None:
+        self.collector, self.model, self.handles = collector, model, handles
+        self.batches, self.request, self.metadata = batches, request, metadata
+        self.device = next(iter(handles.values())).lora_A.weight.device
+
+    def __call__(
+        self,
         needs: frozenset[str],
         pass_number: int = 1,
         rotations: dict[str, dict[str, Tensor]] | None = None,
     ) -> LoraStatistics:
-        """One pass over the batches (the structure's :meth:`~Precision.fit` calls it)."""
+        seed, dtype = self.request.seed, self.request.dtype
         pass_seed = seed if pass_number == 1 else derive_seed(seed, "pass", pass_number)
         if rotations is not None:
             rotations = {
-                n: {k: q.to(device, stats_dtype) for k, q in b.items()}
-                for n, b in rotations.items()
+                n: {k: q.to(self.device, dtype) for k, q in b.items()} for n, b in rotations.items()
             }
-        request = FitRequest(
-            backend=backend,
+        request = dataclasses.replace(
+            self.request,
             needs=needs,
-            estimator=estimator,
-            mc_samples=mc_samples,
             seed=derive_seed(pass_seed, "rank", rank()) if world_size() > 1 else pass_seed,
-            max_batches=max_batches,
-            progress=progress and rank() == 0,
-            dtype=stats_dtype,
-            granularity=granularity,
             rotations=rotations,
-            vocab_size=getattr(getattr(model, "config", None), "vocab_size", None),
         )
-        stats = collector(model, handles, batches, request)
+        stats = self.collector(self.model, self.handles, self.batches, request)
         if world_size() > 1:  # each rank saw its shard: sum the sums and counts
             keys = {"lora_A_grad": "lora_A_diag", "lora_B_grad": "lora_B_diag"}
             stats.all_reduce(
-                {n: _shapes(h.spec) for n, h in handles.items()},
+                {n: _shapes(h.spec) for n, h in self.handles.items()},
                 {keys.get(k, k) for k in needs},
-                stats_dtype,
-                device,
+                dtype,
+                self.device,
             )
         if stats.supervised_tokens == 0:
             raise CurvatureError(
@@ -209,11 +238,8 @@ def fit_precision(
             )
         stats.check_finite()
         if pass_number == 1:
-            metadata["counts"] = stats.counts()
+            self.metadata["counts"] = stats.counts()
         return stats
-
-    specs = {name: h.spec for name, h in handles.items()}
-    return cls.fit(collect, specs, mode, metadata, estimator, granularity)
 
 
 def _shapes(spec) -> dict[str, tuple[int, ...]]:
