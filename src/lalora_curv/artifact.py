@@ -195,6 +195,42 @@ def load_precision(path: str | Path) -> Precision:
     for f in (meta_path, tensor_path):
         if not f.is_file():
             raise ArtifactError(f"{f}: missing")
+    meta = _read_metadata(meta_path)
+    tensors = _read_tensors(tensor_path, meta)
+    _check_metadata_values(meta, meta_path)
+    _resolve_aliases(meta.pop("tensor_aliases", {}), tensors, meta_path, tensor_path)
+    structure = meta.get("structure")
+    if structure not in REGISTRY:
+        raise ArtifactError(f"{meta_path}: unknown structure {structure!r}")
+    try:
+        modules = {d["name"]: LoraModuleSpec.from_json(d["name"], d) for d in meta["modules"]}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{meta_path}: malformed 'modules' entry ({e!r})") from None
+    mode = _mode_of(modules, tensors, tensor_path)
+    precision_meta = {k: v for k, v in meta.items() if k not in ARTIFACT_KEYS}
+    try:
+        prec = REGISTRY[structure].from_tensors(modules, mode, tensors, precision_meta)
+    except ArtifactError as e:
+        raise ArtifactError(f"{tensor_path}: {e}") from None
+    except LaloraError as e:
+        raise ArtifactError(f"{path}: inconsistent artifact ({e})") from None
+    extra = sorted(set(tensors) - set(prec.all_tensors()))
+    if extra:
+        raise ArtifactError(
+            f"{tensor_path}: unexpected tensor {extra[0]!r} for structure {structure!r}"
+        )
+    if meta.get("storage") is not None and meta["storage"] != prec.metadata.get("storage"):
+        raise ArtifactError(
+            f"{meta_path}: 'storage' says {meta['storage']!r} but the tensors are stored as "
+            f"{prec.metadata.get('storage')!r}"
+        )
+    check_values(prec, tensor_path)
+    return prec
+
+
+def _read_metadata(meta_path: Path) -> dict[str, Any]:
+    """``precision.json``: finite JSON of this kind and a readable format version, matching
+    its digest (format 2); keys of a newer format dropped with a warning."""
     try:
         meta = json.loads(
             meta_path.read_text(), parse_constant=_reject_constant, parse_float=_finite_float
@@ -221,17 +257,22 @@ def load_precision(path: str | Path) -> Precision:
         warnings.warn(
             f"{meta_path}: a format-1 artifact, whose metadata no digest covers; save it "
             "again to protect it (format 2)",
-            stacklevel=2,
+            stacklevel=3,
         )
     unknown = sorted(set(meta) - KNOWN_KEYS)
     if unknown:
         warnings.warn(
             f"{meta_path}: dropping unknown metadata keys {unknown} (written by a "
             "newer lalora-curv?)",
-            stacklevel=2,
+            stacklevel=3,
         )
         meta = {k: v for k, v in meta.items() if k in KNOWN_KEYS}
+    return meta
 
+
+def _read_tensors(tensor_path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``precision.safetensors``: written by lalora-curv, the bytes the metadata's SHA-256
+    names, every floating tensor finite."""
     blob = tensor_path.read_bytes()
     try:
         tensors = st_load(blob)
@@ -251,9 +292,13 @@ def load_precision(path: str | Path) -> Precision:
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"{tensor_path}: tensor {name!r} has NaN/inf entries")
+    return tensors
 
-    _check_metadata_values(meta, meta_path)
-    aliases = meta.pop("tensor_aliases", {})
+
+def _resolve_aliases(
+    aliases: Any, tensors: dict[str, torch.Tensor], meta_path: Path, tensor_path: Path
+) -> None:
+    """Add the deduplicated tensors (``alias -> stored name``) to ``tensors``."""
     if not isinstance(aliases, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
     ):
@@ -266,13 +311,12 @@ def load_precision(path: str | Path) -> Precision:
                 f"{meta_path}: alias {alias!r} refers to {target!r}, which is not stored"
             )
         tensors[alias] = tensors[target]
-    structure = meta.get("structure")
-    if structure not in REGISTRY:
-        raise ArtifactError(f"{meta_path}: unknown structure {structure!r}")
-    try:
-        modules = {d["name"]: LoraModuleSpec.from_json(d["name"], d) for d in meta["modules"]}
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ArtifactError(f"{meta_path}: malformed 'modules' entry ({e!r})") from None
+
+
+def _mode_of(
+    modules: dict[str, LoraModuleSpec], tensors: dict[str, torch.Tensor], tensor_path: Path
+) -> dict[str, torch.Tensor]:
+    """The mode ``mu``: every module's ``lora_A``/``lora_B`` tensor, of its spec's shape."""
     mode = {}
     for spec in modules.values():
         for name, shape in (
@@ -288,30 +332,7 @@ def load_precision(path: str | Path) -> Precision:
                     f"{tuple(tensors[key].shape)}, expected {shape}"
                 )
             mode[name] = tensors[key]
-    meta.pop("tensors_sha256", None)
-    meta.pop("metadata_sha256", None)
-    meta.pop("modules", None)
-    meta.pop("kind", None)
-    meta.pop("format_version", None)
-    try:
-        prec = REGISTRY[structure].from_tensors(modules, mode, tensors, meta)
-    except ArtifactError as e:
-        raise ArtifactError(f"{tensor_path}: {e}") from None
-    except LaloraError as e:
-        raise ArtifactError(f"{path}: inconsistent artifact ({e})") from None
-    expected = set(prec.all_tensors())
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        raise ArtifactError(
-            f"{tensor_path}: unexpected tensor {extra[0]!r} for structure {structure!r}"
-        )
-    if meta.get("storage") is not None and meta["storage"] != prec.metadata.get("storage"):
-        raise ArtifactError(
-            f"{meta_path}: 'storage' says {meta['storage']!r} but the tensors are stored as "
-            f"{prec.metadata.get('storage')!r}"
-        )
-    check_values(prec, tensor_path)
-    return prec
+    return mode
 
 
 #: tensor kinds (the name before the first dot) that must be >= 0: diagonals, eigenvalues,
