@@ -334,78 +334,132 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run the recipe on ``model`` (a peft model with a fresh LoRA adapter at its init) and
     write everything into ``out``; returns the summary (also ``out/results.json``)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    timings: dict[str, Any] = {}
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    if not init:
-        raise RecipeError("the model has no trainable (LoRA) parameters")
-    with staged_dir(out / "adapter_init") as tmp:
-        model.save_pretrained(tmp)
-
-    def batches(task: str, part: str, shuffle: bool) -> list[dict[str, torch.Tensor]]:
-        examples = supervised_examples(task, splits.records[task][part])
-        if shuffle:
-            random.Random(config.seed).shuffle(examples)
-        else:  # similar lengths together: less padding in the fit
-            examples.sort(key=lambda e: len(e[0]) + len(e[1]))
-        made = make_batches(examples, tokenizer, config.batch_size, config.max_length)
-        return [{k: v.to(device) for k, v in b.items()} for b in made]
-
-    # 1. fit: one artifact per source (reused when an earlier run saved it), pooled in memory
-    with stage(timings, "fit", device):
-        groups = {"all": SOURCES} if config.structure == "ekfac" else {t: (t,) for t in SOURCES}
-        parts = []
-        for name, tasks in groups.items():  # EKFAC's eigenbases differ: one fit on every source
-            path = out / "precision" / name
-            p = _reuse_precision(path, config, log)
-            if p is None:
-                p = lc.fit_precision(
-                    model,
-                    [b for t in tasks for b in batches(t, "fit", shuffle=False)],
-                    structure=config.structure,
-                    estimator=config.estimator,
-                    mc_samples=config.mc_samples,
-                    seed=config.seed,
-                    sources=list(tasks),
-                    progress=progress,
-                )
-                if config.storage is not None:
-                    p = p.with_storage(config.storage)
-                lc.save_precision(p, path)
-            parts.append(p.to("cpu"))  # the penalty moves it to the model's device once
-            del p
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        prec = sum(parts[1:], parts[0])
-    where = out / "precision"
-    log(f"precision: {config.structure}/{config.estimator} on {', '.join(SOURCES)} in {where}")
+    recipe = _Recipe(model, tokenizer, splits, config, Path(out), progress, log)
+    prec = recipe.fit()
     val = {t: splits.records[t]["val"] for t in (*SOURCES, TARGET)}
-    test = {t: splits.records[t]["test"] for t in (*SOURCES, TARGET)}
-    with stage(timings, "score base (validation)", device):
+    with stage(recipe.timings, "score base (validation)", recipe.device):
         base_val = score(model, tokenizer, val, config, progress)
-    train_batches = batches(TARGET, "train", shuffle=True)
-    controls = {"l2": lc.isotropic_precision(model).to(device=device)}
-    variants = _read_variants(out / VARIANTS_FILE)
-    (out / "logs").mkdir(exist_ok=True)
+    train_batches = recipe.batches(TARGET, "train", shuffle=True)
+    penalties = {"lora": None, "lalora": prec, "l2": lc.isotropic_precision(model)}
+    variants = _read_variants(recipe.out / VARIANTS_FILE)
     for name, family, c in variant_names(config):
         if name in variants:
             log(f"{name}: done earlier (validation source {variants[name]['val']['source']:.4f})")
             continue
+        variants[name] = recipe.train_variant(name, family, c, penalties[family], train_batches)
+        variants[name]["val"] = recipe.score_variant(name, val)
+        with open(recipe.out / VARIANTS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(variants[name], sort_keys=True) + "\n")
+        v = variants[name]
+        log(
+            f"{name}: validation source {v['val']['source']:.4f}, target "
+            f"{v['val']['target']:.4f} (lambda {v['lam']})"
+        )
+    done = list(variants.values())
+    picks = {"lora": variants["lora"], **{f: pick(done, f) for f in ("lalora", *config.controls)}}
+    summary = {
+        "config": asdict(config),
+        "splits": splits.counts(),
+        "notes": splits.notes,
+        "precision": {
+            "artifacts": sorted(str(p) for p in (recipe.out / "precision").iterdir()),
+            "digest": prec.digest(),
+        },
+        "base_validation": base_val,
+        "variants": done,
+        "picks": {f: v["name"] for f, v in picks.items()},
+        "test": recipe.test(picks),
+        "stages": recipe.timings,
+        "device": str(recipe.device),
+        "device_name": torch.cuda.get_device_name(recipe.device)
+        if recipe.device.type == "cuda"
+        else "cpu",
+    }
+    recipe.write(summary)
+    return summary
+
+
+class _Recipe:
+    """The recipe's stages on one model, writing into ``out``, timing each stage."""
+
+    def __init__(self, model, tokenizer, splits, config, out: Path, progress, log) -> None:
+        self.model, self.tokenizer, self.splits, self.config = model, tokenizer, splits, config
+        self.out, self.progress, self.log = out, progress, log
+        self.device = next(model.parameters()).device
+        self.timings: dict[str, Any] = {}
+        self.init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if not self.init:
+            raise RecipeError("the model has no trainable (LoRA) parameters")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "logs").mkdir(exist_ok=True)
+        with staged_dir(out / "adapter_init") as tmp:
+            model.save_pretrained(tmp)
+
+    def batches(self, task: str, part: str, shuffle: bool) -> list[dict[str, torch.Tensor]]:
+        """Supervised batches of one part of ``task`` (shuffled, seeded; or sorted by length,
+        which pads less)."""
+        examples = supervised_examples(task, self.splits.records[task][part])
+        if shuffle:
+            random.Random(self.config.seed).shuffle(examples)
+        else:
+            examples.sort(key=lambda e: len(e[0]) + len(e[1]))
+        made = make_batches(
+            examples, self.tokenizer, self.config.batch_size, self.config.max_length
+        )
+        return [{k: v.to(self.device) for k, v in b.items()} for b in made]
+
+    def reset(self) -> None:
+        """The adapter back at its init (the mode)."""
         with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in init:
-                    p.copy_(init[n])
-        penalty = None if family == "lora" else (prec if family == "lalora" else controls[family])
-        strength = lc.Strength.relative(c) if penalty is not None else 0.0
-        ckpt = out / "checkpoints" / name
-        with stage(timings, f"train {name}", device):
+            for n, p in self.model.named_parameters():
+                if n in self.init:
+                    p.copy_(self.init[n])
+
+    def fit(self) -> lc.Precision:
+        """One artifact per source (reused when an earlier run saved it; EKFAC, whose
+        eigenbases differ between sources, one fit on them all), pooled in memory."""
+        config = self.config
+        groups = {"all": SOURCES} if config.structure == "ekfac" else {t: (t,) for t in SOURCES}
+        parts = []
+        with stage(self.timings, "fit", self.device):
+            for name, tasks in groups.items():
+                path = self.out / "precision" / name
+                p = _reuse_precision(path, config, self.log)
+                if p is None:
+                    p = lc.fit_precision(
+                        self.model,
+                        [b for t in tasks for b in self.batches(t, "fit", shuffle=False)],
+                        structure=config.structure,
+                        estimator=config.estimator,
+                        mc_samples=config.mc_samples,
+                        seed=config.seed,
+                        sources=list(tasks),
+                        progress=self.progress,
+                    )
+                    if config.storage is not None:
+                        p = p.with_storage(config.storage)
+                    lc.save_precision(p, path)
+                parts.append(p.to("cpu"))  # the penalty moves it to the model's device once
+                del p
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        self.log(
+            f"precision: {config.structure}/{config.estimator} on {', '.join(SOURCES)} in "
+            f"{self.out / 'precision'}"
+        )
+        return sum(parts[1:], parts[0])
+
+    def train_variant(self, name, family, c, penalty, train_batches) -> dict[str, Any]:
+        """Train one variant from the init (continuing from its checkpoint if a stopped run
+        left one) and save its adapter; its record without the validation scores."""
+        self.reset()
+        config, ckpt = self.config, self.out / "checkpoints" / name
+        with stage(self.timings, f"train {name}", self.device):
             logs = lc.train(
-                model,
+                self.model,
                 train_batches,
                 penalty,
-                strength,
+                lc.Strength.relative(c) if penalty is not None else 0.0,
                 lr=config.lr,
                 epochs=config.epochs,
                 max_steps=config.max_steps,
@@ -413,72 +467,57 @@ def run_recipe(
                 warmup_steps=config.warmup_steps,
                 mixed_precision=config.mixed_precision,
                 seed=config.seed,
-                log_file=out / "logs" / f"{name}.jsonl",
+                log_file=self.out / "logs" / f"{name}.jsonl",
                 checkpoint_dir=ckpt,
                 checkpoint_every=config.checkpoint_every,
                 resume=latest_checkpoint(ckpt) is not None,
-                progress=progress,
+                progress=self.progress,
             )
-        with staged_dir(out / "adapters" / name) as tmp:
-            model.save_pretrained(tmp)
-        with stage(timings, f"score {name} (validation)", device):
-            scores = score(model, tokenizer, val, config, progress)
+        with staged_dir(self.out / "adapters" / name) as tmp:
+            self.model.save_pretrained(tmp)
         last = logs[-1] if logs else {}
-        record = {
+        return {
             "name": name,
             "family": family,
             "c": c,
             "lam": last.get("lam"),
             "steps": last.get("step"),
             "final_nll": last.get("nll"),
-            "val": scores,
-            "train": timings[f"train {name}"],
+            "train": self.timings[f"train {name}"],
         }
-        variants[name] = record
-        with open(out / VARIANTS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        log(
-            f"{name}: validation source {scores['source']:.4f}, target {scores['target']:.4f} "
-            f"(lambda {record['lam']})"
+
+    def score_variant(self, name: str, records: dict[str, list[dict[str, Any]]]) -> dict:
+        with stage(self.timings, f"score {name} (validation)", self.device):
+            return score(self.model, self.tokenizer, records, self.config, self.progress)
+
+    def test(self, picks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The base model (the adapter at its init) and each family's pick on the test parts."""
+        records = {t: self.splits.records[t]["test"] for t in (*SOURCES, TARGET)}
+        tested: dict[str, Any] = {}
+        self.reset()
+        with stage(self.timings, "score base (test)", self.device):
+            tested["base"] = score(self.model, self.tokenizer, records, self.config, self.progress)
+        for family, v in picks.items():
+            _load_adapter_weights(self.model, self.out / "adapters" / v["name"], self.init)
+            with stage(self.timings, f"score {v['name']} (test)", self.device):
+                tested[family] = score(
+                    self.model, self.tokenizer, records, self.config, self.progress
+                )
+        return tested
+
+    def write(self, summary: dict[str, Any]) -> None:
+        """results.json, the tables and the figure; say where they are."""
+        out = self.out
+        write_json(out / "results.json", summary)
+        write_text(out / "table.md", table_markdown(summary))
+        write_text(out / "table.csv", table_csv(summary))
+        figure = plot_recipe(summary, out / "recipe.png")
+        self.log(table_markdown(summary))
+        for note in self.splits.notes:
+            self.log(f"note: {note}")
+        self.log(
+            f"wrote {out / 'results.json'}, {out / 'table.md'}" + (f", {figure}" if figure else "")
         )
-    done = list(variants.values())
-    picks = {"lora": variants["lora"], **{f: pick(done, f) for f in ("lalora", *config.controls)}}
-    tested: dict[str, Any] = {}
-    with stage(timings, "score base (test)", device):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in init:
-                    p.copy_(init[n])
-        tested["base"] = score(model, tokenizer, test, config, progress)
-    for family, v in picks.items():
-        _load_adapter_weights(model, out / "adapters" / v["name"], init)
-        with stage(timings, f"score {v['name']} (test)", device):
-            tested[family] = score(model, tokenizer, test, config, progress)
-    summary = {
-        "config": asdict(config),
-        "splits": splits.counts(),
-        "notes": splits.notes,
-        "precision": {
-            "artifacts": sorted(str(p) for p in where.iterdir()),
-            "digest": prec.digest(),
-        },
-        "base_validation": base_val,
-        "variants": done,
-        "picks": {f: v["name"] for f, v in picks.items()},
-        "test": tested,
-        "stages": timings,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
-    write_json(out / "results.json", summary)
-    write_text(out / "table.md", table_markdown(summary))
-    write_text(out / "table.csv", table_csv(summary))
-    figure = plot_recipe(summary, out / "recipe.png")
-    log(table_markdown(summary))
-    for note in splits.notes:
-        log(f"note: {note}")
-    log(f"wrote {out / 'results.json'}, {out / 'table.md'}" + (f", {figure}" if figure else ""))
-    return summary
 
 
 def _reuse_precision(path: Path, config: RecipeConfig, log: Callable[[str], None]):
