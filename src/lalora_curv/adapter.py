@@ -102,7 +102,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def whole(t: Tensor) -> Tensor:
     """A parameter's whole value: an FSDP2 shard (a DTensor) all-gathered, differentiably (its
-    gradient returns to each rank's shard), or the tensor itself."""
+    gradient returns to each rank's shard), or the tensor itself.
+    """
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
@@ -114,7 +115,8 @@ def eager_model(model: nn.Module) -> nn.Module:
     """The model to run a fit's forward on: ``model`` itself, or, when a ``torch.compile``
     wrapper sits anywhere in its DDP / accelerate / compile wrappers, the innermost eager
     module (hooks cannot see inside a compiled graph; statistics are reduced across ranks by
-    the fit itself, so DDP's forward is not needed)."""
+    the fit itself, so DDP's forward is not needed).
+    """
     chain, m = [model], model
     while True:
         inner = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
@@ -205,7 +207,8 @@ def active_adapters(model: nn.Module) -> list[str] | None:
 
 def check_active(model: nn.Module, adapter_name: str, error: type[LaloraError] = LaloraError):
     """Refuse to fit or train ``adapter_name`` while the model runs another adapter (whose
-    weights the forward would use and the optimizer would move)."""
+    weights the forward would use and the optimizer would move).
+    """
     active = active_adapters(model)
     if active is not None and adapter_name not in active:
         raise error(
@@ -217,7 +220,8 @@ def check_active(model: nn.Module, adapter_name: str, error: type[LaloraError] =
 def unpenalised_trainables(model: nn.Module, handles: dict[str, LoraHandle]) -> list[str]:
     """Names of the parameters that require a gradient but are not the adapter's lora_A /
     lora_B weights: ``modules_to_save`` copies, LoRA biases, trainable token rows, another
-    adapter's weights; a LoRA precision does not cover them."""
+    adapter's weights; a LoRA precision does not cover them.
+    """
     covered = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
     return [
         n

@@ -31,7 +31,8 @@ def _umask() -> int:
 
 def write_bytes(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary sibling, fsync, rename), with the
-    permissions a plain ``open`` would give (``mkstemp`` alone makes it private)."""
+    permissions a plain ``open`` would give (``mkstemp`` alone makes it private).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -61,7 +62,8 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def leftovers(final: Path) -> dict[str, list[Path]]:
     """Siblings an interrupted :func:`staged_dir` of ``final`` left: ``{"tmp": [...], "old":
-    [...]}`` (a half-built new copy; the previous copy, moved aside)."""
+    [...]}`` (a half-built new copy; the previous copy, moved aside).
+    """
     final = Path(final)
     if not final.parent.is_dir():
         return {"tmp": [], "old": []}
@@ -78,7 +80,8 @@ def staged_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty staging directory; on a normal exit it replaces ``final`` atomically
     (module docstring), on an exception it is deleted and ``final`` is untouched. With
     ``replace=False`` (a cache), a ``final`` another process completed meanwhile is kept and
-    the staging copy dropped."""
+    the staging copy dropped.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))

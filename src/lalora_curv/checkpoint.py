@@ -77,7 +77,8 @@ def _sha256(path: Path) -> str:
 
 def _info_digest(info: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``info`` without its ``sha256`` field: an edit of the
-    settings or of the states' skeleton (RNG words, step counts) is detected too."""
+    settings or of the states' skeleton (RNG words, step counts) is detected too.
+    """
     body = {k: v for k, v in info.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
@@ -99,7 +100,8 @@ def save_checkpoint(
     run: dict[str, Any],
 ) -> Path:
     """Write ``directory/checkpoint-<step>`` atomically: adapter (peft format), states, and
-    the run's settings ``run`` with the digests of every file."""
+    the run's settings ``run`` with the digests of every file.
+    """
     model = unwrap_model(model)
     final = Path(directory) / f"{CHECKPOINT_PREFIX}{step}"
     state = {

@@ -25,7 +25,8 @@ def integer(
     error: type[LaloraError] = LaloraError,
 ) -> int | None:
     """``value`` as an ``int`` (not a bool, not a float), ``>= minimum``; ``None`` passes
-    when ``optional``."""
+    when ``optional``.
+    """
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -46,7 +47,8 @@ def number(
     error: type[LaloraError] = LaloraError,
 ) -> float | None:
     """``value`` as a finite ``float`` (a real number, not a bool or a string), ``>= minimum``
-    (``> minimum`` when ``strict``); ``None`` passes when ``optional``."""
+    (``> minimum`` when ``strict``); ``None`` passes when ``optional``.
+    """
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):

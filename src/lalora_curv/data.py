@@ -90,7 +90,8 @@ def load_examples(
 ) -> list[dict[str, Any]]:
     """The examples of ``source`` as dicts: a local file or folder, a hub id (loaded with
     ``datasets.load_dataset``), a ``datasets.Dataset`` or a list of dicts; the first
-    ``limit``."""
+    ``limit``.
+    """
     if isinstance(source, str | Path):
         rows = _load_dataset(source, split, config)
     elif isinstance(source, Sequence) and not isinstance(source, str):
@@ -317,7 +318,8 @@ def _packed(
     rows: list[tuple[list[int], list[int]]], batch_size: int, max_length: int, pad: int
 ) -> list[dict[str, Tensor]]:
     """Rows of whole examples (greedy, in order) with restarting position ids; the first label
-    of each example is -100 (it would be predicted from the previous example's last token)."""
+    of each example is -100 (it would be predicted from the previous example's last token).
+    """
     packed: list[list[tuple[list[int], list[int]]]] = [[]]
     for ids, lab in rows:
         if sum(len(i) for i, _ in packed[-1]) + len(ids) > max_length and packed[-1]:

@@ -98,7 +98,8 @@ class PenaltyMixin:
 
     def _follow_budget(self, penalty: float) -> None:
         """Under a source-NLL budget, update ``lam`` once per optimizer step, from the penalty
-        of the step before (the thin loop's rule; the parameters do not move within a step)."""
+        of the step before (the thin loop's rule; the parameters do not move within a step).
+        """
         if self.strength.kind != "budget":
             return
         step = self.state.global_step

@@ -1,5 +1,6 @@
 """Figures: matplotlib when it is installed (it is optional: extra ``bench``), written
-atomically (a temporary sibling, then a rename) and closed."""
+atomically (a temporary sibling, then a rename) and closed.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def pyplot() -> Any | None:
 
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Save the matplotlib ``fig`` to ``path`` atomically (:func:`lalora_curv.atomic.write_bytes`:
-    a crash never leaves a half-written image) and close it; returns the path."""
+    a crash never leaves a half-written image) and close it; returns the path.
+    """
     plt = pyplot()
     path = Path(path)
     buffer = io.BytesIO()

@@ -86,7 +86,8 @@ class Strength:
 
     def check(self, precision: Precision | None, error: type[LaloraError] = LaloraError) -> None:
         """Refuse a strength the precision cannot carry: a penalty without a precision, a
-        budget on a precision whose penalty is not in nats per source token."""
+        budget on a precision whose penalty is not in nats per source token.
+        """
         if precision is None:
             if self.active:
                 raise error("lam > 0 needs a precision")
@@ -138,7 +139,8 @@ class Strength:
 
 def mean_curvature(precision: Precision) -> float:
     """``m(P) = tr(P) / num_params``, the precision's mean eigenvalue (over the merged update
-    for the merged structures, per LoRA parameter)."""
+    for the merged structures, per LoRA parameter).
+    """
     m = precision.trace() / precision.num_params
     if not m > 0:
         raise LaloraError(f"a relative strength needs a precision with a positive trace, got {m}")

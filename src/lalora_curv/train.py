@@ -86,7 +86,8 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
 
 def data_digest(batches: Sequence[Mapping[str, Tensor]]) -> str:
     """SHA-256 of the batches in order (every tensor's key, dtype, shape and bytes): a resumed
-    run must see the same data in the same order for its position to mean anything."""
+    run must see the same data in the same order for its position to mean anything.
+    """
     h = hashlib.sha256()
     for raw in batches:
         for key in sorted(raw):
@@ -98,7 +99,8 @@ def data_digest(batches: Sequence[Mapping[str, Tensor]]) -> str:
 
 def check_token_ids(batches: Sequence[Mapping[str, Tensor]], model: nn.Module) -> None:
     """Every ``input_ids`` in ``[0, vocab)`` and every label there or -100 (a token id outside
-    the vocabulary is otherwise a bare ``IndexError`` deep in the embedding)."""
+    the vocabulary is otherwise a bare ``IndexError`` deep in the embedding).
+    """
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for i, raw in enumerate(batches):
         if not isinstance(raw, Mapping):
@@ -134,7 +136,8 @@ def check_train_arguments(
     kw: dict[str, Any],
 ) -> dict[str, Any]:
     """Every argument of :func:`train` (``kw``: the others, by name), validated: a
-    :class:`TrainingError` names the first wrong one; the validated values are returned."""
+    :class:`TrainingError` names the first wrong one; the validated values are returned.
+    """
     e = {"error": TrainingError}
     out = dict(kw)
     if precision is not None and not isinstance(precision, Precision):
@@ -199,7 +202,8 @@ def check_covered(
 ) -> None:
     """What training with ``precision`` needs of ``model``: ``adapter_name`` is the active
     adapter, the precision matches it, and every tensor the optimizer moves is penalised or
-    was named when the precision was fitted (``metadata["unpenalised"]``)."""
+    was named when the precision was fitted (``metadata["unpenalised"]``).
+    """
     check_active(model, adapter_name, error)
     if precision is None:
         return
@@ -269,7 +273,8 @@ def _resume(
 
 def _truncate_log(log_file: Path, step: int) -> None:
     """Drop the records a killed run logged after the checkpoint it resumes from (they are
-    logged again), so every step appears once."""
+    logged again), so every step appears once.
+    """
     if not log_file.is_file():
         return
     kept = [
@@ -503,7 +508,8 @@ def train(
 
 class _Step:
     """One optimizer step: ``K`` micro-batches (NLL / K each), the penalty once (in the last,
-    synchronised backward), clipping, the non-finite guard on every rank, the update."""
+    synchronised backward), clipping, the non-finite guard on every rank, the update.
+    """
 
     def __init__(
         self,

@@ -45,7 +45,8 @@ ALL_STATISTICS = frozenset(
 @dataclass(frozen=True)
 class Backend:
     """A statistics backend: the statistics, estimators and granularities it computes. Which
-    structures it can fit follows from what each structure declares it needs."""
+    structures it can fit follows from what each structure declares it needs.
+    """
 
     name: str
     module: str  # defines ``collect_statistics(model, handles, batches, request: FitRequest)``

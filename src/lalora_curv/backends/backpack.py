@@ -48,7 +48,8 @@ def extended(modules: list[nn.Module]) -> Iterator[None]:
 
     BackPACK has no public way to undo ``extend``: this deletes the hooks it added from torch's
     per-module hook dictionaries (fragile if BackPACK changes how it registers them; the test
-    ``test_backpack_leaves_no_trace`` watches)."""
+    ``test_backpack_leaves_no_trace`` watches).
+    """
     from backpack import extend, memory_cleanup
 
     before = [

@@ -79,7 +79,8 @@ def fitting_state(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[
 
 def derive_seed(seed: int, *keys: object) -> int:
     """An independent seed for ``(seed, *keys)`` (a pass, a rank, a piece): no two streams of
-    neighbouring seeds overlap, unlike ``seed + k``."""
+    neighbouring seeds overlap, unlike ``seed + k``.
+    """
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
@@ -87,7 +88,8 @@ def derive_seed(seed: int, *keys: object) -> int:
 @contextlib.contextmanager
 def only_lora_trainable(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[None]:
     """Only the LoRA weights require a gradient inside the block (upstream tools take every
-    parameter that does); ``requires_grad`` and every ``.grad`` are restored afterwards."""
+    parameter that does); ``requires_grad`` and every ``.grad`` are restored afterwards.
+    """
     lora = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_grads = [(p, p.grad) for p in model.parameters()]
@@ -169,7 +171,8 @@ def accepts_position_ids(model: nn.Module) -> bool:
 def model_logits(model: nn.Module, batch: PreparedBatch) -> Tensor:
     """The model's logits (batch, seq, vocab) for a prepared batch (its
     :meth:`~lalora_curv.batches.PreparedBatch.model_inputs`: position ids where the model
-    takes them, packed rows without the 2-D mask)."""
+    takes them, packed rows without the 2-D mask).
+    """
     from lalora_curv.adapter import unwrap_model
 
     # no KV cache: it would also switch off transformers' masking of packed sequences

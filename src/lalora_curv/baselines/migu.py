@@ -27,7 +27,8 @@ from lalora_curv.errors import LaloraError
 
 def row_mask(output: Tensor, threshold: float) -> Tensor:
     """``m_j > quantile(m, threshold)`` for the L1-normalised row magnitudes ``m`` of
-    ``output`` (..., D_out); at ``threshold = 0`` every row is kept."""
+    ``output`` (..., D_out); at ``threshold = 0`` every row is kept.
+    """
     magnitude = output.detach().abs().reshape(-1, output.shape[-1]).sum(0)
     magnitude = magnitude / magnitude.sum().clamp_min(torch.finfo(magnitude.dtype).tiny)
     if threshold == 0.0:

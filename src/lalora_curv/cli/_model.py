@@ -41,7 +41,8 @@ Quantization = Literal["4bit", "8bit"]
 
 def quantization_config(quantization: str | None, dtype: Dtype):
     """transformers' ``BitsAndBytesConfig`` for ``--quantization`` (QLoRA: the base in 4 or 8
-    bits, the LoRA weights and the statistics in ``dtype``), or None."""
+    bits, the LoRA weights and the statistics in ``dtype``), or None.
+    """
     if quantization is None:
         return None
     try:
@@ -62,7 +63,8 @@ def load_base(
     model: str, dtype: Dtype, device: str, quantization: str | None = None
 ) -> tuple[nn.Module, object]:
     """``AutoModelForCausalLM`` and its tokenizer from a local path or a hub id (in 4 or 8
-    bits with ``quantization``)."""
+    bits with ``quantization``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local_looking = model.startswith(("/", ".", "~")) or model.count("/") > 1
@@ -90,7 +92,8 @@ def _device_map(device: str) -> dict[str, str]:
 
 def resolve_adapter(path: str) -> str:
     """A peft adapter directory, a fit run (its ``adapter_init/``), a train run (its
-    ``adapter/``), or a hub id (``owner/name``, when no such local path exists)."""
+    ``adapter/``), or a hub id (``owner/name``, when no such local path exists).
+    """
     p = Path(path)
     for candidate in (p, p / ADAPTER_INIT_DIR, p / ADAPTER_DIR):
         if (candidate / "adapter_config.json").is_file():
@@ -227,7 +230,8 @@ def task_batches(
 
 def dataset_name(source: str) -> str:
     """The source name of a dataset (its artifact's folder): a file's stem, a folder's name,
-    a hub id with ``/`` as ``--``."""
+    a hub id with ``/`` as ``--``.
+    """
     p = Path(source).expanduser()
     if p.exists():
         return p.stem if p.is_file() else p.name
@@ -247,7 +251,8 @@ def dataset_sources(
     option: str = "--dataset",
 ) -> dict[str, list[Batch]]:
     """``{name: supervised batches}`` of each dataset (:func:`lalora_curv.data.dataset_batches`:
-    text, prompt-completion or conversational examples from a file, folder or hub id)."""
+    text, prompt-completion or conversational examples from a file, folder or hub id).
+    """
     from lalora_curv.data import DatasetError, dataset_batches
 
     names = [dataset_name(d) for d in datasets]

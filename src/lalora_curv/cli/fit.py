@@ -75,7 +75,8 @@ EXAMPLES = """examples:
 
 def check_storage(structure: str, storage: str | None, storage_rank: int | None) -> None:
     """Refuse a --storage / --storage_rank combination before anything is fitted; whether the
-    structure offers the storage is the library's answer (``Precision.check_storage``)."""
+    structure offers the storage is the library's answer (``Precision.check_storage``).
+    """
     if storage is None:
         if storage_rank is not None:
             raise CliError("--storage_rank applies to --storage lowrank only (no --storage given)")
@@ -141,7 +142,8 @@ def self_generated_source(
 
 def check_source_names(sources: str | list[str]) -> None:
     """Refuse the reserved name and repeated names in ``--sources`` (before any run directory
-    is touched)."""
+    is touched).
+    """
     names = split_names(sources)
     if SUM_NAME in names:
         raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")

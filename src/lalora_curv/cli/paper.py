@@ -165,7 +165,8 @@ RESUME_FREE = ("progress", "device", "out")
 
 def _check_resumable(out: Path, config: dict[str, Any], variants_file: str) -> None:
     """Refuse to resume into ``out`` a run made with other settings (its precision and
-    finished variants would be mixed with this one's)."""
+    finished variants would be mixed with this one's).
+    """
     earlier = out / "config.yaml"
     if not earlier.is_file() or not (out / variants_file).is_file():
         return

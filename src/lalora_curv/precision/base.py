@@ -107,13 +107,15 @@ class Precision(ABC):
     def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
         """The statistics (:class:`~lalora_curv.statistics.ModuleSums` fields, or
         ``"lora_A_grad"``/``"lora_B_grad"`` for squares of summed gradients) a pass over the
-        batches must accumulate for this structure."""
+        batches must accumulate for this structure.
+        """
         raise LaloraError(f"structure {cls.structure!r} is not fitted from data")
 
     @classmethod
     def required_statistics(cls, estimator: str, granularity: str) -> frozenset[str]:
         """Every statistic of every pass (a backend must offer them all); ``"rotated"``: the
-        diagonal sums in another basis (EKFAC's second pass)."""
+        diagonal sums in another basis (EKFAC's second pass).
+        """
         return cls.needs(estimator, granularity)
 
     @classmethod
@@ -126,7 +128,8 @@ class Precision(ABC):
     ) -> Precision:
         """The precision from one pass's token sums, normalised as every structure is (see
         :mod:`lalora_curv.precision`): input factors divided by the counted positions,
-        everything built from gradients by the supervised tokens ``N``."""
+        everything built from gradients by the supervised tokens ``N``.
+        """
         raise LaloraError(f"structure {cls.structure!r} is not fitted from data")
 
     @classmethod
@@ -140,7 +143,8 @@ class Precision(ABC):
         granularity: str,
     ) -> Precision:
         """Fit the structure: one pass collecting :meth:`needs`, then
-        :meth:`from_statistics` (EKFAC overrides it with its two passes)."""
+        :meth:`from_statistics` (EKFAC overrides it with its two passes).
+        """
         stats = collect(cls.needs(estimator, granularity))
         return cls.from_statistics(stats, specs, mode, metadata)
 
@@ -177,12 +181,14 @@ class Precision(ABC):
     @abstractmethod
     def module_trace(self, name: str) -> float:
         """Trace of module ``name``'s precision block over its LoRA parameters (for the merged
-        structures, which have no matrix over ``(A, B)``: over the merged update ``dW``)."""
+        structures, which have no matrix over ``(A, B)``: over the merged update ``dW``).
+        """
 
     def trace(self) -> float:
         """``tr(P) = sum over modules of`` :meth:`module_trace`: the precision's scale, e.g.
         ``trace() / num_params`` is its mean eigenvalue, which makes ``lam`` comparable across
-        estimators and source data (``lam = c * num_params / trace()``)."""
+        estimators and source data (``lam = c * num_params / trace()``).
+        """
         return sum(self.module_trace(name) for name in self.modules)
 
     @abstractmethod
@@ -246,7 +252,8 @@ class Precision(ABC):
     def digest(self) -> str:
         """SHA-256 of what defines the penalty: the structure, the modules, the component
         weights and every tensor (names, dtypes, shapes, bytes); equal for a precision and
-        its saved-and-loaded copy, different for any other (a checkpoint records it)."""
+        its saved-and-loaded copy, different for any other (a checkpoint records it).
+        """
         h = hashlib.sha256()
         head = {
             "structure": self.structure,
@@ -271,7 +278,8 @@ class Precision(ABC):
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Precision:
         """A copy with every tensor on ``device`` and/or in ``dtype``; a bfloat16 storage
-        (:meth:`with_storage`) is kept as stored, the mode (the compute dtype) moves."""
+        (:meth:`with_storage`) is kept as stored, the mode (the compute dtype) moves.
+        """
 
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype)
@@ -527,7 +535,8 @@ class Precision(ABC):
         """Raise :class:`LaloraError` naming the problem unless :meth:`with_storage` accepts
         ``(storage, rank)`` for this structure (a check that needs no fitted precision); a
         preset (:data:`~lalora_curv.precision.factors.STORAGE_PRESETS`) counts as what it
-        names."""
+        names.
+        """
         storage, rank = resolve_storage(storage, rank)
         if storage not in STORAGES:
             valid = ", ".join([*STORAGES, *STORAGE_PRESETS])

@@ -52,7 +52,8 @@ class DiagPrecision(Precision):
     @classmethod
     def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
         """Per-token squared gradients, or squares of gradients summed over a sequence
-        (``granularity="sequence"``) or a whole batch (``"batch-grad-squared"``)."""
+        (``granularity="sequence"``) or a whole batch (``"batch-grad-squared"``).
+        """
         if estimator == "batch-grad-squared" or granularity == "sequence":
             return frozenset({"lora_A_grad", "lora_B_grad"})
         return frozenset({"lora_A_diag", "lora_B_diag"})

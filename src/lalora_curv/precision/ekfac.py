@@ -84,7 +84,8 @@ class EKFACPrecision(Precision):
     @classmethod
     def fit(cls, collect, specs, mode, metadata, estimator, granularity) -> EKFACPrecision:
         """Two passes: K-FAC's factors and their eigenbases ``Q_g, Q_a`` from the first, the
-        per-token squared gradients in that basis (``Lambda``) from the second."""
+        per-token squared gradients in that basis (``Lambda``) from the second.
+        """
         from lalora_curv.precision.kfac import KFACPrecision
 
         first = collect(KFACPrecision.needs(estimator, granularity))
@@ -174,7 +175,8 @@ class EKFACPrecision(Precision):
 
 def eigenbases(kfac) -> dict[str, dict[str, Tensor]]:
     """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``
-    (of a one-component :class:`~lalora_curv.KFACPrecision`)."""
+    (of a one-component :class:`~lalora_curv.KFACPrecision`).
+    """
     bases = {}
     for name in kfac.modules:
         b = kfac.blocks(name)

@@ -83,7 +83,8 @@ def dense_storage(tensors: Iterable[Tensor]) -> dict[str, Any]:
 def upcast(t: Tensor, dtype: torch.dtype, cache: dict, key: Any = None) -> Tensor:
     """``t`` in the compute ``dtype``: ``t`` itself if it is already, else a copy made on
     first use and kept in ``cache`` (so a bfloat16 storage costs its float32 twin's products
-    and only the rounding of ``t`` is lost)."""
+    and only the rounding of ``t`` is lost).
+    """
     if t.dtype == dtype:
         return t
     if (key, dtype) not in cache:
@@ -119,7 +120,8 @@ class Factor(ABC):
     @abstractmethod
     def tensors(self, kind: str, name: str) -> dict[str, Tensor]:
         """The tensors of the artifact, keyed ``<kind>.<name>`` (dense) or
-        ``<kind>_eigvecs|_eigvals|_diag.<name>`` (low rank)."""
+        ``<kind>_eigvecs|_eigvals|_diag.<name>`` (low rank).
+        """
 
     @abstractmethod
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -168,7 +170,8 @@ class DenseFactor(Factor):
 @dataclass(frozen=True, eq=False)
 class LowRankFactor(Factor):
     """``U diag(l) U^T + diag(d)``: ``eigvecs`` (K, D, k), ``eigvals`` (K, k) descending,
-    ``diag`` (K, D)."""
+    ``diag`` (K, D).
+    """
 
     eigvecs: Tensor
     eigvals: Tensor
@@ -214,7 +217,8 @@ class LowRankFactor(Factor):
 
     def truncated(self, rank: int) -> LowRankFactor:
         """Keep the ``rank`` leading eigenpairs, moving the others' mass into the diagonal;
-        equal to truncating the original ``F`` at ``rank`` directly."""
+        equal to truncating the original ``F`` at ``rank`` directly.
+        """
         if rank >= self.rank:
             return self
         U, lam = self.eigvecs[..., rank:], self.eigvals[..., rank:]
@@ -260,7 +264,8 @@ def convert(factor: Factor, storage: str, rank: int | None, dtype: torch.dtype) 
 
 def concat(factors: list[Factor]) -> Factor:
     """Stack the components of several factors (pooling); low ranks are zero-padded to the
-    largest (a zero eigenpair adds nothing)."""
+    largest (a zero eigenpair adds nothing).
+    """
     if all(isinstance(f, DenseFactor) for f in factors):
         first = factors[0].matrix  # type: ignore[attr-defined]
         return DenseFactor(torch.cat([f.matrix.to(first) for f in factors]))  # type: ignore[attr-defined]

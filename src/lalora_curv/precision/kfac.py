@@ -233,7 +233,8 @@ class KroneckerPrecision(Precision):
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KroneckerPrecision:
         """A copy on ``device``; ``dtype`` changes the mode and the factors of dense float
-        storage and low rank, but keeps bfloat16 factors as stored."""
+        storage and low rank, but keeps bfloat16 factors as stored.
+        """
         meta = self.metadata
         if dtype is not None:
             meta["stats_dtype"] = str(dtype).removeprefix("torch.")
@@ -440,7 +441,8 @@ def _map_shared(
     cache: dict[tuple, list[tuple[Factor, Factor]]] | None = None,
 ) -> dict[str, Factor]:
     """``{name: fn(factor)}``, computing ``fn`` once per distinct content: factors equal
-    tensor by tensor (the input factor of q/k/v, of gate/up) share one result."""
+    tensor by tensor (the input factor of q/k/v, of gate/up) share one result.
+    """
     cache = {} if cache is None else cache
     out = {}
     for name, f in factors.items():

@@ -61,7 +61,8 @@ def pretrained(seed: int = 0, settings: dict | None = None, progress: bool = Tru
 
 def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
     """``(model, tokenizer)`` from ``cache_dir(kind)/<hash of cfg>``; ``build()`` them first
-    (saved atomically: written to a staging folder, then renamed) if they are not there."""
+    (saved atomically: written to a staging folder, then renamed) if they are not there.
+    """
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir(kind) / key
     if not (path / "config.json").is_file():
@@ -79,7 +80,8 @@ class Pretraining:
     """What both embedded scenarios pretrain with: a Llama from ``cfg`` (hidden, mlp, layers,
     heads; untied embeddings; EOS doubling as BOS) drawn after ``torch.manual_seed(cfg["seed"])``,
     AdamW (weight decay ``cfg["weight_decay"]``, default 0.01) with a one-cycle schedule over ``cfg["steps"]`` at ``cfg["lr"]``,
-    and steps with gradient clipping at norm 1."""
+    and steps with gradient clipping at norm 1.
+    """
 
     def __init__(self, tok, cfg: dict, max_positions: int, attention: str) -> None:
         if cfg["steps"] < 3:  # the one-cycle schedule needs a warm-up and an annealing step

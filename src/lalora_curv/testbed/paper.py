@@ -256,7 +256,8 @@ def score(
     """Every task's metrics on ``records`` (lm-evaluation-harness scoring; each with the
     ``seconds`` it took), plus ``source``
     (the mean primary metric of the source tasks), ``target`` (GSM8K strict exact match) and
-    ``selection`` (their mean)."""
+    ``selection`` (their mean).
+    """
     metrics: dict[str, Any] = {}
     was_training = model.training
     model.eval()
@@ -318,7 +319,8 @@ def variant_names(config: RecipeConfig) -> list[tuple[str, str, float]]:
 
 def pick(variants: Sequence[dict[str, Any]], family: str) -> dict[str, Any]:
     """The family's variant with the highest validation selection score (ties: the weaker
-    strength: a penalty that does not help on validation is not paid for)."""
+    strength: a penalty that does not help on validation is not paid for).
+    """
     mine = [v for v in variants if v["family"] == family]
     return max(mine, key=lambda v: (v["val"].get("selection") or 0.0, -v["c"]))
 
@@ -333,7 +335,8 @@ def run_recipe(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the recipe on ``model`` (a peft model with a fresh LoRA adapter at its init) and
-    write everything into ``out``; returns the summary (also ``out/results.json``)."""
+    write everything into ``out``; returns the summary (also ``out/results.json``).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -483,7 +486,8 @@ def run_recipe(
 
 def _reuse_precision(path: Path, config: RecipeConfig, log: Callable[[str], None]):
     """The precision an earlier run into the same ``out`` saved at ``path``, if it matches
-    ``config``."""
+    ``config``.
+    """
     if not (path / "precision.json").is_file():
         return None
     prec = lc.load_precision(path)
@@ -566,7 +570,8 @@ def table_csv(summary: dict[str, Any]) -> str:
 
 def plot_recipe(summary: dict[str, Any], path: Path) -> Path | None:
     """Validation (every variant, the picks ringed) and test (the picks and the base) in
-    the plane of GSM8K exact match (learning) and mean source accuracy (forgetting)."""
+    the plane of GSM8K exact match (learning) and mean source accuracy (forgetting).
+    """
     plt = pyplot()
     if plt is None:
         return None

@@ -180,7 +180,8 @@ def text_batches(
     """Right-padded language-modelling batches of ``EOS + text + EOS``: every text token and
     the closing EOS are supervised (the opening EOS is context, as in pretraining's stream);
     padding is labelled -100. Longer texts lose tokens from their start (as
-    :func:`~lalora_curv.tasks.formatting.make_batches` truncates)."""
+    :func:`~lalora_curv.tasks.formatting.make_batches` truncates).
+    """
     return make_batches(
         [("", t) for t in texts], tokenizer, batch_size=batch_size, max_length=max_length
     )
@@ -189,7 +190,8 @@ def text_batches(
 @torch.no_grad()
 def token_nll(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> tuple[float, int]:
     """``(sum of NLL, N)`` over the supervised tokens of ``batches`` (labels aligned with
-    ``input_ids``; position ``t`` predicts label ``t + 1``); the per-token NLL is their ratio."""
+    ``input_ids``; position ``t`` predicts label ``t + 1``); the per-token NLL is their ratio.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -257,7 +259,8 @@ class RealText:
 
 def _split(items: list, test: int | None, val: int, seed: int, task: str) -> tuple[list, list]:
     """``(test, val)``: a seeded sample of ``test`` items (``None``: every item not in val)
-    and a disjoint one of ``val`` items, each in file order."""
+    and a disjoint one of ``val`` items, each in file order.
+    """
     if val < 0 or (test is not None and test < 1):
         raise ValueError(f"need eval_sample >= 1 (or None) and val_sample >= 0, got {test}, {val}")
     if (test or 0) + val > len(items):
@@ -396,7 +399,8 @@ def evaluate(
     split: str = "test",
 ) -> dict[str, Any]:
     """Per-token NLL of the held-out source text (per task and pooled over all their tokens)
-    and of the GSM8K answers given their questions, on the ``"test"`` or ``"val"`` split."""
+    and of the GSM8K answers given their questions, on the ``"test"`` or ``"val"`` split.
+    """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     texts_of, target = (
@@ -553,7 +557,8 @@ def source_precision(
 ) -> lc.Precision:
     """The curvature precision of ``model``'s adapter at its init, on ``fit_texts`` seeded
     training texts per source task (one precision per task, pooled), or on as many supervised
-    tokens of the model's own samples (``source="self-generated"``)."""
+    tokens of the model's own samples (``source="self-generated"``).
+    """
     fit = dict(
         structure=structure,
         estimator=estimator,

@@ -228,7 +228,8 @@ def _benchmark(grid: Mapping[str, Any]) -> dict[str, Any]:
 
 def _realtext_benchmark(bench: Mapping[str, Any]) -> dict[str, Any]:
     """The real-text scenario's settings (:data:`realtext_sweep.BENCHMARK`), checked, with
-    the shipped model's identity (so another model never reuses a cell's results)."""
+    the shipped model's identity (so another model never reuses a cell's results).
+    """
     unknown = set(bench) - set(realtext_sweep.BENCHMARK)
     if unknown:
         raise GridError(
@@ -375,7 +376,8 @@ def run_cell(
     cell: Mapping[str, Any], progress: bool = False, data_dir: str | None = None
 ) -> list[dict[str, Any]]:
     """Train one cell and return one record per evaluation (step 0 first); ``data_dir``: the
-    real-text scenario's data (a folder laid out like ../shared/data, ``None``: the hub)."""
+    real-text scenario's data (a folder laid out like ../shared/data, ``None``: the hub).
+    """
     if cell["benchmark"].get("scenario") == "realtext":
         return realtext_sweep.run_cell(cell, data_dir, cell_key(cell), config_key(cell))
     t0 = time.perf_counter()
@@ -487,7 +489,8 @@ def one_thread() -> None:
 
 def _quiet() -> None:
     """In a worker: no per-cell loading bars or library deprecation notes around the sweep's
-    bar."""
+    bar.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

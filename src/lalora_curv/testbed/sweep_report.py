@@ -60,7 +60,8 @@ def pareto_front(source: Sequence[float], target: Sequence[float]) -> list[int]:
 
 def sample_std(values: Sequence[float]) -> float:
     """The sample standard deviation (``ddof = 1``) over seeds; 0 for a single seed (whose
-    spread is unknown: every table states the number of seeds beside it)."""
+    spread is unknown: every table states the number of seeds beside it).
+    """
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
@@ -76,7 +77,8 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     method), ``cell`` (without the seed), ``seeds`` and per step ``points``: ``step``, ``n``,
     mean and sample std (over seeds, :func:`sample_std`) of ``source_mean``, ``target``, each
     ``source/<domain>`` and, where the records carry a validation split, ``val/source_mean``
-    and ``val/target``; and the seeds' mean ``lam``."""
+    and ``val/target``; and the seeds' mean ``lam``.
+    """
     by_config: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_config[r["config"]].append(r)
@@ -128,7 +130,8 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def method_fronts(configs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Per method: its front over all its configurations' seed-averaged points (every step),
-    each point with its configuration's ``label`` and ``config``."""
+    each point with its configuration's ``label`` and ``config``.
+    """
     points_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         for p in c["points"]:
@@ -145,7 +148,8 @@ def source_at_target(
 ) -> dict[str, dict[str, dict[str, Any] | None]]:
     """Per method and level ``T``: its front point of highest source accuracy among those with
     target >= ``T`` (``None`` where the method never reaches ``T``): the front read at equal
-    learning, the comparison a reader of the Pareto plot makes."""
+    learning, the comparison a reader of the Pareto plot makes.
+    """
     out: dict[str, dict[str, dict[str, Any] | None]] = {}
     for method, front in sorted(fronts.items()):
         out[method] = {}
@@ -163,7 +167,8 @@ def validation_selected(
     the one of highest validation ``source_mean`` among those with validation ``target >= T``
     (seed means), with its *test* numbers; ``None`` where no point reaches ``T`` on
     validation. The honest counterpart of :func:`source_at_target`, which reads the test
-    split's own front (a selection on the numbers it reports)."""
+    split's own front (a selection on the numbers it reports).
+    """
     points_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         for p in c["points"]:
@@ -183,7 +188,8 @@ def validation_selected(
 
 def nice_levels(top: float, count: int = 9) -> list[float]:
     """Round levels ``step, 2 step, ... <= top`` with ``step`` the smallest of 0.05, 0.1, 0.2,
-    0.25, 0.5, 1 that gives at most ``count`` levels (0.1, ..., 0.9 for accuracies)."""
+    0.25, 0.5, 1 that gives at most ``count`` levels (0.1, ..., 0.9 for accuracies).
+    """
     for step in (0.05, 0.1, 0.2, 0.25, 0.5, 1.0):
         n = math.floor(top / step + 1e-9)
         if n <= count:
@@ -196,7 +202,8 @@ def front_gap(point: dict[str, Any], front: Sequence[dict[str, Any]]) -> float |
     """How far ``point`` lies below ``front`` at equal or higher learning: the highest
     ``source_mean`` of a front point with ``target >= point["target"]`` minus the point's
     (> 0: the front keeps more source at that learning; <= 0: the point is on or beyond it);
-    ``None`` when no front point learns as much."""
+    ``None`` when no front point learns as much.
+    """
     above = [p["source_mean"] for p in front if p["target"] >= point["target"]]
     return max(above) - point["source_mean"] if above else None
 
@@ -225,7 +232,8 @@ def tables(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of ``table.csv`` (``kind`` ``final``: every configuration's last step;
     ``front``: per method, the front point of highest source accuracy with target >=
-    ``threshold``; default :func:`default_threshold`) and ``summary.json``."""
+    ``threshold``; default :func:`default_threshold`) and ``summary.json``.
+    """
     fronts = method_fronts(configs)
     if threshold is None:
         threshold = default_threshold(fronts)
@@ -335,7 +343,8 @@ def plot_curves(
 ) -> Path | None:
     """Per method (rows): source accuracy and target exact match (real text: the source NLL
     increase and the GSM8K NLL decrease) against the step, every configuration a line (seed
-    mean) with a band of one std."""
+    mean) with a band of one std.
+    """
     plt = pyplot()
     if plt is None:
         return None
@@ -388,7 +397,8 @@ def report(
     records: list[dict[str, Any]], out: str | Path, threshold: float | None = None
 ) -> dict[str, Any]:
     """Write ``table.csv``, ``summary.json``, ``pareto.png`` and ``curves.png`` into ``out``
-    from every record; returns the summary plus ``rows`` and the written ``files``."""
+    from every record; returns the summary plus ``rows`` and the written ``files``.
+    """
     if not records:
         raise ValueError("no records: the sweep has not finished any cell")
     out = Path(out)
@@ -426,7 +436,8 @@ def format_table(
 ) -> str:
     """The rows as aligned text: the final points, then each method's best front point, then
     (``at_target``, from :func:`source_at_target`) each method's front read at levels of
-    target exact match."""
+    target exact match.
+    """
     width = max(len(r["config"]) for r in rows) + 2
     lines = []
     for kind, title in (

@@ -110,7 +110,8 @@ class World:
     def problems(self, split: str, n: int) -> list[tuple[str, str]]:
         """``n`` (prompt, answer) word problems. Train and test share the numbers (a tiny model
         learns the target's facts, it does not generalise arithmetic) but not the people: the
-        test problems name entities that no training problem names."""
+        test problems name entities that no training problem names.
+        """
         rng = random.Random(f"{self.seed}/problems/{split}")
         people = self.entities[split == "test" :: 2]
         out = []
@@ -128,7 +129,8 @@ class World:
         ``"question : how many stones does {e} have ? answer :"`` -> ``" {n}"``, new facts
         to memorise (train = test, like the source facts) whose template shares words with the
         word problems, so that learning it interferes with them. Drawn from its own seed: the
-        world's other content is unchanged."""
+        world's other content is unchanged.
+        """
         rng = random.Random(f"{self.seed}/holdings")
         return [
             (
