@@ -1,4 +1,4 @@
-"""Source batches without source data: sequences sampled from the model itself.
+r"""Source batches without source data: sequences sampled from the model itself.
 
 LALoRA needs batches that represent what the model knows. When the pre-training data is not
 available, sample it from the model at the mode the precision is fitted at (the adapter's
@@ -10,8 +10,8 @@ top-k/top-p) every sampled token is an exact draw from the model's predictive di
 the *empirical* Fisher on these sequences is an unbiased one-sample Monte-Carlo estimate of the
 true Fisher under the model's own sequence distribution,
 
-.. math:: F = \\mathbb{E}_{y \\sim p_\\theta}\\Big[\\sum_t
-    \\nabla \\log p_\\theta(y_t \\mid y_{<t})\\, \\nabla \\log p_\\theta(y_t \\mid y_{<t})^\\top\\Big],
+.. math:: F = \mathbb{E}_{y \sim p_\theta}\Big[\sum_t
+    \nabla \log p_\theta(y_t \mid y_{<t})\, \nabla \log p_\theta(y_t \mid y_{<t})^\top\Big],
 
 and ``estimator="mc"`` adds label draws on top of that (``tests/test_selfgen.py`` checks the
 convergence against an exact enumeration on a tiny vocabulary).

@@ -1,4 +1,4 @@
-"""How strongly the penalty pulls: one :class:`Strength` for ``lc.train``, the Hugging Face
+r"""How strongly the penalty pulls: one :class:`Strength` for ``lc.train``, the Hugging Face
 mixin, the command line and the experiments.
 
 Three ways to set ``lambda`` in ``loss = nll + lambda * (theta - mu)^T P (theta - mu)``:
@@ -15,7 +15,7 @@ Three ways to set ``lambda`` in ``loss = nll + lambda * (theta - mu)^T P (theta 
   ``metadata["scale"]``); ``lambda`` follows the multiplicative dual ascent of
   ``min NLL_target s.t. q <= epsilon``,
 
-  .. math:: \\lambda_{t+1} = \\lambda_t \\exp\\big(\\eta\\,\\mathrm{clip}(q_t/\\epsilon - 1, -1, 1)\\big),
+  .. math:: \lambda_{t+1} = \lambda_t \exp\big(\eta\,\mathrm{clip}(q_t/\epsilon - 1, -1, 1)\big),
 
   from a start ``lambda_0`` (given, or ``c / m(P)``).
 """

@@ -1,10 +1,10 @@
-"""Stage 2 of LALoRA: fine-tune the adapter on target data with the Laplace penalty.
+r"""Stage 2 of LALoRA: fine-tune the adapter on target data with the Laplace penalty.
 
 ``train`` is one readable loop (AdamW, warm-up + schedule, gradient accumulation, clipping,
 autocast, evaluation callback, JSON-lines log, atomic checkpoints, exact resume). Per optimizer
 step it minimises
 
-.. math:: \\frac1K \\sum_{k=1}^{K} \\overline{\\text{NLL}}_k + \\lambda\\,(\\theta-\\mu)^\\top P(\\theta-\\mu)
+.. math:: \frac1K \sum_{k=1}^{K} \overline{\text{NLL}}_k + \lambda\,(\theta-\mu)^\top P(\theta-\mu)
 
 over ``K`` accumulated micro-batches (each NLL the model's mean over its supervised tokens).
 The penalty does not depend on the batch, so it is computed and back-propagated once per

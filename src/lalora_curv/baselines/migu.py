@@ -1,10 +1,10 @@
-"""MIGU: update only the output rows of each adapted layer with the largest output magnitude.
+r"""MIGU: update only the output rows of each adapted layer with the largest output magnitude.
 
 MIGU (Du et al., "Unlocking Continual Learning Abilities in Language Models", 2024) caches the
 output ``h`` (tokens x D_out) of every linear layer in the forward pass, computes the
 L1-normalised magnitude of each output dimension over the batch's tokens,
 
-.. math:: m_j = \\frac{\\sum_t |h_{tj}|}{\\sum_{j'} \\sum_t |h_{tj'}|},
+.. math:: m_j = \frac{\sum_t |h_{tj}|}{\sum_{j'} \sum_t |h_{tj'}|},
 
 and in the backward pass keeps the gradient only of rows ``j`` with ``m_j`` above the
 ``threshold``-quantile of ``m`` (``threshold = 0.7``: the top 30 % of rows). For a LoRA layer

@@ -1,11 +1,11 @@
-"""MiLoRA: initialise each adapter from the minor singular components of its base weight.
+r"""MiLoRA: initialise each adapter from the minor singular components of its base weight.
 
 MiLoRA (Wang et al., "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient
 LLM Finetuning", 2024) splits each adapted weight ``W = U S V^T`` (singular values in
 decreasing order) into its principal part and its ``r`` smallest components,
 
-.. math:: W = W_{res} + U_m S_m V_m^\\top,\\quad
-    B_0 = U_m S_m^{1/2} / \\sqrt{s},\\; A_0 = S_m^{1/2} V_m^\\top / \\sqrt{s},
+.. math:: W = W_{res} + U_m S_m V_m^\top,\quad
+    B_0 = U_m S_m^{1/2} / \sqrt{s},\; A_0 = S_m^{1/2} V_m^\top / \sqrt{s},
 
 keeps ``W_res`` frozen in the base layer and trains ``A``, ``B`` (``s`` the LoRA scaling), so
 the model's function is unchanged at init (``W_res + s B_0 A_0 = W``), like PiSSA with the

@@ -1,9 +1,9 @@
-"""``lalora-curv fit``: stage 1, a precision per source sub-dataset and their pooled sum.
+r"""``lalora-curv fit``: stage 1, a precision per source sub-dataset and their pooled sum.
 
 For source sub-datasets ``s = 1..S`` with ``N_s`` supervised tokens and precisions ``P_s``
 (mean Fisher per token), the pooled precision is (:meth:`Precision.__add__`)
 
-.. math:: P = \\sum_s N_s P_s \\Big/ \\sum_s N_s .
+.. math:: P = \sum_s N_s P_s \Big/ \sum_s N_s .
 
 Run directory::
 

@@ -1,4 +1,4 @@
-"""The :class:`Precision` base class: a Laplace precision over the LoRA parameters.
+r"""The :class:`Precision` base class: a Laplace precision over the LoRA parameters.
 
 A precision ``P`` of the LoRA parameters ``theta = {A, B}`` of every adapted module, with mode
 ``mu`` (the adapter's init ``A0, B0``), defines the penalty (Sliwa et al., "Mitigating Forgetting
@@ -6,7 +6,7 @@ in Low Rank Adaptation", ICML 2025)
 
 .. math::
 
-    r(\\theta) = (\\theta - \\mu)^\\top P\\, (\\theta - \\mu),
+    r(\theta) = (\theta - \mu)^\top P\, (\theta - \mu),
 
 added to the target loss as ``loss = nll + lam * r``. ``P`` is stored as the *mean* Fisher per
 supervised source token (see :mod:`lalora_curv.statistics`), together with the counts; the
@@ -382,12 +382,12 @@ class Precision(ABC):
 
     # ------------------------------------------------------------------ algebra
     def __add__(self, other: object) -> Precision:
-        """Pooled precision of two source datasets: counts add, and
+        r"""Pooled precision of two source datasets: counts add, and
 
         .. math:: P_{a+b} = (N_a P_a + N_b P_b) / (N_a + N_b)
 
         with ``N`` the supervised-token counts, so that ``(N_a + N_b) P_{a+b}`` is the sum of
-        the two (sum-normalised) precisions, the paper's :math:`\\sum_s \\Lambda_s`.
+        the two (sum-normalised) precisions, the paper's :math:`\sum_s \Lambda_s`.
         """
         if not isinstance(other, Precision):
             return NotImplemented

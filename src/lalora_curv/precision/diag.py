@@ -1,15 +1,15 @@
-"""Diagonal precisions: on the LoRA parameters (DIAG) and on the merged update (EWC).
+r"""Diagonal precisions: on the LoRA parameters (DIAG) and on the merged update (EWC).
 
 ``DiagPrecision``: one precision per LoRA parameter (fitted with the per-token Fisher by
 default; with ``estimator="batch-grad-squared"`` it is the paper's DIAG, squared mini-batch
 gradients),
 
-.. math:: r = \\langle D_A, (A - A_0)^{\\odot 2} \\rangle + \\langle D_B, (B - B_0)^{\\odot 2} \\rangle.
+.. math:: r = \langle D_A, (A - A_0)^{\odot 2} \rangle + \langle D_B, (B - B_0)^{\odot 2} \rangle.
 
 ``MergedDiagPrecision`` (EWC on the merged update ``dW = s (B A - B_0 A_0)``): one precision
 per base-weight entry, fitted on the base layer (so it re-bases onto any adapter),
 
-.. math:: r = \\langle D_W, dW^{\\odot 2} \\rangle,
+.. math:: r = \langle D_W, dW^{\odot 2} \rangle,
 
 a degree-4 polynomial in ``(A, B)``.
 

@@ -1,4 +1,4 @@
-"""EKFAC: K-FAC's eigenbasis with eigenvalues refitted to the data (George et al., 2018).
+r"""EKFAC: K-FAC's eigenbasis with eigenvalues refitted to the data (George et al., 2018).
 
 For a weight ``W`` (out x in) with K-FAC factors ``G = Q_g diag(.) Q_g^T`` and
 ``C = Q_a diag(.) Q_a^T``, EKFAC keeps the Kronecker eigenbasis and replaces the products of
@@ -6,9 +6,9 @@ factor eigenvalues by the second moments of the per-token gradients in that basi
 
 .. math::
 
-    \\Lambda = \\frac1N \\sum_t \\big((Q_g^\\top \\tilde g_t)^{\\odot 2}\\big)
-    \\big((Q_a^\\top a_t)^{\\odot 2}\\big)^\\top,\\qquad
-    r = \\langle \\Lambda,\\, (Q_g^\\top\\, dW\\, Q_a)^{\\odot 2} \\rangle
+    \Lambda = \frac1N \sum_t \big((Q_g^\top \tilde g_t)^{\odot 2}\big)
+    \big((Q_a^\top a_t)^{\odot 2}\big)^\top,\qquad
+    r = \langle \Lambda,\, (Q_g^\top\, dW\, Q_a)^{\odot 2} \rangle
 
 with ``a_t`` the layer input and ``g~_t`` its output gradient (lora_A: ``x_t`` and
 ``s B0^T g_t``; lora_B: ``u_t`` and ``s g_t``). Dense (row-major):
@@ -22,7 +22,7 @@ eigenvalues in float32 (as fitted), float64 or bfloat16 (each entry rounded,
 ``e = 2u + u^2``, ``R = Q_g^T dW Q_a`` and ``S = |Q_g|^T |dW| |Q_a|``, the rotated
 displacement moves by ``|R~ - R| <= e S`` entrywise, so the penalty moves by at most
 
-.. math:: \\sum \\Lambda \\big(u (|R| + e S)^{\\odot 2} + e S \\odot (2 |R| + e S)\\big)
+.. math:: \sum \Lambda \big(u (|R| + e S)^{\odot 2} + e S \odot (2 |R| + e S)\big)
 
 (a worst case; the rounding errors mostly cancel). No low-rank storage: the eigenbases are
 orthogonal matrices, not PSD factors, and keeping ``k`` of their vectors drops whole

@@ -1,4 +1,4 @@
-"""Storage of the K-FAC factors: dense (float32, float64, bfloat16) or low rank + diagonal.
+r"""Storage of the K-FAC factors: dense (float32, float64, bfloat16) or low rank + diagonal.
 
 The dense storages apply to every structure's tensors (diagonals, EKFAC eigenbases and
 eigenvalues: :meth:`~lalora_curv.precision.Precision.with_storage`); low rank is for the
@@ -19,16 +19,16 @@ module. Every K-FAC penalty touches a factor only through products ``F M`` with 
 
   .. math::
 
-      F \\approx U_k \\operatorname{diag}(l_k) U_k^\\top + \\operatorname{diag}(d),\\quad
-      U_k = Q_{:, 1..k},\\; l_k = \\lambda_{1..k},\\;
-      d = \\operatorname{diag}(F) - \\operatorname{diag}(U_k \\operatorname{diag}(l_k) U_k^\\top)
-        = \\sum_{i > k} \\lambda_i\\, q_i^{\\odot 2} \\ge 0 .
+      F \approx U_k \operatorname{diag}(l_k) U_k^\top + \operatorname{diag}(d),\quad
+      U_k = Q_{:, 1..k},\; l_k = \lambda_{1..k},\;
+      d = \operatorname{diag}(F) - \operatorname{diag}(U_k \operatorname{diag}(l_k) U_k^\top)
+        = \sum_{i > k} \lambda_i\, q_i^{\odot 2} \ge 0 .
 
   The diagonal of ``F`` is kept exactly, the approximation stays positive semi-definite
   (negative rounding eigenvalues are clipped to 0), its error has zero trace (an isotropic
   random displacement sees no error in expectation), and ``k = D`` reproduces ``F`` up to
   rounding (with ``d = 0`` exactly). Products cost :math:`O(D k m)` and never form the ``D x D`` matrix:
-  ``F M = U_k (l_k \\odot (U_k^\\top M)) + d \\odot M``. Bytes: ``(D k + k + D)`` numbers
+  ``F M = U_k (l_k \odot (U_k^\top M)) + d \odot M``. Bytes: ``(D k + k + D)`` numbers
   instead of ``D^2``. The eigendecomposition runs in float64.
 """
 

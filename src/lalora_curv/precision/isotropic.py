@@ -1,4 +1,4 @@
-"""Isotropic controls: an L2 pull towards the init, with no curvature at all.
+r"""Isotropic controls: an L2 pull towards the init, with no curvature at all.
 
 The oldest remedy for forgetting is weight decay towards the pretrained point. These
 precisions are that pull, as :class:`~lalora_curv.precision.Precision` objects like the
@@ -8,7 +8,7 @@ curvature or merely *a* pull to the init protects the source tasks.
 ``IsotropicPrecision``: one number per LoRA tensor, ``w_A`` for lora_A and ``w_B`` for
 lora_B of each module,
 
-.. math:: r = \\sum_m w_{A,m} \\lVert A_m - A_{0,m} \\rVert_F^2 + w_{B,m} \\lVert B_m - B_{0,m} \\rVert_F^2 ,
+.. math:: r = \sum_m w_{A,m} \lVert A_m - A_{0,m} \rVert_F^2 + w_{B,m} \lVert B_m - B_{0,m} \rVert_F^2 ,
 
 the precision matrix ``diag(w_A 1, w_B 1)`` (``scope="all"``: every ``w = 1``;
 ``scope="lora_B"``: ``w_A = 0``, the control that matches K-FAC at the default init ``B_0 = 0``,
@@ -16,7 +16,7 @@ where the curvature of lora_A is exactly zero).
 
 ``MergedIsotropicPrecision``: the squared Frobenius norm of the merged update,
 
-.. math:: r = \\sum_m w_m \\lVert s (B_m A_m - B_{0,m} A_{0,m}) \\rVert_F^2 ,
+.. math:: r = \sum_m w_m \lVert s (B_m A_m - B_{0,m} A_{0,m}) \rVert_F^2 ,
 
 gauge-invariant like merged K-FAC and of degree 4 in ``(A, B)``: merged K-FAC with both
 factors the identity.

@@ -1,20 +1,20 @@
-"""The K-FAC family: B-K-FAC, B-TRI-K-FAC and the merged-update K-FAC.
+r"""The K-FAC family: B-K-FAC, B-TRI-K-FAC and the merged-update K-FAC.
 
 Every structure here is built from two *base-layer* factors per module, fitted once
 (token-level "expand" K-FAC, Eschenhagen et al. 2023):
 
 .. math::
 
-    C_x = \\mathbb{E}[x x^\\top] \\;(D_{in} \\times D_{in}),\\qquad
-    G_h = \\mathbb{E}[g g^\\top] \\;(D_{out} \\times D_{out}),
+    C_x = \mathbb{E}[x x^\top] \;(D_{in} \times D_{in}),\qquad
+    G_h = \mathbb{E}[g g^\top] \;(D_{out} \times D_{out}),
 
 ``x`` the layer input and ``g = dL/dh`` its output gradient, plus the adapter's mode
 ``(A_0, B_0, s)``. The LoRA blocks follow exactly (docs/math.md, section 5):
 
 .. math::
 
-    C_u = A_0 C_x A_0^\\top,\\; C_{xu} = C_x A_0^\\top,\\;
-    G_B = s^2 G_h,\\; G_{AB} = s^2 B_0^\\top G_h,\\; G_{AA} = s^2 B_0^\\top G_h B_0 .
+    C_u = A_0 C_x A_0^\top,\; C_{xu} = C_x A_0^\top,\;
+    G_B = s^2 G_h,\; G_{AB} = s^2 B_0^\top G_h,\; G_{AA} = s^2 B_0^\top G_h B_0 .
 
 In PyTorch's row-major flattening the precision block of a weight with input factor ``C`` and
 output factor ``G`` is ``kron(G, C)``. Penalties use ``(G (x) C) vec(V) = vec(G V C)`` and never
@@ -22,14 +22,14 @@ form a Kronecker product or a ``D_out x D_in`` matrix (with ``dA = A - A0``, ``d
 
 .. math::
 
-    r_{\\text{kfac}} = \\langle dA, G_{AA}\\, dA\\, C_x \\rangle + \\langle dB, G_B\\, dB\\, C_u \\rangle
+    r_{\text{kfac}} = \langle dA, G_{AA}\, dA\, C_x \rangle + \langle dB, G_B\, dB\, C_u \rangle
 
-    r_{\\text{tri-kfac}} = r_{\\text{kfac}} + 2 \\langle dA, G_{AB}\\, dB\\, C_{xu}^\\top \\rangle
-    = \\operatorname{tr}(G_h\\, dW_{lin}\\, C_x\\, dW_{lin}^\\top),\\;
-    dW_{lin} = s (B_0\\, dA + dB\\, A_0)
+    r_{\text{tri-kfac}} = r_{\text{kfac}} + 2 \langle dA, G_{AB}\, dB\, C_{xu}^\top \rangle
+    = \operatorname{tr}(G_h\, dW_{lin}\, C_x\, dW_{lin}^\top),\;
+    dW_{lin} = s (B_0\, dA + dB\, A_0)
 
-    r_{\\text{merged}} = \\operatorname{tr}\\big((U^\\top G_h U)(V C_x V^\\top)\\big),\\;
-    U = [dB, B_0],\\; V = s [A; dA]
+    r_{\text{merged}} = \operatorname{tr}\big((U^\top G_h U)(V C_x V^\top)\big),\;
+    U = [dB, B_0],\; V = s [A; dA]
 
 (the last is the K-FAC penalty of the merged update ``dW = s (B A - B_0 A_0)``, evaluated in
 ``2r x 2r``). At the default init ``B_0 = 0`` the A and cross blocks vanish exactly and are

@@ -1,4 +1,4 @@
-"""Multiple-choice items of the source tasks, exactly as lm-evaluation-harness builds them.
+r"""Multiple-choice items of the source tasks, exactly as lm-evaluation-harness builds them.
 
 Each choice ``i`` is scored by the summed log-likelihood of ``continuations[i]`` given
 ``contexts[i]``; ``acc`` takes the argmax, ``acc_norm`` the argmax of the log-likelihood divided
@@ -9,7 +9,7 @@ by the continuation's length in characters.
   ``". "``, drops ``[...]`` and collapses double spaces.
 * WinoGrande (partial scoring): for each option the context is ``sentence[:blank] + option``,
   the continuation ``" " + sentence[blank + 1:].strip()``, the same for both; acc only.
-* ARC-Challenge: context ``"Question: {stem}\\nAnswer:"``, continuations ``" " + choice``,
+* ARC-Challenge: context ``"Question: {stem}\nAnswer:"``, continuations ``" " + choice``,
   gold ``labels.index(answerKey)`` (letters or digits, 3 to 5 choices).
 """
 

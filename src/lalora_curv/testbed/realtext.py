@@ -1,4 +1,4 @@
-"""The real-text scenario: a tiny Llama pretrained on the real source texts, tuned on GSM8K.
+r"""The real-text scenario: a tiny Llama pretrained on the real source texts, tuned on GSM8K.
 
 Accuracies of a model this small on HellaSwag, WinoGrande, ARC-Challenge and GSM8K sit at
 chance (zero for GSM8K), so learning and forgetting are measured as per-token negative
@@ -9,14 +9,14 @@ supervised tokens (padding and prompts carry label -100).
 
 * Source text (forgetting), one string per record: HellaSwag context + gold ending (the
   harness's preprocessing), WinoGrande sentence with the correct option written into the blank,
-  ARC-Challenge ``"Question: {stem}\\nAnswer: {correct choice}"``. Every token is supervised.
+  ARC-Challenge ``"Question: {stem}\nAnswer: {correct choice}"``. Every token is supervised.
   Pretraining uses the training splits (WinoGrande ``train_m``, ARC ``Train``; HellaSwag has no
   local training file: locally its text comes from ``hellaswag_val_full.txt.bz2`` with every item
   that shares a context or an ending with ``hellaswag.jsonl`` removed, from the hub it is the
   ``train`` split); source NLL is measured on the evaluation splits (HellaSwag validation,
   WinoGrande dev, ARC-Challenge test).
 * Target text (learning): GSM8K formatted by :mod:`lalora_curv.tasks.formatting` (prompt
-  ``"Question: {q}\\nAnswer:"`` labelled -100, the worked solution and EOS supervised); the
+  ``"Question: {q}\nAnswer:"`` labelled -100, the worked solution and EOS supervised); the
   train split fine-tunes, the test split measures target NLL.
 * A byte-level BPE tokenizer trained (deterministically) on the source training texts and the
   GSM8K training text, and a Llama of a few million parameters pretrained on packed blocks of the
