@@ -79,12 +79,15 @@ class EKFACPrecision(Precision):
 
     @classmethod
     def required_statistics(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """K-FAC's factors (first pass) and the squared gradients in their eigenbasis (second)."""
         return frozenset({"input_cov", "grad_cov", "lora_A_diag", "lora_B_diag", "rotated"})
 
     @classmethod
     def fit(cls, collect, specs, mode, metadata, estimator, granularity) -> EKFACPrecision:
-        """Two passes: K-FAC's factors and their eigenbases ``Q_g, Q_a`` from the first, the
-        per-token squared gradients in that basis (``Lambda``) from the second.
+        """Fit in two passes over the batches.
+
+        K-FAC's factors and their eigenbases ``Q_g, Q_a`` from the first, the per-token squared
+        gradients in that basis (``Lambda``) from the second.
         """
         from lalora_curv.precision.kfac import KFACPrecision
 
@@ -141,6 +144,7 @@ class EKFACPrecision(Precision):
         )
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """``grad_eigvecs.``, ``input_eigvecs.`` and ``eigenvalues.<param name>``, as stored."""
         tensors = {}
         for n in self.param_names:
             tensors[f"grad_eigvecs.{n}"] = self.grad_eigvecs[n]
@@ -150,6 +154,7 @@ class EKFACPrecision(Precision):
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> EKFACPrecision:
+        """Inverse of :meth:`structure_tensors` (validates names and shapes)."""
         grad, inp, eig = {}, {}, {}
         for s in modules.values():
             for n, (out_dim, in_dim) in (
@@ -174,8 +179,9 @@ class EKFACPrecision(Precision):
 
 
 def eigenbases(kfac) -> dict[str, dict[str, Tensor]]:
-    """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``
-    (of a one-component :class:`~lalora_curv.KFACPrecision`).
+    """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``.
+
+    The factors of a one-component :class:`~lalora_curv.KFACPrecision`.
     """
     bases = {}
     for name in kfac.modules:

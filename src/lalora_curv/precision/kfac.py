@@ -136,6 +136,7 @@ class KroneckerPrecision(Precision):
 
     @classmethod
     def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """The sums of both K-FAC factors, ``S_x`` (``input_cov``) and ``S_g`` (``grad_cov``)."""
         return frozenset({"input_cov", "grad_cov"})
 
     @classmethod
@@ -172,10 +173,12 @@ class KroneckerPrecision(Precision):
 
     @property
     def input_cov(self) -> Mapping[str, Tensor]:
+        """``{module: C_x}`` dense, (K, D_in, D_in), formed on access if low rank."""
         return _DenseView(self.input_factors)
 
     @property
     def grad_cov(self) -> Mapping[str, Tensor]:
+        """``{module: G_h}`` dense, (K, D_out, D_out), formed on access if low rank."""
         return _DenseView(self.grad_factors)
 
     def blocks(self, name: str) -> LoraBlocks:
@@ -201,6 +204,7 @@ class KroneckerPrecision(Precision):
         return self._blocks[name]
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """Every factor's tensors (``input_cov`` and ``grad_cov``), keyed as in the artifact."""
         tensors = {}
         for n, f in self.input_factors.items():
             tensors.update(f.tensors("input_cov", n))
@@ -210,6 +214,7 @@ class KroneckerPrecision(Precision):
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> KroneckerPrecision:
+        """Inverse of :meth:`structure_tensors`, in the storage the metadata names."""
         weights = metadata.get("component_weights", [1.0])
         if not isinstance(weights, list) or not weights:
             raise ArtifactError("metadata 'component_weights' must be a non-empty list")
@@ -232,8 +237,10 @@ class KroneckerPrecision(Precision):
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KroneckerPrecision:
-        """A copy on ``device``; ``dtype`` changes the mode and the factors of dense float
-        storage and low rank, but keeps bfloat16 factors as stored.
+        """A copy on ``device`` and/or in ``dtype``.
+
+        ``dtype`` changes the mode and the factors of dense float storage and low rank, but
+        keeps bfloat16 factors as stored.
         """
         meta = self.metadata
         if dtype is not None:
@@ -310,6 +317,7 @@ class KroneckerPrecision(Precision):
         return type(self)(self.modules, self.mode, input_cov, grad_cov, new_weights, self._metadata)
 
     def rebase(self, model: nn.Module, adapter_name: str = "default") -> KroneckerPrecision:
+        """The same factors for another adapter of the same base (see :meth:`Precision.rebase`)."""
         modules, mode = rebased_modules(self, model, adapter_name)
         return type(self)(
             modules,
@@ -440,8 +448,9 @@ def _map_shared(
     fn: Callable[[Factor], Factor],
     cache: dict[tuple, list[tuple[Factor, Factor]]] | None = None,
 ) -> dict[str, Factor]:
-    """``{name: fn(factor)}``, computing ``fn`` once per distinct content: factors equal
-    tensor by tensor (the input factor of q/k/v, of gate/up) share one result.
+    """``{name: fn(factor)}``, computing ``fn`` once per distinct content.
+
+    Factors equal tensor by tensor (the input factor of q/k/v, of gate/up) share one result.
     """
     cache = {} if cache is None else cache
     out = {}
