@@ -26,8 +26,9 @@ from lalora_curv.errors import LaloraError
 
 
 def row_mask(output: Tensor, threshold: float) -> Tensor:
-    """``m_j > quantile(m, threshold)`` for the L1-normalised row magnitudes ``m`` of
-    ``output`` (..., D_out); at ``threshold = 0`` every row is kept.
+    """``m_j > quantile(m, threshold)`` for the L1-normalised row magnitudes ``m`` of ``output``.
+
+    ``output`` is (..., D_out); at ``threshold = 0`` every row is kept.
     """
     magnitude = output.detach().abs().reshape(-1, output.shape[-1]).sum(0)
     magnitude = magnitude / magnitude.sum().clamp_min(torch.finfo(magnitude.dtype).tiny)

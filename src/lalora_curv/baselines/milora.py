@@ -23,9 +23,10 @@ from lalora_curv.errors import LaloraError
 
 @torch.no_grad()
 def milora_init(model: nn.Module, adapter_name: str = "default") -> nn.Module:
-    """Re-initialise every LoRA module of ``adapter_name`` in place (see the module docstring)
-    and return ``model``. The base weights change: save the base model with the adapter (or
-    re-run this deterministic init) to restore the pair.
+    """Re-initialise every LoRA module of ``adapter_name`` in place and return ``model``.
+
+    See the module docstring. The base weights change: save the base model with the adapter
+    (or re-run this deterministic init) to restore the pair.
     """
     for name, handle in find_lora_modules(model, adapter_name).items():
         if getattr(handle.layer, "fan_in_fan_out", False):
