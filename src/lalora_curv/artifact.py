@@ -332,9 +332,11 @@ NON_NEGATIVE = frozenset(
 
 
 def check_values(prec: Precision, where: Path | str) -> None:
-    """What makes a precision a precision: one floating dtype for the mode, non-negative
-    diagonals and eigenvalues, and symmetric positive semi-definite dense K-FAC factors
-    (tolerances :data:`SYMMETRY_RTOL`, :data:`PSD_RTOL`), so that no penalty is negative.
+    """Check what makes a precision a precision, so that no penalty is negative.
+
+    One floating dtype for the mode, non-negative diagonals and eigenvalues, and symmetric
+    positive semi-definite dense K-FAC factors (tolerances :data:`SYMMETRY_RTOL`,
+    :data:`PSD_RTOL`).
     """
     dtypes = {t.dtype for t in prec.mode.values()}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
@@ -390,8 +392,10 @@ def _finite_float(text: str) -> float:
 
 
 def _check_metadata_values(meta: dict[str, Any], where: Path) -> None:
-    """The precision's metadata against its schema (:meth:`PrecisionMetadata.from_json`: types,
-    counts >= 0, a positive finite scale or null, component weights >= 0), then the modules.
+    """Check the precision's metadata against its schema, then the modules.
+
+    The schema is :meth:`PrecisionMetadata.from_json`: types, counts >= 0, a positive finite
+    scale or null, component weights >= 0.
     """
     PrecisionMetadata.from_json(
         {k: v for k, v in meta.items() if k not in ARTIFACT_KEYS}, where=str(where)
