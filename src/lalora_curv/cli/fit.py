@@ -74,8 +74,10 @@ EXAMPLES = """examples:
 
 
 def check_storage(structure: str, storage: str | None, storage_rank: int | None) -> None:
-    """Refuse a --storage / --storage_rank combination before anything is fitted; whether the
-    structure offers the storage is the library's answer (``Precision.check_storage``).
+    """Refuse a --storage / --storage_rank combination before anything is fitted.
+
+    Whether the structure offers the storage is the library's answer
+    (``Precision.check_storage``).
     """
     if storage is None:
         if storage_rank is not None:
@@ -141,8 +143,9 @@ def self_generated_source(
 
 
 def check_source_names(sources: str | list[str]) -> None:
-    """Refuse the reserved name and repeated names in ``--sources`` (before any run directory
-    is touched).
+    """Refuse the reserved name and repeated names in ``--sources``.
+
+    Checked before any run directory is touched.
     """
     names = split_names(sources)
     if SUM_NAME in names:

@@ -147,6 +147,7 @@ def _fmt(x: float) -> str:
 
 
 def print_report(report: dict[str, Any], top: int) -> None:
+    """Print the report: the metadata, then each factor's norms, traces and top eigenvalues."""
     meta = report["metadata"]
     adapter = meta.get("adapter", {})
     print(f"structure      {report['structure']}")
