@@ -23,8 +23,7 @@ from lalora_curv.precision import Precision
 
 
 def online_laplace(previous: Precision, new: Precision, decay: float = 1.0) -> Precision:
-    r"""The precision after one more task: ``decay * previous`` moved to ``new``'s mode, plus
-    ``new``.
+    r"""The precision after one more task: ``decay * previous`` at ``new``'s mode, plus ``new``.
 
     .. math::
 

@@ -35,16 +35,18 @@ logger = logging.getLogger(__name__)
 
 
 class SelfGeneratedBatches(list):
-    """A list of batches (``input_ids``, ``attention_mask``, ``labels``) that remembers how it
-    was sampled: :func:`~lalora_curv.fit_precision` records :attr:`provenance` in the
-    precision's metadata (``metadata["self_generated"]``).
+    """A list of batches (``input_ids``, ``attention_mask``, ``labels``) with its provenance.
+
+    It remembers how it was sampled: :func:`~lalora_curv.fit_precision` records
+    :attr:`provenance` in the precision's metadata (``metadata["self_generated"]``).
     """
 
     provenance: dict[str, Any]
 
     def first_tokens(self, tokens: int) -> SelfGeneratedBatches:
-        """The shortest prefix of whole sequences holding at least ``tokens`` supervised
-        tokens (all of them if there are fewer): a source of a given token count.
+        """The shortest prefix of whole sequences holding at least ``tokens`` supervised tokens.
+
+        All of them if there are fewer: a source of a given token count.
         """
         kept = SelfGeneratedBatches()
         total = 0
@@ -172,8 +174,10 @@ def _sample_batch(
     seed: int,
     device: torch.device,
 ) -> dict[str, Tensor]:
-    """Ancestral sampling with the KV cache; starts are left-padded while generating (so every
-    row's next position is the last column) and the result is returned right-padded.
+    """Ancestral sampling with the KV cache.
+
+    Starts are left-padded while generating (so every row's next position is the last column)
+    and the result is returned right-padded.
     """
     n, width = len(starts), max(len(s) for s in starts)
     ids = torch.full((n, width), pad, dtype=torch.long, device=device)

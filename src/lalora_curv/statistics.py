@@ -42,6 +42,7 @@ class ModuleSums:
     weight_diag: Tensor | None = None  # S_W, D_out x D_in
 
     def add(self, name: str, value: Tensor) -> None:
+        """Add ``value`` to the sum ``name`` (in place; a copy starts a sum)."""
         current = getattr(self, name)
         setattr(self, name, value.clone() if current is None else current.add_(value))
 
@@ -58,6 +59,7 @@ class LoraStatistics:
     skipped_batches: int = 0  # batches without any supervised token
 
     def counts(self) -> dict[str, int]:
+        """The counts as the metadata's ``counts`` records them."""
         return {
             "positions": self.positions,
             "supervised_tokens": self.supervised_tokens,

@@ -78,8 +78,9 @@ def random_batches(
     prompt_fraction: float = 0.25,
     token_offset: int = 0,
 ) -> list[dict[str, Tensor]]:
-    """Right-padded random batches of tokens in ``[token_offset, token_offset + vocab_size)``;
-    the first ``prompt_fraction`` of each row has label -100.
+    """Right-padded random batches of tokens in ``[token_offset, token_offset + vocab_size)``.
+
+    The first ``prompt_fraction`` of each row has label -100.
     """
     g = torch.Generator().manual_seed(seed)
     batches = []

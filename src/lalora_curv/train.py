@@ -85,8 +85,9 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
 
 
 def data_digest(batches: Sequence[Mapping[str, Tensor]]) -> str:
-    """SHA-256 of the batches in order (every tensor's key, dtype, shape and bytes): a resumed
-    run must see the same data in the same order for its position to mean anything.
+    """SHA-256 of the batches in order (every tensor's key, dtype, shape and bytes).
+
+    A resumed run must see the same data in the same order for its position to mean anything.
     """
     h = hashlib.sha256()
     for raw in batches:
@@ -98,8 +99,9 @@ def data_digest(batches: Sequence[Mapping[str, Tensor]]) -> str:
 
 
 def check_token_ids(batches: Sequence[Mapping[str, Tensor]], model: nn.Module) -> None:
-    """Every ``input_ids`` in ``[0, vocab)`` and every label there or -100 (a token id outside
-    the vocabulary is otherwise a bare ``IndexError`` deep in the embedding).
+    """Every ``input_ids`` in ``[0, vocab)`` and every label there or -100.
+
+    A token id outside the vocabulary is otherwise a bare ``IndexError`` deep in the embedding.
     """
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for i, raw in enumerate(batches):
@@ -135,8 +137,9 @@ def check_train_arguments(
     lam: Any,
     kw: dict[str, Any],
 ) -> dict[str, Any]:
-    """Every argument of :func:`train` (``kw``: the others, by name), validated: a
-    :class:`TrainingError` names the first wrong one; the validated values are returned.
+    """Every argument of :func:`train` (``kw``: the others, by name), validated.
+
+    A :class:`TrainingError` names the first wrong one; the validated values are returned.
     """
     e = {"error": TrainingError}
     out = dict(kw)
@@ -200,9 +203,11 @@ def check_covered(
     adapter_name: str,
     error: type[LaloraError] = TrainingError,
 ) -> None:
-    """What training with ``precision`` needs of ``model``: ``adapter_name`` is the active
-    adapter, the precision matches it, and every tensor the optimizer moves is penalised or
-    was named when the precision was fitted (``metadata["unpenalised"]``).
+    """Check what training with ``precision`` needs of ``model``.
+
+    ``adapter_name`` is the active adapter, the precision matches it, and every tensor the
+    optimizer moves is penalised or was named when the precision was fitted
+    (``metadata["unpenalised"]``).
     """
     check_active(model, adapter_name, error)
     if precision is None:
@@ -272,8 +277,9 @@ def _resume(
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
-    """Drop the records a killed run logged after the checkpoint it resumes from (they are
-    logged again), so every step appears once.
+    """Drop the records a killed run logged after the checkpoint it resumes from.
+
+    They are logged again, so every step appears once.
     """
     if not log_file.is_file():
         return
@@ -332,6 +338,7 @@ def train(
         schedule: the learning-rate schedule after warm-up: ``"linear"``, ``"cosine"`` or
             ``"constant"``.
         max_steps: optimizer steps (default: ``epochs`` passes over the data).
+        epochs: passes over ``train_batches`` when ``max_steps`` is not given.
         grad_accum_steps: micro-batches ``K`` per optimizer step; each NLL enters as
             ``NLL / K`` (a skipped micro-batch as 0).
         max_grad_norm: gradient clipping at this norm (> 0; ``None``: off).
@@ -339,6 +346,7 @@ def train(
             (fp16 with loss scaling).
         eval_fn: ``eval_fn(model, step) -> metrics``, called every ``eval_every`` steps and at
             the end (in eval mode, without gradients; training mode is restored).
+        eval_every: steps between calls of ``eval_fn`` (``None``: only at the end).
         log_file: JSON-lines log (appended): one record per optimizer step and evaluation; a
             resumed run first drops the records after its checkpoint's step.
         checkpoint_dir: directory of the atomic checkpoints (``None``: no checkpoints).
@@ -507,8 +515,10 @@ def train(
 
 
 class _Step:
-    """One optimizer step: ``K`` micro-batches (NLL / K each), the penalty once (in the last,
-    synchronised backward), clipping, the non-finite guard on every rank, the update.
+    """One optimizer step.
+
+    ``K`` micro-batches (NLL / K each), the penalty once (in the last, synchronised backward),
+    clipping, the non-finite guard on every rank, the update.
     """
 
     def __init__(
