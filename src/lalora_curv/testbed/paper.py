@@ -172,6 +172,7 @@ class Splits:
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """The number of records per task and part."""
         return {t: {k: len(v) for k, v in parts.items()} for t, parts in self.records.items()}
 
 
@@ -253,10 +254,11 @@ def score(
     config: RecipeConfig,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Every task's metrics on ``records`` (lm-evaluation-harness scoring; each with the
-    ``seconds`` it took), plus ``source``
-    (the mean primary metric of the source tasks), ``target`` (GSM8K strict exact match) and
-    ``selection`` (their mean).
+    """Every task's metrics on ``records``, plus ``source``, ``target`` and ``selection``.
+
+    The metrics are lm-evaluation-harness scoring, each with the ``seconds`` it took;
+    ``source`` is the mean primary metric of the source tasks, ``target`` the GSM8K strict
+    exact match and ``selection`` their mean.
     """
     metrics: dict[str, Any] = {}
     was_training = model.training
@@ -318,8 +320,9 @@ def variant_names(config: RecipeConfig) -> list[tuple[str, str, float]]:
 
 
 def pick(variants: Sequence[dict[str, Any]], family: str) -> dict[str, Any]:
-    """The family's variant with the highest validation selection score (ties: the weaker
-    strength: a penalty that does not help on validation is not paid for).
+    """The family's variant with the highest validation selection score.
+
+    Ties: the weaker strength (a penalty that does not help on validation is not paid for).
     """
     mine = [v for v in variants if v["family"] == family]
     return max(mine, key=lambda v: (v["val"].get("selection") or 0.0, -v["c"]))
@@ -334,8 +337,10 @@ def run_recipe(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the recipe on ``model`` (a peft model with a fresh LoRA adapter at its init) and
-    write everything into ``out``; returns the summary (also ``out/results.json``).
+    """Run the recipe on ``model`` and write everything into ``out``.
+
+    ``model`` is a peft model with a fresh LoRA adapter at its init. Returns the summary (also
+    ``out/results.json``).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -485,8 +490,9 @@ def run_recipe(
 
 
 def _reuse_precision(path: Path, config: RecipeConfig, log: Callable[[str], None]):
-    """The precision an earlier run into the same ``out`` saved at ``path``, if it matches
-    ``config``.
+    """The precision an earlier run into the same ``out`` saved at ``path``, if it matches.
+
+    It must match ``config``.
     """
     if not (path / "precision.json").is_file():
         return None
@@ -569,8 +575,9 @@ def table_csv(summary: dict[str, Any]) -> str:
 
 
 def plot_recipe(summary: dict[str, Any], path: Path) -> Path | None:
-    """Validation (every variant, the picks ringed) and test (the picks and the base) in
-    the plane of GSM8K exact match (learning) and mean source accuracy (forgetting).
+    """Validation (every variant, the picks ringed) and test (the picks and the base).
+
+    In the plane of GSM8K exact match (learning) and mean source accuracy (forgetting).
     """
     plt = pyplot()
     if plt is None:
