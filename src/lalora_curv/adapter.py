@@ -32,13 +32,16 @@ class LoraModuleSpec:
 
     @property
     def lora_A_name(self) -> str:
+        """The name of the module's lora_A weight, ``<name>.lora_A.weight``."""
         return f"{self.name}.lora_A.weight"
 
     @property
     def lora_B_name(self) -> str:
+        """The name of the module's lora_B weight, ``<name>.lora_B.weight``."""
         return f"{self.name}.lora_B.weight"
 
     def to_json(self) -> dict[str, Any]:
+        """The shapes and the scaling as a JSON object (the name is kept apart)."""
         return {
             "in_features": self.in_features,
             "out_features": self.out_features,
@@ -48,6 +51,7 @@ class LoraModuleSpec:
 
     @classmethod
     def from_json(cls, name: str, d: dict[str, Any]) -> LoraModuleSpec:
+        """Inverse of :meth:`to_json`, for the module ``name``."""
         return cls(
             name, int(d["in_features"]), int(d["out_features"]), int(d["rank"]), float(d["scaling"])
         )
@@ -101,8 +105,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def whole(t: Tensor) -> Tensor:
-    """A parameter's whole value: an FSDP2 shard (a DTensor) all-gathered, differentiably (its
-    gradient returns to each rank's shard), or the tensor itself."""
+    """A parameter's whole value: an FSDP2 shard (a DTensor) all-gathered, or the tensor itself.
+
+    The all-gather is differentiable (its gradient returns to each rank's shard).
+    """
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without DTensor
@@ -111,10 +117,12 @@ def whole(t: Tensor) -> Tensor:
 
 
 def eager_model(model: nn.Module) -> nn.Module:
-    """The model to run a fit's forward on: ``model`` itself, or, when a ``torch.compile``
-    wrapper sits anywhere in its DDP / accelerate / compile wrappers, the innermost eager
-    module (hooks cannot see inside a compiled graph; statistics are reduced across ranks by
-    the fit itself, so DDP's forward is not needed)."""
+    """The model to run a fit's forward on: ``model`` itself, or its innermost eager module.
+
+    The innermost eager module when a ``torch.compile`` wrapper sits anywhere in its DDP /
+    accelerate / compile wrappers (hooks cannot see inside a compiled graph; statistics are
+    reduced across ranks by the fit itself, so DDP's forward is not needed).
+    """
     chain, m = [model], model
     while True:
         inner = getattr(m, "_orig_mod", None) or getattr(m, "module", None)
@@ -204,8 +212,10 @@ def active_adapters(model: nn.Module) -> list[str] | None:
 
 
 def check_active(model: nn.Module, adapter_name: str, error: type[LaloraError] = LaloraError):
-    """Refuse to fit or train ``adapter_name`` while the model runs another adapter (whose
-    weights the forward would use and the optimizer would move)."""
+    """Refuse to fit or train ``adapter_name`` while the model runs another adapter.
+
+    The forward would use that adapter's weights and the optimizer would move them.
+    """
     active = active_adapters(model)
     if active is not None and adapter_name not in active:
         raise error(
@@ -215,9 +225,11 @@ def check_active(model: nn.Module, adapter_name: str, error: type[LaloraError] =
 
 
 def unpenalised_trainables(model: nn.Module, handles: dict[str, LoraHandle]) -> list[str]:
-    """Names of the parameters that require a gradient but are not the adapter's lora_A /
-    lora_B weights: ``modules_to_save`` copies, LoRA biases, trainable token rows, another
-    adapter's weights; a LoRA precision does not cover them."""
+    """Names of the parameters that require a gradient but are not the adapter's LoRA weights.
+
+    Not its lora_A / lora_B weights: ``modules_to_save`` copies, LoRA biases, trainable token
+    rows, another adapter's weights; a LoRA precision does not cover them.
+    """
     covered = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
     return [
         n

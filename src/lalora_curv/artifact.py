@@ -229,8 +229,11 @@ def load_precision(path: str | Path) -> Precision:
 
 
 def _read_metadata(meta_path: Path) -> dict[str, Any]:
-    """``precision.json``: finite JSON of this kind and a readable format version, matching
-    its digest (format 2); keys of a newer format dropped with a warning."""
+    """Read and check ``precision.json``.
+
+    Finite JSON of this kind and a readable format version, matching its digest (format 2);
+    keys of a newer format dropped with a warning.
+    """
     try:
         meta = json.loads(
             meta_path.read_text(), parse_constant=_reject_constant, parse_float=_finite_float
@@ -271,8 +274,11 @@ def _read_metadata(meta_path: Path) -> dict[str, Any]:
 
 
 def _read_tensors(tensor_path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``precision.safetensors``: written by lalora-curv, the bytes the metadata's SHA-256
-    names, every floating tensor finite."""
+    """Read and check ``precision.safetensors``.
+
+    Written by lalora-curv, the bytes the metadata's SHA-256 names, every floating tensor
+    finite.
+    """
     blob = tensor_path.read_bytes()
     try:
         tensors = st_load(blob)
@@ -353,9 +359,12 @@ NON_NEGATIVE = frozenset(
 
 
 def check_values(prec: Precision, where: Path | str) -> None:
-    """What makes a precision a precision: one floating dtype for the mode, non-negative
-    diagonals and eigenvalues, and symmetric positive semi-definite dense K-FAC factors
-    (tolerances :data:`SYMMETRY_RTOL`, :data:`PSD_RTOL`), so that no penalty is negative."""
+    """Check what makes a precision a precision, so that no penalty is negative.
+
+    One floating dtype for the mode, non-negative diagonals and eigenvalues, and symmetric
+    positive semi-definite dense K-FAC factors (tolerances :data:`SYMMETRY_RTOL`,
+    :data:`PSD_RTOL`).
+    """
     dtypes = {t.dtype for t in prec.mode.values()}
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         raise ArtifactError(f"{where}: the mode tensors must share one float dtype, got {dtypes}")
@@ -410,8 +419,11 @@ def _finite_float(text: str) -> float:
 
 
 def _check_metadata_values(meta: dict[str, Any], where: Path) -> None:
-    """The precision's metadata against its schema (:meth:`PrecisionMetadata.from_json`: types,
-    counts >= 0, a positive finite scale or null, component weights >= 0), then the modules."""
+    """Check the precision's metadata against its schema, then the modules.
+
+    The schema is :meth:`PrecisionMetadata.from_json`: types, counts >= 0, a positive finite
+    scale or null, component weights >= 0.
+    """
     PrecisionMetadata.from_json(
         {k: v for k, v in meta.items() if k not in ARTIFACT_KEYS}, where=str(where)
     )

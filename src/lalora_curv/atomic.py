@@ -30,8 +30,11 @@ def _umask() -> int:
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary sibling, fsync, rename), with the
-    permissions a plain ``open`` would give (``mkstemp`` alone makes it private)."""
+    """Write ``data`` to ``path`` atomically (temporary sibling, fsync, rename).
+
+    The file gets the permissions a plain ``open`` would give (``mkstemp`` alone makes it
+    private).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -60,8 +63,10 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def leftovers(final: Path) -> dict[str, list[Path]]:
-    """Siblings an interrupted :func:`staged_dir` of ``final`` left: ``{"tmp": [...], "old":
-    [...]}`` (a half-built new copy; the previous copy, moved aside)."""
+    """Siblings an interrupted :func:`staged_dir` of ``final`` left.
+
+    ``{"tmp": [...], "old": [...]}`` (a half-built new copy; the previous copy, moved aside).
+    """
     final = Path(final)
     if not final.parent.is_dir():
         return {"tmp": [], "old": []}
@@ -75,10 +80,12 @@ def leftovers(final: Path) -> dict[str, list[Path]]:
 
 @contextlib.contextmanager
 def staged_dir(final: Path, replace: bool = True) -> Iterator[Path]:
-    """Yield an empty staging directory; on a normal exit it replaces ``final`` atomically
-    (module docstring), on an exception it is deleted and ``final`` is untouched. With
+    """Yield an empty staging directory that replaces ``final`` atomically on a normal exit.
+
+    See the module docstring. On an exception it is deleted and ``final`` is untouched. With
     ``replace=False`` (a cache), a ``final`` another process completed meanwhile is kept and
-    the staging copy dropped."""
+    the staging copy dropped.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))

@@ -68,10 +68,12 @@ class PreparedBatch:
 
     @property
     def num_supervised(self) -> int:
+        """The number of supervised tokens (loss terms) in the batch."""
         return int(self.supervised.sum())
 
     @property
     def num_positions(self) -> int:
+        """The number of counted (non-padding) positions in the batch."""
         return int(self.position_mask.sum())
 
     @property
@@ -106,8 +108,10 @@ def prepare_batch(
     index: int,
     vocab_size: int | None = None,
 ) -> PreparedBatch:
-    """Validate ``batch`` (the ``index``-th) and move it to ``device``; with ``vocab_size``,
-    every input id must lie in ``[0, vocab_size)`` and every label there or be -100.
+    """Validate ``batch`` (the ``index``-th) and move it to ``device``.
+
+    With ``vocab_size``, every input id must lie in ``[0, vocab_size)`` and every label there
+    or be -100.
 
     Raises:
         BatchError: naming the batch and the problem.

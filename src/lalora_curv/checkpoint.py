@@ -52,6 +52,7 @@ class CheckpointError(LaloraError):
 
 
 def rng_state() -> dict[str, Any]:
+    """The RNG states of torch, Python, NumPy and (where available) CUDA."""
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -63,6 +64,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -76,8 +78,10 @@ def _sha256(path: Path) -> str:
 
 
 def _info_digest(info: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``info`` without its ``sha256`` field: an edit of the
-    settings or of the states' skeleton (RNG words, step counts) is detected too."""
+    """SHA-256 of the canonical JSON of ``info`` without its ``sha256`` field.
+
+    An edit of the settings or of the states' skeleton (RNG words, step counts) is detected too.
+    """
     body = {k: v for k, v in info.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
@@ -98,8 +102,11 @@ def save_checkpoint(
     scaler,
     run: dict[str, Any],
 ) -> Path:
-    """Write ``directory/checkpoint-<step>`` atomically: adapter (peft format), states, and
-    the run's settings ``run`` with the digests of every file."""
+    """Write ``directory/checkpoint-<step>`` atomically.
+
+    It holds the adapter (peft format), the states, and the run's settings ``run`` with the
+    digests of every file.
+    """
     model = unwrap_model(model)
     final = Path(directory) / f"{CHECKPOINT_PREFIX}{step}"
     state = {
@@ -188,9 +195,10 @@ def candidates(directory: Path) -> list[Path]:
 
 
 def load_latest(directory: Path) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
-    """The complete checkpoint of the highest step as ``(path, info, state)``; a corrupt or
-    incomplete newer one is reported (a warning naming it and why) and skipped. ``None``
-    when the directory holds no checkpoint at all.
+    """The complete checkpoint of the highest step as ``(path, info, state)``.
+
+    A corrupt or incomplete newer one is reported (a warning naming it and why) and skipped.
+    ``None`` when the directory holds no checkpoint at all.
 
     Raises:
         CheckpointError: checkpoints exist but none is complete and intact.
@@ -214,6 +222,11 @@ def load_latest(directory: Path) -> tuple[Path, dict[str, Any], dict[str, Any]] 
 
 
 def load_adapter(model: nn.Module, path: Path, adapter_name: str) -> None:
+    """Load the adapter weights of checkpoint ``path`` into ``model``'s ``adapter_name``.
+
+    Raises:
+        CheckpointError: the adapter file is unreadable or does not match the adapter.
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -24,8 +24,10 @@ def integer(
     optional: bool = False,
     error: type[LaloraError] = LaloraError,
 ) -> int | None:
-    """``value`` as an ``int`` (not a bool, not a float), ``>= minimum``; ``None`` passes
-    when ``optional``."""
+    """``value`` as an ``int`` (not a bool, not a float), ``>= minimum``.
+
+    ``None`` passes when ``optional``.
+    """
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -45,8 +47,10 @@ def number(
     optional: bool = False,
     error: type[LaloraError] = LaloraError,
 ) -> float | None:
-    """``value`` as a finite ``float`` (a real number, not a bool or a string), ``>= minimum``
-    (``> minimum`` when ``strict``); ``None`` passes when ``optional``."""
+    """``value`` as a finite ``float`` (a real number, not a bool or a string), ``>= minimum``.
+
+    ``> minimum`` when ``strict``; ``None`` passes when ``optional``.
+    """
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -61,6 +65,7 @@ def number(
 
 
 def boolean(name: str, value: Any, *, error: type[LaloraError] = LaloraError) -> bool:
+    """``value`` if it is ``True`` or ``False``; anything else raises ``error`` naming ``name``."""
     if not isinstance(value, bool):
         raise error(f"{name} must be True or False, got {value!r}")
     return value
@@ -69,6 +74,7 @@ def boolean(name: str, value: Any, *, error: type[LaloraError] = LaloraError) ->
 def string(
     name: str, value: Any, *, optional: bool = False, error: type[LaloraError] = LaloraError
 ) -> str | None:
+    """``value`` as a non-empty string; ``None`` passes when ``optional``."""
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value:
@@ -79,6 +85,7 @@ def string(
 def choice(
     name: str, value: Any, options: Iterable[Any], *, error: type[LaloraError] = LaloraError
 ) -> Any:
+    """``value`` if it is one of ``options``; anything else raises ``error`` listing them."""
     options = list(options)
     if value not in options:
         raise error(f"unknown {name} {value!r}; valid: {', '.join(map(str, options))}")

@@ -88,9 +88,11 @@ def load_examples(
     config: str | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The examples of ``source`` as dicts: a local file or folder, a hub id (loaded with
-    ``datasets.load_dataset``), a ``datasets.Dataset`` or a list of dicts; the first
-    ``limit``."""
+    """The first ``limit`` examples of ``source`` as dicts.
+
+    ``source``: a local file or folder, a hub id (loaded with ``datasets.load_dataset``), a
+    ``datasets.Dataset`` or a list of dicts.
+    """
     if isinstance(source, str | Path):
         rows = _load_dataset(source, split, config)
     elif isinstance(source, Sequence) and not isinstance(source, str):
@@ -267,7 +269,8 @@ def dataset_batches(
         sort_by_length: sort the examples by length before batching (less padding).
         fmt: the format of every example (default: detected from the first one; all must
             share it).
-        split, config: of a hub dataset.
+        split: the split of a hub dataset.
+        config: the configuration of a hub dataset.
         limit: the first ``limit`` examples.
         shuffle_seed: shuffle the examples with this seed first (for training order).
 
@@ -316,8 +319,11 @@ def _padded(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Tens
 def _packed(
     rows: list[tuple[list[int], list[int]]], batch_size: int, max_length: int, pad: int
 ) -> list[dict[str, Tensor]]:
-    """Rows of whole examples (greedy, in order) with restarting position ids; the first label
-    of each example is -100 (it would be predicted from the previous example's last token)."""
+    """Rows of whole examples (greedy, in order) with restarting position ids.
+
+    The first label of each example is -100 (it would be predicted from the previous example's
+    last token).
+    """
     packed: list[list[tuple[list[int], list[int]]]] = [[]]
     for ids, lab in rows:
         if sum(len(i) for i, _ in packed[-1]) + len(ids) > max_length and packed[-1]:

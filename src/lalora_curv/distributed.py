@@ -7,22 +7,27 @@ import torch.distributed as dist
 
 
 def initialized() -> bool:
+    """Whether ``torch.distributed`` is available and initialised."""
     return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
+    """The number of ranks; 1 in one process."""
     return dist.get_world_size() if initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank; 0 in one process."""
     return dist.get_rank() if initialized() else 0
 
 
 def is_main_process() -> bool:
+    """Whether this process is rank 0 (the one that writes files)."""
     return rank() == 0
 
 
 def barrier() -> None:
+    """Wait for every rank; nothing in one process."""
     if initialized():
         dist.barrier()
 

@@ -1,5 +1,8 @@
-"""The exact, dense curvature of the LoRA parameters (small models): the reference the K-FAC and
-diagonal approximations are measured against, computed by laplace-torch with curvlinops."""
+"""The exact, dense curvature of the LoRA parameters (small models).
+
+The reference the K-FAC and diagonal approximations are measured against, computed by
+laplace-torch with curvlinops.
+"""
 
 from __future__ import annotations
 

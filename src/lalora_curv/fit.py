@@ -165,8 +165,11 @@ def _check_arguments(
     batches, structure, backend, estimator, mc_samples, granularity, stats_dtype, max_batches,
     seed, adapter_name, progress, sources, allow_unpenalised,
 ):  # fmt: skip
-    """Every argument of :func:`fit_precision` checked (a :class:`LaloraError` names the first
-    wrong one); returns the backend's spec and the resolved granularity."""
+    """Check every argument of :func:`fit_precision`.
+
+    A :class:`LaloraError` names the first wrong one; returns the backend's spec and the
+    resolved granularity.
+    """
     for name, value in (("structure", structure), ("backend", backend), ("estimator", estimator)):
         checks.string(name, value)
     spec, granularity = resolve_backend(backend, structure, estimator, granularity)
@@ -194,10 +197,12 @@ def _check_arguments(
 
 
 class _Passes:
-    """One pass over the batches collecting what a structure ``needs`` (its
-    :meth:`~lalora_curv.precision.Precision.fit` calls it once per pass): the backend's
-    statistics, summed over ranks under ``torch.distributed``, checked (supervised tokens,
-    finite), the first pass's counts recorded in ``metadata``."""
+    """One pass over the batches collecting what a structure ``needs``.
+
+    A structure's :meth:`~lalora_curv.precision.Precision.fit` calls it once per pass: the
+    backend's statistics, summed over ranks under ``torch.distributed``, checked (supervised
+    tokens, finite), the first pass's counts recorded in ``metadata``.
+    """
 
     def __init__(self, collector, model, handles, batches, request: FitRequest, metadata) -> None:
         self.collector, self.model, self.handles = collector, model, handles

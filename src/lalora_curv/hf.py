@@ -35,7 +35,17 @@ from lalora_curv.strength import Strength, as_strength
 
 
 class PenaltyMixin:
-    """Adds ``lam * precision.penalty(model)`` to a Hugging Face ``Trainer``'s objective."""
+    """Adds ``lam * precision.penalty(model)`` to a Hugging Face ``Trainer``'s objective.
+
+    Construct it as the ``Trainer`` it is mixed into, with three keyword arguments more (the
+    rest go to the ``Trainer``).
+
+    Args:
+        precision: the source precision; ``None`` trains plain LoRA.
+        lam: the penalty's strength: a number (``lambda >= 0``) or a
+            :class:`~lalora_curv.strength.Strength`.
+        adapter_name: the peft adapter to penalise.
+    """
 
     def __init__(
         self,
@@ -70,6 +80,7 @@ class PenaltyMixin:
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ):
+        """The ``Trainer``'s loss plus ``lam * penalty`` in training (scaled for accumulation)."""
         out = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
@@ -97,8 +108,11 @@ class PenaltyMixin:
         return (loss, *rest) if return_outputs else loss
 
     def _follow_budget(self, penalty: float) -> None:
-        """Under a source-NLL budget, update ``lam`` once per optimizer step, from the penalty
-        of the step before (the thin loop's rule; the parameters do not move within a step)."""
+        """Under a source-NLL budget, update ``lam`` once per optimizer step.
+
+        From the penalty of the step before (the thin loop's rule; the parameters do not move
+        within a step).
+        """
         if self.strength.kind != "budget":
             return
         step = self.state.global_step
@@ -108,6 +122,7 @@ class PenaltyMixin:
             self._budget_step = (step, penalty)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The ``Trainer``'s log, with the mean ``penalty`` and ``lam`` in training records."""
         if self._penalty_log and "loss" in logs:  # training records only, not evaluation ones
             logs["penalty"] = sum(self._penalty_log) / len(self._penalty_log)
             logs["lam"] = self.lam

@@ -1,4 +1,4 @@
-"""Sequential tasks: the online Laplace update of a precision (online EWC with a decay).
+r"""Sequential tasks: the online Laplace update of a precision (online EWC with a decay).
 
 After fine-tuning on task ``t`` the adapter sits at ``theta_t``. The Laplace approximation of
 the posterior over everything seen so far is recursive (Ritter et al., 2018, "Online Structured
@@ -7,7 +7,7 @@ Laplace Approximations for Overcoming Catastrophic Forgetting"; Schwarz et al., 
 
 .. math::
 
-    \\Lambda_t = \\gamma\\, \\Lambda_{t-1} + N_t F_t, \\qquad \\mu_t = \\theta_t,
+    \Lambda_t = \gamma\, \Lambda_{t-1} + N_t F_t, \qquad \mu_t = \theta_t,
 
 with ``F_t`` the mean Fisher per supervised token of task ``t`` at ``theta_t`` and ``gamma`` in
 ``(0, 1]`` a decay that lets old tasks fade. Training on task ``t + 1`` then adds
@@ -23,13 +23,12 @@ from lalora_curv.precision import Precision
 
 
 def online_laplace(previous: Precision, new: Precision, decay: float = 1.0) -> Precision:
-    """The precision after one more task: ``decay * previous`` moved to ``new``'s mode, plus
-    ``new``.
+    r"""The precision after one more task: ``decay * previous`` at ``new``'s mode, plus ``new``.
 
     .. math::
 
-        P_t = \\frac{\\gamma N_{t-1} P_{t-1}|_{\\mu_t} + N_t F_t}{N_{t-1} + N_t}, \\qquad
-        \\mu_t = \\text{new.mode}
+        P_t = \frac{\gamma N_{t-1} P_{t-1}|_{\mu_t} + N_t F_t}{N_{t-1} + N_t}, \qquad
+        \mu_t = \text{new.mode}
 
     ``P_{t-1}|_{mu_t}`` is :meth:`Precision.recentred`: the quadratic kept and its centre
     moved (diag, ekfac: the online-EWC step), or, for the structures built from base-layer

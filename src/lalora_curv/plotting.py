@@ -1,5 +1,7 @@
-"""Figures: matplotlib when it is installed (it is optional: extra ``bench``), written
-atomically (a temporary sibling, then a rename) and closed."""
+"""Figures: matplotlib when it is installed (it is optional: extra ``bench``).
+
+Figures are written atomically (a temporary sibling, then a rename) and closed.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ def pyplot() -> Any | None:
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save the matplotlib ``fig`` to ``path`` atomically (:func:`lalora_curv.atomic.write_bytes`:
-    a crash never leaves a half-written image) and close it; returns the path."""
+    """Save the matplotlib ``fig`` to ``path`` atomically and close it; returns the path.
+
+    :func:`lalora_curv.atomic.write_bytes`: a crash never leaves a half-written image.
+    """
     plt = pyplot()
     path = Path(path)
     buffer = io.BytesIO()

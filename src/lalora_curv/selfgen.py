@@ -1,4 +1,4 @@
-"""Source batches without source data: sequences sampled from the model itself.
+r"""Source batches without source data: sequences sampled from the model itself.
 
 LALoRA needs batches that represent what the model knows. When the pre-training data is not
 available, sample it from the model at the mode the precision is fitted at (the adapter's
@@ -10,8 +10,8 @@ top-k/top-p) every sampled token is an exact draw from the model's predictive di
 the *empirical* Fisher on these sequences is an unbiased one-sample Monte-Carlo estimate of the
 true Fisher under the model's own sequence distribution,
 
-.. math:: F = \\mathbb{E}_{y \\sim p_\\theta}\\Big[\\sum_t
-    \\nabla \\log p_\\theta(y_t \\mid y_{<t})\\, \\nabla \\log p_\\theta(y_t \\mid y_{<t})^\\top\\Big],
+.. math:: F = \mathbb{E}_{y \sim p_\theta}\Big[\sum_t
+    \nabla \log p_\theta(y_t \mid y_{<t})\, \nabla \log p_\theta(y_t \mid y_{<t})^\top\Big],
 
 and ``estimator="mc"`` adds label draws on top of that (``tests/test_selfgen.py`` checks the
 convergence against an exact enumeration on a tiny vocabulary).
@@ -35,15 +35,19 @@ logger = logging.getLogger(__name__)
 
 
 class SelfGeneratedBatches(list):
-    """A list of batches (``input_ids``, ``attention_mask``, ``labels``) that remembers how it
-    was sampled: :func:`~lalora_curv.fit_precision` records :attr:`provenance` in the
-    precision's metadata (``metadata["self_generated"]``)."""
+    """A list of batches (``input_ids``, ``attention_mask``, ``labels``) with its provenance.
+
+    It remembers how it was sampled: :func:`~lalora_curv.fit_precision` records
+    :attr:`provenance` in the precision's metadata (``metadata["self_generated"]``).
+    """
 
     provenance: dict[str, Any]
 
     def first_tokens(self, tokens: int) -> SelfGeneratedBatches:
-        """The shortest prefix of whole sequences holding at least ``tokens`` supervised
-        tokens (all of them if there are fewer): a source of a given token count."""
+        """The shortest prefix of whole sequences holding at least ``tokens`` supervised tokens.
+
+        All of them if there are fewer: a source of a given token count.
+        """
         kept = SelfGeneratedBatches()
         total = 0
         for batch in self:
@@ -170,8 +174,11 @@ def _sample_batch(
     seed: int,
     device: torch.device,
 ) -> dict[str, Tensor]:
-    """Ancestral sampling with the KV cache; starts are left-padded while generating (so every
-    row's next position is the last column) and the result is returned right-padded."""
+    """Ancestral sampling with the KV cache.
+
+    Starts are left-padded while generating (so every row's next position is the last column)
+    and the result is returned right-padded.
+    """
     n, width = len(starts), max(len(s) for s in starts)
     ids = torch.full((n, width), pad, dtype=torch.long, device=device)
     mask = torch.zeros((n, width), dtype=torch.long, device=device)

@@ -1,4 +1,4 @@
-"""Raw curvature statistics of LoRA modules, as sums over tokens, before normalisation.
+r"""Raw curvature statistics of LoRA modules, as sums over tokens, before normalisation.
 
 For one module with lora_A input ``x_t`` (D_in), lora_B input ``u_t = A x_t`` (r) and base-layer
 output gradient ``g_t = dL/dh_t`` (D_out), where ``L`` is the *sum* of per-token negative
@@ -7,13 +7,13 @@ model: Monte-Carlo Fisher), the sums are, over counted (non-padding) positions `
 
 .. math::
 
-    S_x = \\sum_t x_t x_t^\\top,\\qquad S_g = \\sum_t g_t g_t^\\top
-    \\qquad \\text{(K-FAC, "expand")}
+    S_x = \sum_t x_t x_t^\top,\qquad S_g = \sum_t g_t g_t^\top
+    \qquad \text{(K-FAC, "expand")}
 
-    S_A = \\sum_t (s B^\\top g_t)^{\\odot 2} (x_t^{\\odot 2})^\\top,\\qquad
-    S_B = \\sum_t (s g_t)^{\\odot 2} (u_t^{\\odot 2})^\\top \\qquad \\text{(per-token diagonal)}
+    S_A = \sum_t (s B^\top g_t)^{\odot 2} (x_t^{\odot 2})^\top,\qquad
+    S_B = \sum_t (s g_t)^{\odot 2} (u_t^{\odot 2})^\top \qquad \text{(per-token diagonal)}
 
-    S_W = \\sum_t g_t^{\\odot 2} (x_t^{\\odot 2})^\\top \\qquad \\text{(merged-update diagonal)}
+    S_W = \sum_t g_t^{\odot 2} (x_t^{\odot 2})^\top \qquad \text{(merged-update diagonal)}
 
 and for the paper's cheap diagonal, ``sum_batches (dL_batch/dA)^2`` and ``(dL_batch/dB)^2``.
 Monte-Carlo sums are averaged over the label samples. The one normalisation shared by every
@@ -42,6 +42,7 @@ class ModuleSums:
     weight_diag: Tensor | None = None  # S_W, D_out x D_in
 
     def add(self, name: str, value: Tensor) -> None:
+        """Add ``value`` to the sum ``name`` (in place; a copy starts a sum)."""
         current = getattr(self, name)
         setattr(self, name, value.clone() if current is None else current.add_(value))
 
@@ -58,6 +59,7 @@ class LoraStatistics:
     skipped_batches: int = 0  # batches without any supervised token
 
     def counts(self) -> dict[str, int]:
+        """The counts as the metadata's ``counts`` records them."""
         return {
             "positions": self.positions,
             "supervised_tokens": self.supervised_tokens,

@@ -1,5 +1,7 @@
-"""How strongly the penalty pulls: one :class:`Strength` for ``lc.train``, the Hugging Face
-mixin, the command line and the experiments.
+r"""How strongly the penalty pulls.
+
+One :class:`Strength` for ``lc.train``, the Hugging Face mixin, the command line and the
+experiments.
 
 Three ways to set ``lambda`` in ``loss = nll + lambda * (theta - mu)^T P (theta - mu)``:
 
@@ -15,7 +17,7 @@ Three ways to set ``lambda`` in ``loss = nll + lambda * (theta - mu)^T P (theta 
   ``metadata["scale"]``); ``lambda`` follows the multiplicative dual ascent of
   ``min NLL_target s.t. q <= epsilon``,
 
-  .. math:: \\lambda_{t+1} = \\lambda_t \\exp\\big(\\eta\\,\\mathrm{clip}(q_t/\\epsilon - 1, -1, 1)\\big),
+  .. math:: \lambda_{t+1} = \lambda_t \exp\big(\eta\,\mathrm{clip}(q_t/\epsilon - 1, -1, 1)\big),
 
   from a start ``lambda_0`` (given, or ``c / m(P)``).
 """
@@ -63,10 +65,12 @@ class Strength:
 
     @classmethod
     def fixed(cls, lam: float) -> Strength:
+        """``lambda = lam``."""
         return cls("fixed", lam)
 
     @classmethod
     def relative(cls, c: float) -> Strength:
+        """``lambda = c / m(P)``, ``m(P)`` the precision's mean eigenvalue."""
         return cls("relative", c)
 
     @classmethod
@@ -77,6 +81,7 @@ class Strength:
         start_c: float | None = None,
         rate: float = 0.02,
     ) -> Strength:
+        """A source-NLL budget of ``epsilon`` nats per token, from ``start_lam`` or ``start_c``."""
         return cls("budget", epsilon, start_lam, start_c, rate)
 
     @property
@@ -85,8 +90,11 @@ class Strength:
         return not (self.kind in ("fixed", "relative") and self.value == 0.0)
 
     def check(self, precision: Precision | None, error: type[LaloraError] = LaloraError) -> None:
-        """Refuse a strength the precision cannot carry: a penalty without a precision, a
-        budget on a precision whose penalty is not in nats per source token."""
+        """Refuse a strength the precision cannot carry.
+
+        A penalty without a precision, a budget on a precision whose penalty is not in nats per
+        source token.
+        """
         if precision is None:
             if self.active:
                 raise error("lam > 0 needs a precision")
@@ -127,6 +135,7 @@ class Strength:
         return lam * math.exp(self.rate * excess)
 
     def to_json(self) -> dict[str, Any]:
+        """The fields as a JSON object."""
         return {
             "kind": self.kind,
             "value": self.value,
@@ -137,8 +146,10 @@ class Strength:
 
 
 def mean_curvature(precision: Precision) -> float:
-    """``m(P) = tr(P) / num_params``, the precision's mean eigenvalue (over the merged update
-    for the merged structures, per LoRA parameter)."""
+    """``m(P) = tr(P) / num_params``, the precision's mean eigenvalue.
+
+    Over the merged update for the merged structures, per LoRA parameter.
+    """
     m = precision.trace() / precision.num_params
     if not m > 0:
         raise LaloraError(f"a relative strength needs a precision with a positive trace, got {m}")

@@ -27,7 +27,8 @@ def tiny_llama(
     """A randomly initialised Llama (eager attention by default, no dropout) on the CPU.
 
     (Eager attention takes its softmax in float32 whatever the model's dtype; ``"sdpa"`` keeps
-    a float64 model in float64 throughout.)"""
+    a float64 model in float64 throughout.)
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -77,8 +78,10 @@ def random_batches(
     prompt_fraction: float = 0.25,
     token_offset: int = 0,
 ) -> list[dict[str, Tensor]]:
-    """Right-padded random batches of tokens in ``[token_offset, token_offset + vocab_size)``;
-    the first ``prompt_fraction`` of each row has label -100."""
+    """Right-padded random batches of tokens in ``[token_offset, token_offset + vocab_size)``.
+
+    The first ``prompt_fraction`` of each row has label -100.
+    """
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(num_batches):

@@ -1,10 +1,10 @@
-"""Stage 2 of LALoRA: fine-tune the adapter on target data with the Laplace penalty.
+r"""Stage 2 of LALoRA: fine-tune the adapter on target data with the Laplace penalty.
 
 ``train`` is one readable loop (AdamW, warm-up + schedule, gradient accumulation, clipping,
 autocast, evaluation callback, JSON-lines log, atomic checkpoints, exact resume). Per optimizer
 step it minimises
 
-.. math:: \\frac1K \\sum_{k=1}^{K} \\overline{\\text{NLL}}_k + \\lambda\\,(\\theta-\\mu)^\\top P(\\theta-\\mu)
+.. math:: \frac1K \sum_{k=1}^{K} \overline{\text{NLL}}_k + \lambda\,(\theta-\mu)^\top P(\theta-\mu)
 
 over ``K`` accumulated micro-batches (each NLL the model's mean over its supervised tokens).
 The penalty does not depend on the batch, so it is computed and back-propagated once per
@@ -85,8 +85,10 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
 
 
 def data_digest(batches: Sequence[Mapping[str, Tensor]]) -> str:
-    """SHA-256 of the batches in order (every tensor's key, dtype, shape and bytes): a resumed
-    run must see the same data in the same order for its position to mean anything."""
+    """SHA-256 of the batches in order (every tensor's key, dtype, shape and bytes).
+
+    A resumed run must see the same data in the same order for its position to mean anything.
+    """
     h = hashlib.sha256()
     for raw in batches:
         for key in sorted(raw):
@@ -97,8 +99,10 @@ def data_digest(batches: Sequence[Mapping[str, Tensor]]) -> str:
 
 
 def check_token_ids(batches: Sequence[Mapping[str, Tensor]], model: nn.Module) -> None:
-    """Every ``input_ids`` in ``[0, vocab)`` and every label there or -100 (a token id outside
-    the vocabulary is otherwise a bare ``IndexError`` deep in the embedding)."""
+    """Every ``input_ids`` in ``[0, vocab)`` and every label there or -100.
+
+    A token id outside the vocabulary is otherwise a bare ``IndexError`` deep in the embedding.
+    """
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     for i, raw in enumerate(batches):
         if not isinstance(raw, Mapping):
@@ -133,8 +137,10 @@ def check_train_arguments(
     lam: Any,
     kw: dict[str, Any],
 ) -> dict[str, Any]:
-    """Every argument of :func:`train` (``kw``: the others, by name), validated: a
-    :class:`TrainingError` names the first wrong one; the validated values are returned."""
+    """Every argument of :func:`train` (``kw``: the others, by name), validated.
+
+    A :class:`TrainingError` names the first wrong one; the validated values are returned.
+    """
     e = {"error": TrainingError}
     out = dict(kw)
     if precision is not None and not isinstance(precision, Precision):
@@ -197,9 +203,12 @@ def check_covered(
     adapter_name: str,
     error: type[LaloraError] = TrainingError,
 ) -> None:
-    """What training with ``precision`` needs of ``model``: ``adapter_name`` is the active
-    adapter, the precision matches it, and every tensor the optimizer moves is penalised or
-    was named when the precision was fitted (``metadata["unpenalised"]``)."""
+    """Check what training with ``precision`` needs of ``model``.
+
+    ``adapter_name`` is the active adapter, the precision matches it, and every tensor the
+    optimizer moves is penalised or was named when the precision was fitted
+    (``metadata["unpenalised"]``).
+    """
     check_active(model, adapter_name, error)
     if precision is None:
         return
@@ -268,8 +277,10 @@ def _resume(
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
-    """Drop the records a killed run logged after the checkpoint it resumes from (they are
-    logged again), so every step appears once."""
+    """Drop the records a killed run logged after the checkpoint it resumes from.
+
+    They are logged again, so every step appears once.
+    """
     if not log_file.is_file():
         return
     kept = [
@@ -327,6 +338,7 @@ def train(
         schedule: the learning-rate schedule after warm-up: ``"linear"``, ``"cosine"`` or
             ``"constant"``.
         max_steps: optimizer steps (default: ``epochs`` passes over the data).
+        epochs: passes over ``train_batches`` when ``max_steps`` is not given.
         grad_accum_steps: micro-batches ``K`` per optimizer step; each NLL enters as
             ``NLL / K`` (a skipped micro-batch as 0).
         max_grad_norm: gradient clipping at this norm (> 0; ``None``: off).
@@ -334,6 +346,7 @@ def train(
             (fp16 with loss scaling).
         eval_fn: ``eval_fn(model, step) -> metrics``, called every ``eval_every`` steps and at
             the end (in eval mode, without gradients; training mode is restored).
+        eval_every: steps between calls of ``eval_fn`` (``None``: only at the end).
         log_file: JSON-lines log (appended): one record per optimizer step and evaluation; a
             resumed run first drops the records after its checkpoint's step.
         checkpoint_dir: directory of the atomic checkpoints (``None``: no checkpoints).
@@ -423,8 +436,11 @@ def train(
 
 
 class _Optimisation:
-    """The trainable parameters, the step count, AdamW, the learning-rate schedule, autocast
-    and the gradient scaler of one run."""
+    """The optimisation of one run.
+
+    The trainable parameters, the step count, AdamW, the learning-rate schedule, autocast and
+    the gradient scaler.
+    """
 
     def __init__(self, params, device, total, optimizer, scheduler, scaler, autocast) -> None:
         self.params, self.device, self.total = params, device, total
@@ -478,9 +494,11 @@ class _Log:
 
 
 class _Loop:
-    """The optimizer steps from a start step to the last, with the strength's updates,
-    evaluations every ``eval_every`` steps (and at the end) and checkpoints every
-    ``checkpoint_every`` steps (and at the end)."""
+    """The optimizer steps from a start step to the last.
+
+    With the strength's updates, evaluations every ``eval_every`` steps (and at the end) and
+    checkpoints every ``checkpoint_every`` steps (and at the end).
+    """
 
     def __init__(
         self, model, batches, precision, strength, adapter_name, opt, max_grad_norm,
@@ -548,8 +566,11 @@ class _Loop:
 
 
 class _Step:
-    """One optimizer step: ``K`` micro-batches (NLL / K each), the penalty once (in the last,
-    synchronised backward), clipping, the non-finite guard on every rank, the update."""
+    """One optimizer step.
+
+    ``K`` micro-batches (NLL / K each), the penalty once (in the last, synchronised backward),
+    clipping, the non-finite guard on every rank, the update.
+    """
 
     def __init__(
         self,

@@ -44,8 +44,10 @@ ALL_STATISTICS = frozenset(
 
 @dataclass(frozen=True)
 class Backend:
-    """A statistics backend: the statistics, estimators and granularities it computes. Which
-    structures it can fit follows from what each structure declares it needs."""
+    """A statistics backend: the statistics, estimators and granularities it computes.
+
+    Which structures it can fit follows from what each structure declares it needs.
+    """
 
     name: str
     module: str  # defines ``collect_statistics(model, handles, batches, request: FitRequest)``
@@ -55,6 +57,11 @@ class Backend:
     requires: str = ""  # the pip extra that installs its dependency
 
     def collector(self) -> Callable[..., LoraStatistics]:
+        """The backend module's ``collect_statistics``.
+
+        Raises:
+            LaloraError: its dependency is not installed (naming the extra that installs it).
+        """
         try:
             module = importlib.import_module(self.module)
         except ImportError as e:

@@ -1,11 +1,11 @@
-"""The ``backpack`` backend: per-sequence diagonal curvature from BackPACK's ``SumGradSquared``.
+r"""The ``backpack`` backend: per-sequence diagonal curvature from BackPACK's ``SumGradSquared``.
 
 BackPACK (Dangel, Kunstner, Hennig, ICLR 2020) extends modules with hooks that compute
 per-sample quantities during the backward pass. Its first-order extensions work on the LoRA
 ``Linear`` layers of a transformer (only these are extended): with inputs of shape
 (batch, seq, features), a sample is a *sequence*, so ``SumGradSquared`` gives
 
-.. math:: \\sum_b \\Big(\\sum_t \\nabla_\\theta \\ell_{b,t}\\Big)^{\\odot 2}
+.. math:: \sum_b \Big(\sum_t \nabla_\theta \ell_{b,t}\Big)^{\odot 2}
 
 for the summed NLL: the per-sequence empirical Fisher with true labels, and with labels drawn
 from the model (the same seeded sampler as the hooks backend) an unbiased per-sequence estimate
@@ -48,7 +48,8 @@ def extended(modules: list[nn.Module]) -> Iterator[None]:
 
     BackPACK has no public way to undo ``extend``: this deletes the hooks it added from torch's
     per-module hook dictionaries (fragile if BackPACK changes how it registers them; the test
-    ``test_backpack_leaves_no_trace`` watches)."""
+    ``test_backpack_leaves_no_trace`` watches).
+    """
     from backpack import extend, memory_cleanup
 
     before = [

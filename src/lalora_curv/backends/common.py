@@ -78,16 +78,21 @@ def fitting_state(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[
 
 
 def derive_seed(seed: int, *keys: object) -> int:
-    """An independent seed for ``(seed, *keys)`` (a pass, a rank, a piece): no two streams of
-    neighbouring seeds overlap, unlike ``seed + k``."""
+    """An independent seed for ``(seed, *keys)`` (a pass, a rank, a piece).
+
+    No two streams of neighbouring seeds overlap, unlike ``seed + k``.
+    """
     digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
 @contextlib.contextmanager
 def only_lora_trainable(model: nn.Module, handles: dict[str, LoraHandle]) -> Iterator[None]:
-    """Only the LoRA weights require a gradient inside the block (upstream tools take every
-    parameter that does); ``requires_grad`` and every ``.grad`` are restored afterwards."""
+    """Only the LoRA weights require a gradient inside the block.
+
+    Upstream tools take every parameter that does; ``requires_grad`` and every ``.grad`` are
+    restored afterwards.
+    """
     lora = {id(p) for h in handles.values() for p in (h.lora_A.weight, h.lora_B.weight)}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     saved_grads = [(p, p.grad) for p in model.parameters()]
@@ -167,9 +172,12 @@ def accepts_position_ids(model: nn.Module) -> bool:
 
 
 def model_logits(model: nn.Module, batch: PreparedBatch) -> Tensor:
-    """The model's logits (batch, seq, vocab) for a prepared batch (its
+    """The model's logits (batch, seq, vocab) for a prepared batch.
+
+    The model is called with the batch's
     :meth:`~lalora_curv.batches.PreparedBatch.model_inputs`: position ids where the model
-    takes them, packed rows without the 2-D mask)."""
+    takes them, packed rows without the 2-D mask.
+    """
     from lalora_curv.adapter import unwrap_model
 
     # no KV cache: it would also switch off transformers' masking of packed sequences
@@ -225,6 +233,7 @@ def loss_labels(
 
 
 def check_finite_loss(loss: Tensor, index: int) -> None:
+    """Raise :class:`CurvatureError` if the ``index``-th batch's source loss is not finite."""
     if not bool(torch.isfinite(loss)):
         raise CurvatureError(f"batch {index}: the source loss is {loss.item()}")
 
@@ -285,13 +294,18 @@ def _len_or_none(batches: Iterable) -> int | None:
 
 
 class SupervisedLogits(nn.Module):
-    """``X -> logits[:, :-1][X["supervised"]]``: the model's logits at supervised positions."""
+    """``X -> logits[:, :-1][X["supervised"]]``: the model's logits at supervised positions.
+
+    Wraps ``model`` as the module of ``X`` the upstream tools take; the logits are promoted to
+    at least float32.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, X: Mapping[str, Tensor]) -> Tensor:
+        """The logits at ``X["supervised"]`` from ``input_ids`` and ``attention_mask``."""
         kwargs = {"use_cache": False} if hasattr(self.model, "config") else {}
         out = self.model(input_ids=X["input_ids"], attention_mask=X["attention_mask"], **kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]

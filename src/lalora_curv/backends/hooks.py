@@ -100,8 +100,11 @@ class _Recorder:
         self.position_mask = None
 
     def _check(self, t: Tensor, name: str) -> Tensor:
-        """``t`` as (batch, seq, features): a module fed flattened positions (OPT's fc1/fc2
-        see (batch * seq, features)) is viewed back; any other shape is refused."""
+        """``t`` as (batch, seq, features); any other shape is refused.
+
+        A module fed flattened positions (OPT's fc1/fc2 see (batch * seq, features)) is viewed
+        back.
+        """
         mask = self.position_mask
         assert mask is not None
         if t.dim() == 2 and t.shape[0] == mask.numel():
@@ -219,10 +222,12 @@ class _Recorder:
 
 
 def _check_reached(flat, outputs, recorder: _Recorder, handles, index: int) -> None:
-    """Every recorded lora_B output must reach the loss: one that does not (its gradient is
-    None) would silently enter as zero curvature. That happens when the forward ran inside a
-    compiled graph (``torch.compile``: the recorded outputs are not the ones autograd saw) or a
-    branch detached from the loss."""
+    """Every recorded lora_B output must reach the loss.
+
+    One that does not (its gradient is None) would silently enter as zero curvature. That
+    happens when the forward ran inside a compiled graph (``torch.compile``: the recorded
+    outputs are not the ones autograd saw) or a branch detached from the loss.
+    """
     pos = 0
     for name in handles:
         n = len(recorder.calls[name].outputs)

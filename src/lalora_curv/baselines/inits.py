@@ -22,9 +22,10 @@ _PEFT_INIT = {"default": True, "pissa": "pissa", "olora": "olora", "milora": Tru
 
 
 def lora_adapter(model: nn.Module, config: LoraConfig, init: str = "default") -> PeftModel:
-    """``get_peft_model(model, config)`` with the adapter initialised by ``init`` (see the
-    module docstring); ``config.init_lora_weights`` is overridden (the config passed in is not
-    changed). Seed torch first for a reproducible init.
+    """``get_peft_model(model, config)`` with the adapter initialised by ``init``.
+
+    See the module docstring; ``config.init_lora_weights`` is overridden (the config passed in
+    is not changed). Seed torch first for a reproducible init.
 
     Raises:
         LaloraError: an unknown ``init``, or MiLoRA on a layer it does not support.

@@ -1,10 +1,10 @@
-"""MIGU: update only the output rows of each adapted layer with the largest output magnitude.
+r"""MIGU: update only the output rows of each adapted layer with the largest output magnitude.
 
 MIGU (Du et al., "Unlocking Continual Learning Abilities in Language Models", 2024) caches the
 output ``h`` (tokens x D_out) of every linear layer in the forward pass, computes the
 L1-normalised magnitude of each output dimension over the batch's tokens,
 
-.. math:: m_j = \\frac{\\sum_t |h_{tj}|}{\\sum_{j'} \\sum_t |h_{tj'}|},
+.. math:: m_j = \frac{\sum_t |h_{tj}|}{\sum_{j'} \sum_t |h_{tj'}|},
 
 and in the backward pass keeps the gradient only of rows ``j`` with ``m_j`` above the
 ``threshold``-quantile of ``m`` (``threshold = 0.7``: the top 30 % of rows). For a LoRA layer
@@ -26,8 +26,10 @@ from lalora_curv.errors import LaloraError
 
 
 def row_mask(output: Tensor, threshold: float) -> Tensor:
-    """``m_j > quantile(m, threshold)`` for the L1-normalised row magnitudes ``m`` of
-    ``output`` (..., D_out); at ``threshold = 0`` every row is kept."""
+    """``m_j > quantile(m, threshold)`` for the L1-normalised row magnitudes ``m`` of ``output``.
+
+    ``output`` is (..., D_out); at ``threshold = 0`` every row is kept.
+    """
     magnitude = output.detach().abs().reshape(-1, output.shape[-1]).sum(0)
     magnitude = magnitude / magnitude.sum().clamp_min(torch.finfo(magnitude.dtype).tiny)
     if threshold == 0.0:

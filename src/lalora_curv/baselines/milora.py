@@ -1,11 +1,11 @@
-"""MiLoRA: initialise each adapter from the minor singular components of its base weight.
+r"""MiLoRA: initialise each adapter from the minor singular components of its base weight.
 
 MiLoRA (Wang et al., "MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient
 LLM Finetuning", 2024) splits each adapted weight ``W = U S V^T`` (singular values in
 decreasing order) into its principal part and its ``r`` smallest components,
 
-.. math:: W = W_{res} + U_m S_m V_m^\\top,\\quad
-    B_0 = U_m S_m^{1/2} / \\sqrt{s},\\; A_0 = S_m^{1/2} V_m^\\top / \\sqrt{s},
+.. math:: W = W_{res} + U_m S_m V_m^\top,\quad
+    B_0 = U_m S_m^{1/2} / \sqrt{s},\; A_0 = S_m^{1/2} V_m^\top / \sqrt{s},
 
 keeps ``W_res`` frozen in the base layer and trains ``A``, ``B`` (``s`` the LoRA scaling), so
 the model's function is unchanged at init (``W_res + s B_0 A_0 = W``), like PiSSA with the
@@ -23,9 +23,11 @@ from lalora_curv.errors import LaloraError
 
 @torch.no_grad()
 def milora_init(model: nn.Module, adapter_name: str = "default") -> nn.Module:
-    """Re-initialise every LoRA module of ``adapter_name`` in place (see the module docstring)
-    and return ``model``. The base weights change: save the base model with the adapter (or
-    re-run this deterministic init) to restore the pair."""
+    """Re-initialise every LoRA module of ``adapter_name`` in place and return ``model``.
+
+    See the module docstring. The base weights change: save the base model with the adapter
+    (or re-run this deterministic init) to restore the pair.
+    """
     for name, handle in find_lora_modules(model, adapter_name).items():
         if getattr(handle.layer, "fan_in_fan_out", False):
             raise LaloraError(

@@ -105,6 +105,7 @@ def command_parser(name: str) -> ArgumentParser:
 
 
 def build_parser() -> ArgumentParser:
+    """The ``lalora-curv`` parser, one sub-command per entry of :data:`COMMANDS`."""
     parser = ArgumentParser(
         prog="lalora-curv",
         description="Laplace curvature penalties for LoRA (LALoRA).",

@@ -40,8 +40,10 @@ Quantization = Literal["4bit", "8bit"]
 
 
 def quantization_config(quantization: str | None, dtype: Dtype):
-    """transformers' ``BitsAndBytesConfig`` for ``--quantization`` (QLoRA: the base in 4 or 8
-    bits, the LoRA weights and the statistics in ``dtype``), or None."""
+    """The ``BitsAndBytesConfig`` of transformers for ``--quantization``, or None.
+
+    QLoRA: the base in 4 or 8 bits, the LoRA weights and the statistics in ``dtype``.
+    """
     if quantization is None:
         return None
     try:
@@ -61,8 +63,10 @@ def quantization_config(quantization: str | None, dtype: Dtype):
 def load_base(
     model: str, dtype: Dtype, device: str, quantization: str | None = None
 ) -> tuple[nn.Module, object]:
-    """``AutoModelForCausalLM`` and its tokenizer from a local path or a hub id (in 4 or 8
-    bits with ``quantization``)."""
+    """``AutoModelForCausalLM`` and its tokenizer from a local path or a hub id.
+
+    In 4 or 8 bits with ``quantization``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local_looking = model.startswith(("/", ".", "~")) or model.count("/") > 1
@@ -89,8 +93,11 @@ def _device_map(device: str) -> dict[str, str]:
 
 
 def resolve_adapter(path: str) -> str:
-    """A peft adapter directory, a fit run (its ``adapter_init/``), a train run (its
-    ``adapter/``), or a hub id (``owner/name``, when no such local path exists)."""
+    """The adapter ``path`` names, as a directory or a hub id.
+
+    A peft adapter directory, a fit run (its ``adapter_init/``), a train run (its
+    ``adapter/``), or a hub id (``owner/name``, when no such local path exists).
+    """
     p = Path(path)
     for candidate in (p, p / ADAPTER_INIT_DIR, p / ADAPTER_DIR):
         if (candidate / "adapter_config.json").is_file():
@@ -188,14 +195,20 @@ def task_batches(
     shuffle_seed: int | None = None,
     option: str = "--sources",
 ) -> dict[str, list[Batch]]:
-    """Supervised batches per task: ``(prompt, target)`` pairs of
-    :func:`~lalora_curv.tasks.formatting.supervised_examples`, prompt and padding labelled -100.
+    """Supervised batches per task, prompt and padding labelled -100.
+
+    The ``(prompt, target)`` pairs of
+    :func:`~lalora_curv.tasks.formatting.supervised_examples`.
 
     Args:
         tasks: task names (hellaswag, winogrande, arc_challenge, gsm8k).
+        tokenizer: the model's tokenizer.
         data_dir: local files in the original schemas; ``None`` loads from the hub.
         split: ``"train"`` or ``"eval"`` records.
         limit: the first ``limit`` records of each task.
+        batch_size: sequences per batch (at least 1).
+        max_length: tokens per sequence (at least 2); a longer example loses the start of its
+            prompt.
         shuffle_seed: shuffle each task's examples with this seed before batching.
         option: the command-line option that named the tasks (for error messages).
     """
@@ -226,8 +239,10 @@ def task_batches(
 
 
 def dataset_name(source: str) -> str:
-    """The source name of a dataset (its artifact's folder): a file's stem, a folder's name,
-    a hub id with ``/`` as ``--``."""
+    """The source name of a dataset (its artifact's folder).
+
+    A file's stem, a folder's name, a hub id with ``/`` as ``--``.
+    """
     p = Path(source).expanduser()
     if p.exists():
         return p.stem if p.is_file() else p.name
@@ -246,8 +261,11 @@ def dataset_sources(
     shuffle_seed: int | None = None,
     option: str = "--dataset",
 ) -> dict[str, list[Batch]]:
-    """``{name: supervised batches}`` of each dataset (:func:`lalora_curv.data.dataset_batches`:
-    text, prompt-completion or conversational examples from a file, folder or hub id)."""
+    """``{name: supervised batches}`` of each dataset.
+
+    See :func:`lalora_curv.data.dataset_batches`: text, prompt-completion or conversational
+    examples from a file, folder or hub id.
+    """
     from lalora_curv.data import DatasetError, dataset_batches
 
     names = [dataset_name(d) for d in datasets]

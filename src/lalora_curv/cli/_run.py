@@ -88,8 +88,9 @@ class RunDir:
 def save_adapter(
     model, path: Path, adapter_name: str = "default", initial: Path | None = None
 ) -> Path:
-    """``model.save_pretrained`` (peft format) into ``path``, atomically replacing it
-    (:func:`lalora_curv.atomic.staged_dir`).
+    """``model.save_pretrained`` (peft format) into ``path``, atomically replacing it.
+
+    The replacement is :func:`lalora_curv.atomic.staged_dir`'s.
 
     ``initial``: the saved init of a PiSSA/OLoRA/MiLoRA adapter, whose base weights are the
     residual ``W - s B0 A0``. peft then writes the plain LoRA adapter of rank ``2 r`` for the

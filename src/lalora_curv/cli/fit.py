@@ -1,9 +1,9 @@
-"""``lalora-curv fit``: stage 1, a precision per source sub-dataset and their pooled sum.
+r"""``lalora-curv fit``: stage 1, a precision per source sub-dataset and their pooled sum.
 
 For source sub-datasets ``s = 1..S`` with ``N_s`` supervised tokens and precisions ``P_s``
 (mean Fisher per token), the pooled precision is (:meth:`Precision.__add__`)
 
-.. math:: P = \\sum_s N_s P_s \\Big/ \\sum_s N_s .
+.. math:: P = \sum_s N_s P_s \Big/ \sum_s N_s .
 
 Run directory::
 
@@ -74,8 +74,11 @@ EXAMPLES = """examples:
 
 
 def check_storage(structure: str, storage: str | None, storage_rank: int | None) -> None:
-    """Refuse a --storage / --storage_rank combination before anything is fitted; whether the
-    structure offers the storage is the library's answer (``Precision.check_storage``)."""
+    """Refuse a --storage / --storage_rank combination before anything is fitted.
+
+    Whether the structure offers the storage is the library's answer
+    (``Precision.check_storage``).
+    """
     if storage is None:
         if storage_rank is not None:
             raise CliError("--storage_rank applies to --storage lowrank only (no --storage given)")
@@ -140,8 +143,10 @@ def self_generated_source(
 
 
 def check_source_names(sources: str | list[str]) -> None:
-    """Refuse the reserved name and repeated names in ``--sources`` (before any run directory
-    is touched)."""
+    """Refuse the reserved name and repeated names in ``--sources``.
+
+    Checked before any run directory is touched.
+    """
     names = split_names(sources)
     if SUM_NAME in names:
         raise CliError(f"--sources: {SUM_NAME!r} is reserved for the pooled precision")

@@ -1,21 +1,21 @@
-"""``lalora-curv inspect``: what a precision artifact holds, its norms, traces and spectra.
+r"""``lalora-curv inspect``: what a precision artifact holds, its norms, traces and spectra.
 
 Per structure, the *factors* reported for each module and their spectra:
 
 * ``kfac``, ``tri-kfac``, ``merged-kfac``: the base-layer K-FAC factors ``input_cov`` =
   :math:`C_x` and ``grad_cov`` = :math:`G_h` (one pair per pooled component ``k``, with weight
   :math:`w_k`); their eigenvalues (``torch.linalg.eigvalsh``). The eigenvalues of a Kronecker
-  block :math:`G \\otimes C` are the products :math:`\\lambda_i(G)\\,\\lambda_j(C)`.
+  block :math:`G \otimes C` are the products :math:`\lambda_i(G)\,\lambda_j(C)`.
 * ``diag``: the entries of ``lora_A`` and ``lora_B``'s diagonals, sorted (they are its
   eigenvalues); ``merged-diag``: the entries of ``weight_diag``.
-* ``ekfac``: the refitted eigenvalues :math:`\\Lambda` of ``lora_A`` and ``lora_B``, sorted.
+* ``ekfac``: the refitted eigenvalues :math:`\Lambda` of ``lora_A`` and ``lora_B``, sorted.
 
 ``trace`` is the trace of the precision as a matrix over the LoRA parameters, per module and
-in total, e.g. for ``kfac`` :math:`\\sum_k \\operatorname{tr}(G_{AA,k})\\operatorname{tr}(C_{x,k})
-+ \\operatorname{tr}(G_{B,k})\\operatorname{tr}(C_{u,k})`; for the merged structures (degree 4
+in total, e.g. for ``kfac`` :math:`\sum_k \operatorname{tr}(G_{AA,k})\operatorname{tr}(C_{x,k})
++ \operatorname{tr}(G_{B,k})\operatorname{tr}(C_{u,k})`; for the merged structures (degree 4
 in ``(A, B)``, no matrix over them) it is the trace of the precision over the merged update
-``dW``: :math:`\\sum_k w_k \\operatorname{tr}(G_k)\\operatorname{tr}(C_k)` or
-:math:`\\sum D_W`. Norms are Frobenius norms of the stored tensors.
+``dW``: :math:`\sum_k w_k \operatorname{tr}(G_k)\operatorname{tr}(C_k)` or
+:math:`\sum D_W`. Norms are Frobenius norms of the stored tensors.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ def _fmt(x: float) -> str:
 
 
 def print_report(report: dict[str, Any], top: int) -> None:
+    """Print the report: the metadata, then each factor's norms, traces and top eigenvalues."""
     meta = report["metadata"]
     adapter = meta.get("adapter", {})
     print(f"structure      {report['structure']}")

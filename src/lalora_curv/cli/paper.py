@@ -62,8 +62,9 @@ def paper(
     quantization: Quantization | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The paper's recipe: fit on the three source tasks, train on GSM8K, select on
-    validation, score all four tasks.
+    """The paper's recipe: fit, train on GSM8K, select on validation, score all four tasks.
+
+    The precision is fitted on the three source tasks.
 
     Args:
         model: local path or hub id of a causal LM (the paper: meta-llama/Llama-3.2-3B).
@@ -164,8 +165,10 @@ RESUME_FREE = ("progress", "device", "out")
 
 
 def _check_resumable(out: Path, config: dict[str, Any], variants_file: str) -> None:
-    """Refuse to resume into ``out`` a run made with other settings (its precision and
-    finished variants would be mixed with this one's)."""
+    """Refuse to resume into ``out`` a run made with other settings.
+
+    Its precision and finished variants would be mixed with this one's.
+    """
     earlier = out / "config.yaml"
     if not earlier.is_file() or not (out / variants_file).is_file():
         return

@@ -88,8 +88,10 @@ def sweep(
     progress: bool = True,
     data_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run a grid of fine-tuning runs (the embedded benchmark, or the real-text scenario with
-    ``benchmark: {scenario: realtext}``); fronts, curves and tables.
+    """Run a grid of fine-tuning runs; fronts, curves and tables.
+
+    On the embedded benchmark, or the real-text scenario with
+    ``benchmark: {scenario: realtext}``.
 
     Args:
         grid: the grid, a YAML file (per method name: its settings, a list is swept).

@@ -1,7 +1,7 @@
-"""``lalora-curv train``: stage 2, fine-tune the adapter on the target with ``lam * penalty``.
+r"""``lalora-curv train``: stage 2, fine-tune the adapter on the target with ``lam * penalty``.
 
 Per optimizer step :func:`lalora_curv.train` minimises the target NLL plus
-:math:`\\lambda (\\theta-\\mu)^\\top P (\\theta-\\mu)`, with ``P`` and ``mu`` from the precision
+:math:`\lambda (\theta-\mu)^\top P (\theta-\mu)`, with ``P`` and ``mu`` from the precision
 artifact (``--precision``; none, or ``lam = 0``: plain LoRA). Start from the adapter init that
 ``fit`` saved, so that ``theta = mu`` at step 0; an adapter whose init differs from ``mu`` is
 re-based onto (K-FAC family, merged-diag) or refused (diag, ekfac).

@@ -1,5 +1,7 @@
-"""Precision structures: diag, kfac, tri-kfac, merged-kfac, merged-diag, ekfac, and the
-isotropic controls (isotropic, merged-isotropic), which need no data.
+"""The precision structures and the isotropic controls.
+
+Structures: diag, kfac, tri-kfac, merged-kfac, merged-diag, ekfac, and the isotropic controls
+(isotropic, merged-isotropic), which need no data.
 
 The one normalisation every structure shares: a precision is the *mean* over supervised source
 tokens of the token-level ("expand") Fisher of the summed NLL. K-FAC input factors are means

@@ -1,4 +1,4 @@
-"""The :class:`Precision` base class: a Laplace precision over the LoRA parameters.
+r"""The :class:`Precision` base class: a Laplace precision over the LoRA parameters.
 
 A precision ``P`` of the LoRA parameters ``theta = {A, B}`` of every adapted module, with mode
 ``mu`` (the adapter's init ``A0, B0``), defines the penalty (Sliwa et al., "Mitigating Forgetting
@@ -6,7 +6,7 @@ in Low Rank Adaptation", ICML 2025)
 
 .. math::
 
-    r(\\theta) = (\\theta - \\mu)^\\top P\\, (\\theta - \\mu),
+    r(\theta) = (\theta - \mu)^\top P\, (\theta - \mu),
 
 added to the target loss as ``loss = nll + lam * r``. ``P`` is stored as the *mean* Fisher per
 supervised source token (see :mod:`lalora_curv.statistics`), together with the counts; the
@@ -72,6 +72,12 @@ class Precision(ABC):
     :attr:`estimators`, :attr:`granularities`) and how (:meth:`from_statistics`, or
     :meth:`fit` for several passes); nothing else names it.
 
+    A precision is built by :func:`~lalora_curv.fit_precision` (the isotropic controls by
+    :func:`~lalora_curv.isotropic_precision`), loaded by :func:`~lalora_curv.load_precision`, or
+    constructed from ``modules``, ``mode``, the structure's own tensors (and, for the K-FAC
+    family, its component weights) and ``metadata``, which is checked against
+    :class:`~lalora_curv.precision.metadata.PrecisionMetadata`.
+
     Attributes:
         modules: the adapted modules, in model order.
         mode: ``{param name: tensor}``, the mode ``mu`` (adapter weights at fitting time).
@@ -105,15 +111,19 @@ class Precision(ABC):
     # ------------------------------------------------------------------ fitting
     @classmethod
     def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
-        """The statistics (:class:`~lalora_curv.statistics.ModuleSums` fields, or
-        ``"lora_A_grad"``/``"lora_B_grad"`` for squares of summed gradients) a pass over the
-        batches must accumulate for this structure."""
+        """The statistics a pass over the batches must accumulate for this structure.
+
+        :class:`~lalora_curv.statistics.ModuleSums` fields, or ``"lora_A_grad"``/``"lora_B_grad"``
+        for squares of summed gradients.
+        """
         raise LaloraError(f"structure {cls.structure!r} is not fitted from data")
 
     @classmethod
     def required_statistics(cls, estimator: str, granularity: str) -> frozenset[str]:
-        """Every statistic of every pass (a backend must offer them all); ``"rotated"``: the
-        diagonal sums in another basis (EKFAC's second pass)."""
+        """Every statistic of every pass (a backend must offer them all).
+
+        ``"rotated"``: the diagonal sums in another basis (EKFAC's second pass).
+        """
         return cls.needs(estimator, granularity)
 
     @classmethod
@@ -124,9 +134,11 @@ class Precision(ABC):
         mode: Mapping[str, Tensor],
         metadata: dict[str, Any],
     ) -> Precision:
-        """The precision from one pass's token sums, normalised as every structure is (see
-        :mod:`lalora_curv.precision`): input factors divided by the counted positions,
-        everything built from gradients by the supervised tokens ``N``."""
+        """The precision from one pass's token sums, normalised as every structure is.
+
+        See :mod:`lalora_curv.precision`: input factors divided by the counted positions,
+        everything built from gradients by the supervised tokens ``N``.
+        """
         raise LaloraError(f"structure {cls.structure!r} is not fitted from data")
 
     @classmethod
@@ -139,8 +151,10 @@ class Precision(ABC):
         estimator: str,
         granularity: str,
     ) -> Precision:
-        """Fit the structure: one pass collecting :meth:`needs`, then
-        :meth:`from_statistics` (EKFAC overrides it with its two passes)."""
+        """Fit the structure: one pass collecting :meth:`needs`, then :meth:`from_statistics`.
+
+        EKFAC overrides it with its two passes.
+        """
         stats = collect(cls.needs(estimator, granularity))
         return cls.from_statistics(stats, specs, mode, metadata)
 
@@ -176,13 +190,18 @@ class Precision(ABC):
 
     @abstractmethod
     def module_trace(self, name: str) -> float:
-        """Trace of module ``name``'s precision block over its LoRA parameters (for the merged
-        structures, which have no matrix over ``(A, B)``: over the merged update ``dW``)."""
+        """Trace of module ``name``'s precision block over its LoRA parameters.
+
+        For the merged structures, which have no matrix over ``(A, B)``: over the merged update
+        ``dW``.
+        """
 
     def trace(self) -> float:
-        """``tr(P) = sum over modules of`` :meth:`module_trace`: the precision's scale, e.g.
-        ``trace() / num_params`` is its mean eigenvalue, which makes ``lam`` comparable across
-        estimators and source data (``lam = c * num_params / trace()``)."""
+        """``tr(P) = sum over modules of`` :meth:`module_trace`: the precision's scale.
+
+        E.g. ``trace() / num_params`` is its mean eigenvalue, which makes ``lam`` comparable
+        across estimators and source data (``lam = c * num_params / trace()``).
+        """
         return sum(self.module_trace(name) for name in self.modules)
 
     @abstractmethod
@@ -222,18 +241,22 @@ class Precision(ABC):
 
     @property
     def counts(self) -> dict[str, int]:
+        """A copy of the fit's counts (positions, supervised tokens, sequences, batches)."""
         return dict(self._metadata.get("counts", {}))
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the mode, in which penalties are computed."""
         return next(iter(self.mode.values())).dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the mode."""
         return next(iter(self.mode.values())).device
 
     @property
     def num_params(self) -> int:
+        """The number of LoRA parameters, ``r (D_in + D_out)`` summed over the modules."""
         return sum(s.rank * (s.in_features + s.out_features) for s in self.modules.values())
 
     def __repr__(self) -> str:
@@ -244,9 +267,12 @@ class Precision(ABC):
         )
 
     def digest(self) -> str:
-        """SHA-256 of what defines the penalty: the structure, the modules, the component
-        weights and every tensor (names, dtypes, shapes, bytes); equal for a precision and
-        its saved-and-loaded copy, different for any other (a checkpoint records it)."""
+        """SHA-256 of what defines the penalty.
+
+        The structure, the modules, the component weights and every tensor (names, dtypes,
+        shapes, bytes); equal for a precision and its saved-and-loaded copy, different for any
+        other (a checkpoint records it).
+        """
         h = hashlib.sha256()
         head = {
             "structure": self.structure,
@@ -270,8 +296,11 @@ class Precision(ABC):
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Precision:
-        """A copy with every tensor on ``device`` and/or in ``dtype``; a bfloat16 storage
-        (:meth:`with_storage`) is kept as stored, the mode (the compute dtype) moves."""
+        """A copy with every tensor on ``device`` and/or in ``dtype``.
+
+        A bfloat16 storage (:meth:`with_storage`) is kept as stored, the mode (the compute
+        dtype) moves.
+        """
 
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype)
@@ -374,12 +403,14 @@ class Precision(ABC):
 
     # ------------------------------------------------------------------ algebra
     def __add__(self, other: object) -> Precision:
-        """Pooled precision of two source datasets: counts add, and
+        r"""Pooled precision of two source datasets.
+
+        Counts add, and
 
         .. math:: P_{a+b} = (N_a P_a + N_b P_b) / (N_a + N_b)
 
         with ``N`` the supervised-token counts, so that ``(N_a + N_b) P_{a+b}`` is the sum of
-        the two (sum-normalised) precisions, the paper's :math:`\\sum_s \\Lambda_s`.
+        the two (sum-normalised) precisions, the paper's :math:`\sum_s \Lambda_s`.
         """
         if not isinstance(other, Precision):
             return NotImplemented
@@ -524,10 +555,12 @@ class Precision(ABC):
 
     @classmethod
     def check_storage(cls, storage: str, rank: int | None = None) -> None:
-        """Raise :class:`LaloraError` naming the problem unless :meth:`with_storage` accepts
-        ``(storage, rank)`` for this structure (a check that needs no fitted precision); a
-        preset (:data:`~lalora_curv.precision.factors.STORAGE_PRESETS`) counts as what it
-        names."""
+        """Raise :class:`LaloraError` unless :meth:`with_storage` accepts ``(storage, rank)``.
+
+        The error names the problem; the check is for this structure and needs no fitted
+        precision. A preset (:data:`~lalora_curv.precision.factors.STORAGE_PRESETS`) counts as
+        what it names.
+        """
         storage, rank = resolve_storage(storage, rank)
         if storage not in STORAGES:
             valid = ", ".join([*STORAGES, *STORAGE_PRESETS])
@@ -605,6 +638,7 @@ def rebased_modules(
 
 
 def rebased_metadata(prec: Precision, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """``prec``'s metadata for its copy re-based onto the model's adapter ``adapter_name``."""
     meta = prec.metadata
     meta["adapter"] = adapter_config(model, adapter_name)
     # "lora_B_init_zero" says where the statistics were measured (rebase refuses B0 != 0), and

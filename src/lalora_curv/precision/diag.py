@@ -1,15 +1,15 @@
-"""Diagonal precisions: on the LoRA parameters (DIAG) and on the merged update (EWC).
+r"""Diagonal precisions: on the LoRA parameters (DIAG) and on the merged update (EWC).
 
 ``DiagPrecision``: one precision per LoRA parameter (fitted with the per-token Fisher by
 default; with ``estimator="batch-grad-squared"`` it is the paper's DIAG, squared mini-batch
 gradients),
 
-.. math:: r = \\langle D_A, (A - A_0)^{\\odot 2} \\rangle + \\langle D_B, (B - B_0)^{\\odot 2} \\rangle.
+.. math:: r = \langle D_A, (A - A_0)^{\odot 2} \rangle + \langle D_B, (B - B_0)^{\odot 2} \rangle.
 
 ``MergedDiagPrecision`` (EWC on the merged update ``dW = s (B A - B_0 A_0)``): one precision
 per base-weight entry, fitted on the base layer (so it re-bases onto any adapter),
 
-.. math:: r = \\langle D_W, dW^{\\odot 2} \\rangle,
+.. math:: r = \langle D_W, dW^{\odot 2} \rangle,
 
 a degree-4 polynomial in ``(A, B)``.
 
@@ -34,8 +34,10 @@ from lalora_curv.precision.factors import upcast
 
 
 class DiagPrecision(Precision):
-    """Per-parameter precision of lora_A and lora_B: the per-token Fisher diagonal, or the
-    paper's DIAG when fitted with ``estimator="batch-grad-squared"``.
+    """Per-parameter precision of lora_A and lora_B.
+
+    The per-token Fisher diagonal, or the paper's DIAG when fitted with
+    ``estimator="batch-grad-squared"``.
 
     Attributes:
         diag: ``{param name: precision}``, each of the parameter's shape.
@@ -51,8 +53,11 @@ class DiagPrecision(Precision):
 
     @classmethod
     def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
-        """Per-token squared gradients, or squares of gradients summed over a sequence
-        (``granularity="sequence"``) or a whole batch (``"batch-grad-squared"``)."""
+        """Per-token squared gradients, or squares of gradients summed over a sequence or batch.
+
+        Summed over a sequence with ``granularity="sequence"``, over a whole batch with
+        ``"batch-grad-squared"``.
+        """
         if estimator == "batch-grad-squared" or granularity == "sequence":
             return frozenset({"lora_A_grad", "lora_B_grad"})
         return frozenset({"lora_A_diag", "lora_B_diag"})
@@ -92,6 +97,7 @@ class DiagPrecision(Precision):
         return (D_A * dA.square()).sum() + (D_B * dB.square()).sum()
 
     def module_trace(self, name: str) -> float:
+        """The sum of the module's lora_A and lora_B diagonals."""
         spec = self.modules[name]
         return float(self.diag[spec.lora_A_name].double().sum()) + float(
             self.diag[spec.lora_B_name].double().sum()
@@ -105,10 +111,12 @@ class DiagPrecision(Precision):
         )
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """``{"diag.<param name>": D}``, as in the artifact."""
         return {f"diag.{n}": t for n, t in self.diag.items()}
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> DiagPrecision:
+        """Inverse of :meth:`structure_tensors` (validates names and shapes)."""
         diag = {}
         for spec in modules.values():
             diag[spec.lora_A_name] = take(
@@ -145,6 +153,7 @@ class MergedDiagPrecision(Precision):
 
     @classmethod
     def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """The per-token squared gradients of the base weight, ``S_W`` (``weight_diag``)."""
         return frozenset({"weight_diag"})
 
     @classmethod
@@ -182,10 +191,12 @@ class MergedDiagPrecision(Precision):
         return float(self.weight_diag[name].double().sum())
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """``{"weight_diag.<module name>": D_W}``, as in the artifact."""
         return {f"weight_diag.{n}": t for n, t in self.weight_diag.items()}
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> MergedDiagPrecision:
+        """Inverse of :meth:`structure_tensors` (validates names and shapes)."""
         weight_diag = {
             s.name: take(tensors, f"weight_diag.{s.name}", (s.out_features, s.in_features))
             for s in modules.values()
@@ -203,6 +214,7 @@ class MergedDiagPrecision(Precision):
         return MergedDiagPrecision(self.modules, self.mode, wd, self._metadata)
 
     def rebase(self, model: nn.Module, adapter_name: str = "default") -> MergedDiagPrecision:
+        """The same ``D_W`` for another adapter of the same base (see :meth:`Precision.rebase`)."""
         modules, mode = rebased_modules(self, model, adapter_name)
         return MergedDiagPrecision(
             modules, mode, self.weight_diag, rebased_metadata(self, model, adapter_name)

@@ -1,4 +1,4 @@
-"""EKFAC: K-FAC's eigenbasis with eigenvalues refitted to the data (George et al., 2018).
+r"""EKFAC: K-FAC's eigenbasis with eigenvalues refitted to the data (George et al., 2018).
 
 For a weight ``W`` (out x in) with K-FAC factors ``G = Q_g diag(.) Q_g^T`` and
 ``C = Q_a diag(.) Q_a^T``, EKFAC keeps the Kronecker eigenbasis and replaces the products of
@@ -6,9 +6,9 @@ factor eigenvalues by the second moments of the per-token gradients in that basi
 
 .. math::
 
-    \\Lambda = \\frac1N \\sum_t \\big((Q_g^\\top \\tilde g_t)^{\\odot 2}\\big)
-    \\big((Q_a^\\top a_t)^{\\odot 2}\\big)^\\top,\\qquad
-    r = \\langle \\Lambda,\\, (Q_g^\\top\\, dW\\, Q_a)^{\\odot 2} \\rangle
+    \Lambda = \frac1N \sum_t \big((Q_g^\top \tilde g_t)^{\odot 2}\big)
+    \big((Q_a^\top a_t)^{\odot 2}\big)^\top,\qquad
+    r = \langle \Lambda,\, (Q_g^\top\, dW\, Q_a)^{\odot 2} \rangle
 
 with ``a_t`` the layer input and ``g~_t`` its output gradient (lora_A: ``x_t`` and
 ``s B0^T g_t``; lora_B: ``u_t`` and ``s g_t``). Dense (row-major):
@@ -22,7 +22,7 @@ eigenvalues in float32 (as fitted), float64 or bfloat16 (each entry rounded,
 ``e = 2u + u^2``, ``R = Q_g^T dW Q_a`` and ``S = |Q_g|^T |dW| |Q_a|``, the rotated
 displacement moves by ``|R~ - R| <= e S`` entrywise, so the penalty moves by at most
 
-.. math:: \\sum \\Lambda \\big(u (|R| + e S)^{\\odot 2} + e S \\odot (2 |R| + e S)\\big)
+.. math:: \sum \Lambda \big(u (|R| + e S)^{\odot 2} + e S \odot (2 |R| + e S)\big)
 
 (a worst case; the rounding errors mostly cancel). No low-rank storage: the eigenbases are
 orthogonal matrices, not PSD factors, and keeping ``k`` of their vectors drops whole
@@ -79,12 +79,16 @@ class EKFACPrecision(Precision):
 
     @classmethod
     def required_statistics(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """K-FAC's factors (first pass) and the squared gradients in their eigenbasis (second)."""
         return frozenset({"input_cov", "grad_cov", "lora_A_diag", "lora_B_diag", "rotated"})
 
     @classmethod
     def fit(cls, collect, specs, mode, metadata, estimator, granularity) -> EKFACPrecision:
-        """Two passes: K-FAC's factors and their eigenbases ``Q_g, Q_a`` from the first, the
-        per-token squared gradients in that basis (``Lambda``) from the second."""
+        """Fit in two passes over the batches.
+
+        K-FAC's factors and their eigenbases ``Q_g, Q_a`` from the first, the per-token squared
+        gradients in that basis (``Lambda``) from the second.
+        """
         from lalora_curv.precision.kfac import KFACPrecision
 
         first = collect(KFACPrecision.needs(estimator, granularity))
@@ -140,6 +144,7 @@ class EKFACPrecision(Precision):
         )
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """``grad_eigvecs.``, ``input_eigvecs.`` and ``eigenvalues.<param name>``, as stored."""
         tensors = {}
         for n in self.param_names:
             tensors[f"grad_eigvecs.{n}"] = self.grad_eigvecs[n]
@@ -149,6 +154,7 @@ class EKFACPrecision(Precision):
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> EKFACPrecision:
+        """Inverse of :meth:`structure_tensors` (validates names and shapes)."""
         grad, inp, eig = {}, {}, {}
         for s in modules.values():
             for n, (out_dim, in_dim) in (
@@ -173,8 +179,10 @@ class EKFACPrecision(Precision):
 
 
 def eigenbases(kfac) -> dict[str, dict[str, Tensor]]:
-    """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``
-    (of a one-component :class:`~lalora_curv.KFACPrecision`)."""
+    """Eigenvectors of each module's K-FAC factors: input ``x``/``u``, gradient ``g_A``/``g_B``.
+
+    The factors of a one-component :class:`~lalora_curv.KFACPrecision`.
+    """
     bases = {}
     for name in kfac.modules:
         b = kfac.blocks(name)

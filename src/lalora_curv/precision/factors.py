@@ -1,4 +1,4 @@
-"""Storage of the K-FAC factors: dense (float32, float64, bfloat16) or low rank + diagonal.
+r"""Storage of the K-FAC factors: dense (float32, float64, bfloat16) or low rank + diagonal.
 
 The dense storages apply to every structure's tensors (diagonals, EKFAC eigenbases and
 eigenvalues: :meth:`~lalora_curv.precision.Precision.with_storage`); low rank is for the
@@ -19,16 +19,16 @@ module. Every K-FAC penalty touches a factor only through products ``F M`` with 
 
   .. math::
 
-      F \\approx U_k \\operatorname{diag}(l_k) U_k^\\top + \\operatorname{diag}(d),\\quad
-      U_k = Q_{:, 1..k},\\; l_k = \\lambda_{1..k},\\;
-      d = \\operatorname{diag}(F) - \\operatorname{diag}(U_k \\operatorname{diag}(l_k) U_k^\\top)
-        = \\sum_{i > k} \\lambda_i\\, q_i^{\\odot 2} \\ge 0 .
+      F \approx U_k \operatorname{diag}(l_k) U_k^\top + \operatorname{diag}(d),\quad
+      U_k = Q_{:, 1..k},\; l_k = \lambda_{1..k},\;
+      d = \operatorname{diag}(F) - \operatorname{diag}(U_k \operatorname{diag}(l_k) U_k^\top)
+        = \sum_{i > k} \lambda_i\, q_i^{\odot 2} \ge 0 .
 
   The diagonal of ``F`` is kept exactly, the approximation stays positive semi-definite
   (negative rounding eigenvalues are clipped to 0), its error has zero trace (an isotropic
   random displacement sees no error in expectation), and ``k = D`` reproduces ``F`` up to
   rounding (with ``d = 0`` exactly). Products cost :math:`O(D k m)` and never form the ``D x D`` matrix:
-  ``F M = U_k (l_k \\odot (U_k^\\top M)) + d \\odot M``. Bytes: ``(D k + k + D)`` numbers
+  ``F M = U_k (l_k \odot (U_k^\top M)) + d \odot M``. Bytes: ``(D k + k + D)`` numbers
   instead of ``D^2``. The eigendecomposition runs in float64.
 """
 
@@ -81,9 +81,11 @@ def dense_storage(tensors: Iterable[Tensor]) -> dict[str, Any]:
 
 
 def upcast(t: Tensor, dtype: torch.dtype, cache: dict, key: Any = None) -> Tensor:
-    """``t`` in the compute ``dtype``: ``t`` itself if it is already, else a copy made on
-    first use and kept in ``cache`` (so a bfloat16 storage costs its float32 twin's products
-    and only the rounding of ``t`` is lost)."""
+    """``t`` in the compute ``dtype``: ``t`` itself if it is already, else a cached copy.
+
+    The copy is made on first use and kept in ``cache`` (so a bfloat16 storage costs its
+    float32 twin's products and only the rounding of ``t`` is lost).
+    """
     if t.dtype == dtype:
         return t
     if (key, dtype) not in cache:
@@ -118,8 +120,10 @@ class Factor(ABC):
 
     @abstractmethod
     def tensors(self, kind: str, name: str) -> dict[str, Tensor]:
-        """The tensors of the artifact, keyed ``<kind>.<name>`` (dense) or
-        ``<kind>_eigvecs|_eigvals|_diag.<name>`` (low rank)."""
+        """The tensors of the artifact.
+
+        Keyed ``<kind>.<name>`` (dense) or ``<kind>_eigvecs|_eigvals|_diag.<name>`` (low rank).
+        """
 
     @abstractmethod
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -127,6 +131,7 @@ class Factor(ABC):
 
     @property
     def nbytes(self) -> int:
+        """The bytes of the stored tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors("f", "x").values())
 
 
@@ -143,32 +148,41 @@ class DenseFactor(Factor):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(K, D)``: components and size."""
         return self.matrix.shape[0], self.matrix.shape[-1]
 
     @property
     def storage(self) -> dict[str, Any]:
+        """``{"format": "dense", "dtype": ...}``, the matrix's dtype."""
         return {"format": "dense", "dtype": _dtype_name(self.matrix.dtype)}
 
     def mm(self, M: Tensor) -> Tensor:
+        """``F_k M`` per component, in ``M``'s dtype (the matrix upcast once and kept)."""
         return upcast(self.matrix, M.dtype, self._upcast) @ M
 
     def trace(self) -> Tensor:
+        """``tr F_k`` per component, (K,), in float64."""
         return self.matrix.double().diagonal(dim1=-2, dim2=-1).sum(-1)
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The stored ``(K, D, D)`` matrices, in ``dtype`` if given."""
         return self.matrix if dtype is None else self.matrix.to(dtype)
 
     def tensors(self, kind: str, name: str) -> dict[str, Tensor]:
+        """``{"<kind>.<name>": matrix}``."""
         return {f"{kind}.{name}": self.matrix}
 
     def to(self, device=None, dtype=None) -> DenseFactor:
+        """A copy on ``device`` and/or in ``dtype``."""
         return DenseFactor(self.matrix.to(device=device, dtype=dtype))
 
 
 @dataclass(frozen=True, eq=False)
 class LowRankFactor(Factor):
-    """``U diag(l) U^T + diag(d)``: ``eigvecs`` (K, D, k), ``eigvals`` (K, k) descending,
-    ``diag`` (K, D)."""
+    """A low-rank factor with a diagonal correction, ``U diag(l) U^T + diag(d)``.
+
+    ``eigvecs`` (K, D, k), ``eigvals`` (K, k) descending, ``diag`` (K, D).
+    """
 
     eigvecs: Tensor
     eigvals: Tensor
@@ -176,17 +190,21 @@ class LowRankFactor(Factor):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(K, D)``: components and size."""
         return self.eigvecs.shape[0], self.eigvecs.shape[1]
 
     @property
     def rank(self) -> int:
+        """``k``, the eigenpairs kept per component."""
         return self.eigvecs.shape[-1]
 
     @property
     def storage(self) -> dict[str, Any]:
+        """``{"format": "lowrank", "dtype": ..., "rank": k}``."""
         return {"format": "lowrank", "dtype": _dtype_name(self.eigvecs.dtype), "rank": self.rank}
 
     def mm(self, M: Tensor) -> Tensor:
+        """``U (l * (U^T M)) + d * M`` per component, in ``M``'s dtype, never ``D x D``."""
         U = self.eigvecs.to(M.dtype)
         inner = self.eigvals.to(M.dtype).unsqueeze(-1) * (U.transpose(-1, -2) @ M)
         return U @ inner + self.diag.to(M.dtype).unsqueeze(-1) * M
@@ -196,11 +214,13 @@ class LowRankFactor(Factor):
         return self.eigvals.double().sum(-1) + self.diag.double().sum(-1)
 
     def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``U diag(l) U^T + diag(d)`` formed, ``(K, D, D)``, in ``dtype`` if given."""
         U = self.eigvecs if dtype is None else self.eigvecs.to(dtype)
         lam = self.eigvals.to(U.dtype).unsqueeze(-2)
         return (U * lam) @ U.transpose(-1, -2) + torch.diag_embed(self.diag.to(U.dtype))
 
     def tensors(self, kind: str, name: str) -> dict[str, Tensor]:
+        """``U``, ``l`` and ``d`` as ``<kind>_eigvecs``, ``_eigvals`` and ``_diag.<name>``."""
         return {
             f"{kind}_eigvecs.{name}": self.eigvecs,
             f"{kind}_eigvals.{name}": self.eigvals,
@@ -208,13 +228,16 @@ class LowRankFactor(Factor):
         }
 
     def to(self, device=None, dtype=None) -> LowRankFactor:
+        """A copy on ``device`` and/or in ``dtype``."""
         return LowRankFactor(
             *(t.to(device=device, dtype=dtype) for t in (self.eigvecs, self.eigvals, self.diag))
         )
 
     def truncated(self, rank: int) -> LowRankFactor:
-        """Keep the ``rank`` leading eigenpairs, moving the others' mass into the diagonal;
-        equal to truncating the original ``F`` at ``rank`` directly."""
+        """Keep the ``rank`` leading eigenpairs, moving the others' mass into the diagonal.
+
+        Equal to truncating the original ``F`` at ``rank`` directly.
+        """
         if rank >= self.rank:
             return self
         U, lam = self.eigvecs[..., rank:], self.eigvals[..., rank:]
@@ -259,8 +282,10 @@ def convert(factor: Factor, storage: str, rank: int | None, dtype: torch.dtype) 
 
 
 def concat(factors: list[Factor]) -> Factor:
-    """Stack the components of several factors (pooling); low ranks are zero-padded to the
-    largest (a zero eigenpair adds nothing)."""
+    """Stack the components of several factors (pooling).
+
+    Low ranks are zero-padded to the largest (a zero eigenpair adds nothing).
+    """
     if all(isinstance(f, DenseFactor) for f in factors):
         first = factors[0].matrix  # type: ignore[attr-defined]
         return DenseFactor(torch.cat([f.matrix.to(first) for f in factors]))  # type: ignore[attr-defined]

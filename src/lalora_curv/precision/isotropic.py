@@ -1,4 +1,4 @@
-"""Isotropic controls: an L2 pull towards the init, with no curvature at all.
+r"""Isotropic controls: an L2 pull towards the init, with no curvature at all.
 
 The oldest remedy for forgetting is weight decay towards the pretrained point. These
 precisions are that pull, as :class:`~lalora_curv.precision.Precision` objects like the
@@ -8,7 +8,7 @@ curvature or merely *a* pull to the init protects the source tasks.
 ``IsotropicPrecision``: one number per LoRA tensor, ``w_A`` for lora_A and ``w_B`` for
 lora_B of each module,
 
-.. math:: r = \\sum_m w_{A,m} \\lVert A_m - A_{0,m} \\rVert_F^2 + w_{B,m} \\lVert B_m - B_{0,m} \\rVert_F^2 ,
+.. math:: r = \sum_m w_{A,m} \lVert A_m - A_{0,m} \rVert_F^2 + w_{B,m} \lVert B_m - B_{0,m} \rVert_F^2 ,
 
 the precision matrix ``diag(w_A 1, w_B 1)`` (``scope="all"``: every ``w = 1``;
 ``scope="lora_B"``: ``w_A = 0``, the control that matches K-FAC at the default init ``B_0 = 0``,
@@ -16,7 +16,7 @@ where the curvature of lora_A is exactly zero).
 
 ``MergedIsotropicPrecision``: the squared Frobenius norm of the merged update,
 
-.. math:: r = \\sum_m w_m \\lVert s (B_m A_m - B_{0,m} A_{0,m}) \\rVert_F^2 ,
+.. math:: r = \sum_m w_m \lVert s (B_m A_m - B_{0,m} A_{0,m}) \rVert_F^2 ,
 
 gauge-invariant like merged K-FAC and of degree 4 in ``(A, B)``: merged K-FAC with both
 factors the identity.
@@ -94,6 +94,7 @@ class IsotropicPrecision(Precision):
         return w_A * dA.square().sum() + w_B * dB.square().sum()
 
     def module_trace(self, name: str) -> float:
+        """``w_A`` times the size of lora_A plus ``w_B`` times the size of lora_B."""
         spec = self.modules[name]
         return (
             float(self.weight[spec.lora_A_name].double().sum()) * spec.rank * (spec.in_features)
@@ -108,10 +109,12 @@ class IsotropicPrecision(Precision):
         return torch.diag(diag)
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """``{"isotropic.<param name>": w}``, as in the artifact."""
         return {f"isotropic.{n}": t for n, t in self.weight.items()}
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> IsotropicPrecision:
+        """Inverse of :meth:`structure_tensors` (validates names, shapes and weights ``>= 0``)."""
         weight = {}
         for spec in modules.values():
             for name in (spec.lora_A_name, spec.lora_B_name):
@@ -130,6 +133,7 @@ class IsotropicPrecision(Precision):
         return IsotropicPrecision(self.modules, self.mode, weight, self._metadata)
 
     def rebase(self, model: nn.Module, adapter_name: str = "default") -> IsotropicPrecision:
+        """The same weights, centred at another adapter's current weights (its init)."""
         modules, mode = rebased_modules(self, model, adapter_name)
         return IsotropicPrecision(
             modules, mode, self.weight, rebased_metadata(self, model, adapter_name)
@@ -174,10 +178,12 @@ class MergedIsotropicPrecision(Precision):
         return float(self.weight[name].double().sum()) * spec.out_features * spec.in_features
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """``{"merged_isotropic.<module name>": w}``, as in the artifact."""
         return {f"merged_isotropic.{n}": t for n, t in self.weight.items()}
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> MergedIsotropicPrecision:
+        """Inverse of :meth:`structure_tensors` (validates names, shapes and weights ``>= 0``)."""
         weight = {}
         for spec in modules.values():
             key = f"merged_isotropic.{spec.name}"
@@ -197,6 +203,7 @@ class MergedIsotropicPrecision(Precision):
         return MergedIsotropicPrecision(self.modules, self.mode, weight, self._metadata)
 
     def rebase(self, model: nn.Module, adapter_name: str = "default") -> MergedIsotropicPrecision:
+        """The same weights, centred at another adapter's current weights (its init)."""
         modules, mode = rebased_modules(self, model, adapter_name)
         return MergedIsotropicPrecision(
             modules, mode, self.weight, rebased_metadata(self, model, adapter_name)
@@ -211,8 +218,9 @@ def isotropic_precision(
     adapter_name: str = "default",
     dtype: torch.dtype = torch.float32,
 ) -> Precision:
-    """An isotropic control for the adapter ``adapter_name`` of ``model``, centred at its
-    current weights (the init), every weight 1 (scale it with ``w * prec``).
+    """An isotropic control for the adapter ``adapter_name`` of ``model``.
+
+    Centred at its current weights (the init), every weight 1 (scale it with ``w * prec``).
 
     Args:
         model: a peft model with a LoRA adapter.

@@ -1,20 +1,20 @@
-"""The K-FAC family: B-K-FAC, B-TRI-K-FAC and the merged-update K-FAC.
+r"""The K-FAC family: B-K-FAC, B-TRI-K-FAC and the merged-update K-FAC.
 
 Every structure here is built from two *base-layer* factors per module, fitted once
 (token-level "expand" K-FAC, Eschenhagen et al. 2023):
 
 .. math::
 
-    C_x = \\mathbb{E}[x x^\\top] \\;(D_{in} \\times D_{in}),\\qquad
-    G_h = \\mathbb{E}[g g^\\top] \\;(D_{out} \\times D_{out}),
+    C_x = \mathbb{E}[x x^\top] \;(D_{in} \times D_{in}),\qquad
+    G_h = \mathbb{E}[g g^\top] \;(D_{out} \times D_{out}),
 
 ``x`` the layer input and ``g = dL/dh`` its output gradient, plus the adapter's mode
 ``(A_0, B_0, s)``. The LoRA blocks follow exactly (docs/math.md, section 5):
 
 .. math::
 
-    C_u = A_0 C_x A_0^\\top,\\; C_{xu} = C_x A_0^\\top,\\;
-    G_B = s^2 G_h,\\; G_{AB} = s^2 B_0^\\top G_h,\\; G_{AA} = s^2 B_0^\\top G_h B_0 .
+    C_u = A_0 C_x A_0^\top,\; C_{xu} = C_x A_0^\top,\;
+    G_B = s^2 G_h,\; G_{AB} = s^2 B_0^\top G_h,\; G_{AA} = s^2 B_0^\top G_h B_0 .
 
 In PyTorch's row-major flattening the precision block of a weight with input factor ``C`` and
 output factor ``G`` is ``kron(G, C)``. Penalties use ``(G (x) C) vec(V) = vec(G V C)`` and never
@@ -22,14 +22,14 @@ form a Kronecker product or a ``D_out x D_in`` matrix (with ``dA = A - A0``, ``d
 
 .. math::
 
-    r_{\\text{kfac}} = \\langle dA, G_{AA}\\, dA\\, C_x \\rangle + \\langle dB, G_B\\, dB\\, C_u \\rangle
+    r_{\text{kfac}} = \langle dA, G_{AA}\, dA\, C_x \rangle + \langle dB, G_B\, dB\, C_u \rangle
 
-    r_{\\text{tri-kfac}} = r_{\\text{kfac}} + 2 \\langle dA, G_{AB}\\, dB\\, C_{xu}^\\top \\rangle
-    = \\operatorname{tr}(G_h\\, dW_{lin}\\, C_x\\, dW_{lin}^\\top),\\;
-    dW_{lin} = s (B_0\\, dA + dB\\, A_0)
+    r_{\text{tri-kfac}} = r_{\text{kfac}} + 2 \langle dA, G_{AB}\, dB\, C_{xu}^\top \rangle
+    = \operatorname{tr}(G_h\, dW_{lin}\, C_x\, dW_{lin}^\top),\;
+    dW_{lin} = s (B_0\, dA + dB\, A_0)
 
-    r_{\\text{merged}} = \\operatorname{tr}\\big((U^\\top G_h U)(V C_x V^\\top)\\big),\\;
-    U = [dB, B_0],\\; V = s [A; dA]
+    r_{\text{merged}} = \operatorname{tr}\big((U^\top G_h U)(V C_x V^\top)\big),\;
+    U = [dB, B_0],\; V = s [A; dA]
 
 (the last is the K-FAC penalty of the merged update ``dW = s (B A - B_0 A_0)``, evaluated in
 ``2r x 2r``). At the default init ``B_0 = 0`` the A and cross blocks vanish exactly and are
@@ -136,6 +136,7 @@ class KroneckerPrecision(Precision):
 
     @classmethod
     def needs(cls, estimator: str, granularity: str) -> frozenset[str]:
+        """The sums of both K-FAC factors, ``S_x`` (``input_cov``) and ``S_g`` (``grad_cov``)."""
         return frozenset({"input_cov", "grad_cov"})
 
     @classmethod
@@ -172,10 +173,12 @@ class KroneckerPrecision(Precision):
 
     @property
     def input_cov(self) -> Mapping[str, Tensor]:
+        """``{module: C_x}`` dense, (K, D_in, D_in), formed on access if low rank."""
         return _DenseView(self.input_factors)
 
     @property
     def grad_cov(self) -> Mapping[str, Tensor]:
+        """``{module: G_h}`` dense, (K, D_out, D_out), formed on access if low rank."""
         return _DenseView(self.grad_factors)
 
     def blocks(self, name: str) -> LoraBlocks:
@@ -201,6 +204,7 @@ class KroneckerPrecision(Precision):
         return self._blocks[name]
 
     def structure_tensors(self) -> dict[str, Tensor]:
+        """Every factor's tensors (``input_cov`` and ``grad_cov``), keyed as in the artifact."""
         tensors = {}
         for n, f in self.input_factors.items():
             tensors.update(f.tensors("input_cov", n))
@@ -210,6 +214,7 @@ class KroneckerPrecision(Precision):
 
     @classmethod
     def from_tensors(cls, modules, mode, tensors, metadata) -> KroneckerPrecision:
+        """Inverse of :meth:`structure_tensors`, in the storage the metadata names."""
         weights = metadata.get("component_weights", [1.0])
         if not isinstance(weights, list) or not weights:
             raise ArtifactError("metadata 'component_weights' must be a non-empty list")
@@ -232,8 +237,11 @@ class KroneckerPrecision(Precision):
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KroneckerPrecision:
-        """A copy on ``device``; ``dtype`` changes the mode and the factors of dense float
-        storage and low rank, but keeps bfloat16 factors as stored."""
+        """A copy on ``device`` and/or in ``dtype``.
+
+        ``dtype`` changes the mode and the factors of dense float storage and low rank, but
+        keeps bfloat16 factors as stored.
+        """
         meta = self.metadata
         if dtype is not None:
             meta["stats_dtype"] = str(dtype).removeprefix("torch.")
@@ -309,6 +317,7 @@ class KroneckerPrecision(Precision):
         return type(self)(self.modules, self.mode, input_cov, grad_cov, new_weights, self._metadata)
 
     def rebase(self, model: nn.Module, adapter_name: str = "default") -> KroneckerPrecision:
+        """The same factors for another adapter of the same base (see :meth:`Precision.rebase`)."""
         modules, mode = rebased_modules(self, model, adapter_name)
         return type(self)(
             modules,
@@ -439,8 +448,10 @@ def _map_shared(
     fn: Callable[[Factor], Factor],
     cache: dict[tuple, list[tuple[Factor, Factor]]] | None = None,
 ) -> dict[str, Factor]:
-    """``{name: fn(factor)}``, computing ``fn`` once per distinct content: factors equal
-    tensor by tensor (the input factor of q/k/v, of gate/up) share one result."""
+    """``{name: fn(factor)}``, computing ``fn`` once per distinct content.
+
+    Factors equal tensor by tensor (the input factor of q/k/v, of gate/up) share one result.
+    """
     cache = {} if cache is None else cache
     out = {}
     for name, f in factors.items():

@@ -78,6 +78,7 @@ class PrecisionMetadata:
 
     @classmethod
     def fields(cls) -> frozenset[str]:
+        """The names of the metadata fields."""
         return frozenset(f.name for f in dataclasses.fields(cls))
 
     @classmethod

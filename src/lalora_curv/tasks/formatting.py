@@ -1,6 +1,6 @@
-"""Supervised batches from task records: prompts labelled -100, answers supervised.
+r"""Supervised batches from task records: prompts labelled -100, answers supervised.
 
-The target (GSM8K) is formatted as instruction fine-tuning: prompt ``"Question: {q}\\nAnswer:"``
+The target (GSM8K) is formatted as instruction fine-tuning: prompt ``"Question: {q}\nAnswer:"``
 (the evaluation prompt), target ``" " + answer`` (the worked solution ending in ``#### N``) and
 EOS. Source tasks use the same split, with the gold choice as the target, so the batches that fit
 a precision on a source sub-dataset and the batches that fine-tune on the target are built

@@ -1,9 +1,9 @@
-"""GSM8K as lm-evaluation-harness scores it (``gsm8k``, zero-shot by default).
+r"""GSM8K as lm-evaluation-harness scores it (``gsm8k``, zero-shot by default).
 
-Prompt ``"Question: {question}\\nAnswer:"``; greedy generation until ``"Question:"`` or EOS.
+Prompt ``"Question: {question}\nAnswer:"``; greedy generation until ``"Question:"`` or EOS.
 Two extractions of the model's answer:
 
-* strict-match: the first ``#### (\\-?[0-9\\.\\,]+)``;
+* strict-match: the first ``#### (\-?[0-9\.\,]+)``;
 * flexible-extract: the last match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``.
 
 Before comparing, both sides drop ``,`` and ``$``, everything up to ``"#### "`` and a trailing

@@ -1,4 +1,4 @@
-"""Multiple-choice items of the source tasks, exactly as lm-evaluation-harness builds them.
+r"""Multiple-choice items of the source tasks, exactly as lm-evaluation-harness builds them.
 
 Each choice ``i`` is scored by the summed log-likelihood of ``continuations[i]`` given
 ``contexts[i]``; ``acc`` takes the argmax, ``acc_norm`` the argmax of the log-likelihood divided
@@ -9,7 +9,7 @@ by the continuation's length in characters.
   ``". "``, drops ``[...]`` and collapses double spaces.
 * WinoGrande (partial scoring): for each option the context is ``sentence[:blank] + option``,
   the continuation ``" " + sentence[blank + 1:].strip()``, the same for both; acc only.
-* ARC-Challenge: context ``"Question: {stem}\\nAnswer:"``, continuations ``" " + choice``,
+* ARC-Challenge: context ``"Question: {stem}\nAnswer:"``, continuations ``" " + choice``,
   gold ``labels.index(answerKey)`` (letters or digits, 3 to 5 choices).
 """
 
@@ -33,6 +33,7 @@ class MultipleChoiceItem:
 
 
 def hellaswag_preprocess(text: str) -> str:
+    """HellaSwag's ``preprocess`` (see the module docstring)."""
     text = text.strip()
     text = text.replace(" [title]", ". ")
     text = re.sub("\\[.*?\\]", "", text)
@@ -40,6 +41,7 @@ def hellaswag_preprocess(text: str) -> str:
 
 
 def hellaswag_item(doc: dict[str, Any]) -> MultipleChoiceItem:
+    """The item of a HellaSwag record, scored with ``acc_norm`` too."""
     ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
     query = hellaswag_preprocess(doc["activity_label"] + ": " + ctx)
     endings = [" " + hellaswag_preprocess(e) for e in doc["endings"]]
@@ -47,6 +49,7 @@ def hellaswag_item(doc: dict[str, Any]) -> MultipleChoiceItem:
 
 
 def winogrande_item(doc: dict[str, Any]) -> MultipleChoiceItem:
+    """The item of a WinoGrande record (partial scoring, ``acc`` only)."""
     blank = doc["sentence"].index("_")
     continuation = " " + doc["sentence"][blank + 1 :].strip()
     contexts = tuple(doc["sentence"][:blank] + opt for opt in (doc["option1"], doc["option2"]))
@@ -54,6 +57,7 @@ def winogrande_item(doc: dict[str, Any]) -> MultipleChoiceItem:
 
 
 def arc_item(doc: dict[str, Any]) -> MultipleChoiceItem:
+    """The item of an ARC-Challenge record, scored with ``acc_norm`` too."""
     q = doc["question"]
     labels = [c["label"] for c in q["choices"]]
     context = f"Question: {q['stem']}\nAnswer:"

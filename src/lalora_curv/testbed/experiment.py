@@ -24,6 +24,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def source_accuracy(model: nn.Module, tok, world: World) -> dict[str, float]:
+    """The 4-way multiple-choice accuracy (``acc``) on each source sub-domain's facts."""
     return {
         s: score_multiple_choice(model, tok, world.source_items(s), batch_size=64)["acc"]
         for s in SOURCES
@@ -32,6 +33,7 @@ def source_accuracy(model: nn.Module, tok, world: World) -> dict[str, float]:
 
 @torch.no_grad()
 def target_accuracy(model: nn.Module, tok, problems: list[tuple[str, str]]) -> float:
+    """Exact match on ``(question, answer)`` problems: the greedy next token is the answer."""
     was_training = model.training
     model.eval()
     correct = 0

@@ -36,6 +36,7 @@ PRETRAIN = {
 
 
 def make_tokenizer(world: World) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of the world's vocabulary, with ``<pad>``, ``<eos>`` and ``<unk>``."""
     vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", *world.vocabulary])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -45,6 +46,11 @@ def make_tokenizer(world: World) -> PreTrainedTokenizerFast:
 
 
 def cache_dir(kind: str = "testbed") -> Path:
+    """The cache folder of ``kind``, ``<root>/<kind>``.
+
+    ``<root>`` is ``$LALORA_CURV_CACHE``, else ``$XDG_CACHE_HOME/lalora-curv``
+    (``~/.cache/lalora-curv`` when that is unset).
+    """
     root = os.environ.get("LALORA_CURV_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lalora-curv"
     )
@@ -60,8 +66,11 @@ def pretrained(seed: int = 0, settings: dict | None = None, progress: bool = Tru
 
 
 def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
-    """``(model, tokenizer)`` from ``cache_dir(kind)/<hash of cfg>``; ``build()`` them first
-    (saved atomically: written to a staging folder, then renamed) if they are not there."""
+    """``(model, tokenizer)`` from ``cache_dir(kind)/<hash of cfg>``.
+
+    ``build()`` them first (saved atomically: written to a staging folder, then renamed) if
+    they are not there.
+    """
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir(kind) / key
     if not (path / "config.json").is_file():
@@ -76,10 +85,15 @@ def cached(kind: str, cfg: dict, build: Callable[[], tuple]) -> tuple:
 
 
 class Pretraining:
-    """What both embedded scenarios pretrain with: a Llama from ``cfg`` (hidden, mlp, layers,
-    heads; untied embeddings; EOS doubling as BOS) drawn after ``torch.manual_seed(cfg["seed"])``,
-    AdamW (weight decay ``cfg["weight_decay"]``, default 0.01) with a one-cycle schedule over ``cfg["steps"]`` at ``cfg["lr"]``,
-    and steps with gradient clipping at norm 1."""
+    """What both embedded scenarios pretrain with.
+
+    A Llama from ``cfg`` (hidden, mlp, layers, heads; untied embeddings; EOS doubling as BOS)
+    drawn after ``torch.manual_seed(cfg["seed"])``, AdamW (weight decay
+    ``cfg["weight_decay"]``, default 0.01) with a one-cycle schedule over ``cfg["steps"]`` at
+    ``cfg["lr"]``, and steps with gradient clipping at norm 1. The tokenizer ``tok`` sets the
+    vocabulary and the special tokens, ``max_positions`` the context length and ``attention``
+    the attention implementation.
+    """
 
     def __init__(self, tok, cfg: dict, max_positions: int, attention: str) -> None:
         if cfg["steps"] < 3:  # the one-cycle schedule needs a warm-up and an annealing step

@@ -172,6 +172,7 @@ class Splits:
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """The number of records per task and part."""
         return {t: {k: len(v) for k, v in parts.items()} for t, parts in self.records.items()}
 
 
@@ -253,10 +254,12 @@ def score(
     config: RecipeConfig,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Every task's metrics on ``records`` (lm-evaluation-harness scoring; each with the
-    ``seconds`` it took), plus ``source``
-    (the mean primary metric of the source tasks), ``target`` (GSM8K strict exact match) and
-    ``selection`` (their mean)."""
+    """Every task's metrics on ``records``, plus ``source``, ``target`` and ``selection``.
+
+    The metrics are lm-evaluation-harness scoring, each with the ``seconds`` it took;
+    ``source`` is the mean primary metric of the source tasks, ``target`` the GSM8K strict
+    exact match and ``selection`` their mean.
+    """
     metrics: dict[str, Any] = {}
     was_training = model.training
     model.eval()
@@ -317,8 +320,10 @@ def variant_names(config: RecipeConfig) -> list[tuple[str, str, float]]:
 
 
 def pick(variants: Sequence[dict[str, Any]], family: str) -> dict[str, Any]:
-    """The family's variant with the highest validation selection score (ties: the weaker
-    strength: a penalty that does not help on validation is not paid for)."""
+    """The family's variant with the highest validation selection score.
+
+    Ties: the weaker strength (a penalty that does not help on validation is not paid for).
+    """
     mine = [v for v in variants if v["family"] == family]
     return max(mine, key=lambda v: (v["val"].get("selection") or 0.0, -v["c"]))
 
@@ -332,8 +337,11 @@ def run_recipe(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the recipe on ``model`` (a peft model with a fresh LoRA adapter at its init) and
-    write everything into ``out``; returns the summary (also ``out/results.json``)."""
+    """Run the recipe on ``model`` and write everything into ``out``.
+
+    ``model`` is a peft model with a fresh LoRA adapter at its init. Returns the summary (also
+    ``out/results.json``).
+    """
     recipe = _Recipe(model, tokenizer, splits, config, Path(out), progress, log)
     prec = recipe.fit()
     val = {t: splits.records[t]["val"] for t in (*SOURCES, TARGET)}
@@ -396,8 +404,10 @@ class _Recipe:
             model.save_pretrained(tmp)
 
     def batches(self, task: str, part: str, shuffle: bool) -> list[dict[str, torch.Tensor]]:
-        """Supervised batches of one part of ``task`` (shuffled, seeded; or sorted by length,
-        which pads less)."""
+        """Supervised batches of one part of ``task``.
+
+        Shuffled (seeded), or sorted by length, which pads less.
+        """
         examples = supervised_examples(task, self.splits.records[task][part])
         if shuffle:
             random.Random(self.config.seed).shuffle(examples)
@@ -416,8 +426,11 @@ class _Recipe:
                     p.copy_(self.init[n])
 
     def fit(self) -> lc.Precision:
-        """One artifact per source (reused when an earlier run saved it; EKFAC, whose
-        eigenbases differ between sources, one fit on them all), pooled in memory."""
+        """Fit one artifact per source and pool them in memory.
+
+        An artifact an earlier run saved is reused; EKFAC, whose eigenbases differ between
+        sources, is one fit on them all.
+        """
         config = self.config
         groups = {"all": SOURCES} if config.structure == "ekfac" else {t: (t,) for t in SOURCES}
         parts = []
@@ -450,8 +463,11 @@ class _Recipe:
         return sum(parts[1:], parts[0])
 
     def train_variant(self, name, family, c, penalty, train_batches) -> dict[str, Any]:
-        """Train one variant from the init (continuing from its checkpoint if a stopped run
-        left one) and save its adapter; its record without the validation scores."""
+        """Train one variant from the init and save its adapter.
+
+        Continues from its checkpoint if a stopped run left one; returns its record without
+        the validation scores.
+        """
         self.reset()
         config, ckpt = self.config, self.out / "checkpoints" / name
         with stage(self.timings, f"train {name}", self.device):
@@ -521,8 +537,10 @@ class _Recipe:
 
 
 def _reuse_precision(path: Path, config: RecipeConfig, log: Callable[[str], None]):
-    """The precision an earlier run into the same ``out`` saved at ``path``, if it matches
-    ``config``."""
+    """The precision an earlier run into the same ``out`` saved at ``path``, if it matches.
+
+    It must match ``config``.
+    """
     if not (path / "precision.json").is_file():
         return None
     prec = lc.load_precision(path)
@@ -604,8 +622,10 @@ def table_csv(summary: dict[str, Any]) -> str:
 
 
 def plot_recipe(summary: dict[str, Any], path: Path) -> Path | None:
-    """Validation (every variant, the picks ringed) and test (the picks and the base) in
-    the plane of GSM8K exact match (learning) and mean source accuracy (forgetting)."""
+    """Validation (every variant, the picks ringed) and test (the picks and the base).
+
+    In the plane of GSM8K exact match (learning) and mean source accuracy (forgetting).
+    """
     plt = pyplot()
     if plt is None:
         return None

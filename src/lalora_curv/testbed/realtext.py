@@ -1,4 +1,4 @@
-"""The real-text scenario: a tiny Llama pretrained on the real source texts, tuned on GSM8K.
+r"""The real-text scenario: a tiny Llama pretrained on the real source texts, tuned on GSM8K.
 
 Accuracies of a model this small on HellaSwag, WinoGrande, ARC-Challenge and GSM8K sit at
 chance (zero for GSM8K), so learning and forgetting are measured as per-token negative
@@ -9,14 +9,14 @@ supervised tokens (padding and prompts carry label -100).
 
 * Source text (forgetting), one string per record: HellaSwag context + gold ending (the
   harness's preprocessing), WinoGrande sentence with the correct option written into the blank,
-  ARC-Challenge ``"Question: {stem}\\nAnswer: {correct choice}"``. Every token is supervised.
+  ARC-Challenge ``"Question: {stem}\nAnswer: {correct choice}"``. Every token is supervised.
   Pretraining uses the training splits (WinoGrande ``train_m``, ARC ``Train``; HellaSwag has no
   local training file: locally its text comes from ``hellaswag_val_full.txt.bz2`` with every item
   that shares a context or an ending with ``hellaswag.jsonl`` removed, from the hub it is the
   ``train`` split); source NLL is measured on the evaluation splits (HellaSwag validation,
   WinoGrande dev, ARC-Challenge test).
 * Target text (learning): GSM8K formatted by :mod:`lalora_curv.tasks.formatting` (prompt
-  ``"Question: {q}\\nAnswer:"`` labelled -100, the worked solution and EOS supervised); the
+  ``"Question: {q}\nAnswer:"`` labelled -100, the worked solution and EOS supervised); the
   train split fine-tunes, the test split measures target NLL.
 * A byte-level BPE tokenizer trained (deterministically) on the source training texts and the
   GSM8K training text, and a Llama of a few million parameters pretrained on packed blocks of the
@@ -171,16 +171,19 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
 
 
 def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tok`` as a transformers tokenizer, with the scenario's padding and EOS tokens."""
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
 
 
 def text_batches(
     texts: Sequence[str], tokenizer, batch_size: int = 16, max_length: int = 256
 ) -> list[dict[str, Tensor]]:
-    """Right-padded language-modelling batches of ``EOS + text + EOS``: every text token and
-    the closing EOS are supervised (the opening EOS is context, as in pretraining's stream);
-    padding is labelled -100. Longer texts lose tokens from their start (as
-    :func:`~lalora_curv.tasks.formatting.make_batches` truncates)."""
+    """Right-padded language-modelling batches of ``EOS + text + EOS``.
+
+    Every text token and the closing EOS are supervised (the opening EOS is context, as in
+    pretraining's stream); padding is labelled -100. Longer texts lose tokens from their start
+    (as :func:`~lalora_curv.tasks.formatting.make_batches` truncates).
+    """
     return make_batches(
         [("", t) for t in texts], tokenizer, batch_size=batch_size, max_length=max_length
     )
@@ -188,8 +191,11 @@ def text_batches(
 
 @torch.no_grad()
 def token_nll(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> tuple[float, int]:
-    """``(sum of NLL, N)`` over the supervised tokens of ``batches`` (labels aligned with
-    ``input_ids``; position ``t`` predicts label ``t + 1``); the per-token NLL is their ratio."""
+    """``(sum of NLL, N)`` over the supervised tokens of ``batches``.
+
+    Labels are aligned with ``input_ids`` (position ``t`` predicts label ``t + 1``); the
+    per-token NLL is their ratio.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -221,7 +227,8 @@ class RealText:
     The held-out records of each task (the source tasks' evaluation splits, the GSM8K test
     split) are split, seeded, into a test set of ``eval_sample`` (``None``: all the others)
     and a disjoint validation set of ``val_sample`` (``data.val``, ``data.target_val``): a
-    sweep picks its settings on the validation set and reports the test set.
+    sweep picks its settings on the validation set and reports the test set. The texts are
+    read from ``data_dir`` (``None``: the Hugging Face hub) and split with ``seed``.
     """
 
     def __init__(
@@ -256,8 +263,10 @@ class RealText:
 
 
 def _split(items: list, test: int | None, val: int, seed: int, task: str) -> tuple[list, list]:
-    """``(test, val)``: a seeded sample of ``test`` items (``None``: every item not in val)
-    and a disjoint one of ``val`` items, each in file order."""
+    """``(test, val)``: seeded, disjoint samples of ``test`` and ``val`` items.
+
+    ``test=None``: every item not in val; each sample in file order.
+    """
     if val < 0 or (test is not None and test < 1):
         raise ValueError(f"need eval_sample >= 1 (or None) and val_sample >= 0, got {test}, {val}")
     if (test or 0) + val > len(items):
@@ -395,8 +404,11 @@ def evaluate(
     max_length: int = 256,
     split: str = "test",
 ) -> dict[str, Any]:
-    """Per-token NLL of the held-out source text (per task and pooled over all their tokens)
-    and of the GSM8K answers given their questions, on the ``"test"`` or ``"val"`` split."""
+    """Per-token NLL of the held-out source text and of the GSM8K answers.
+
+    The source text per task and pooled over all their tokens, the GSM8K answers given their
+    questions; on the ``"test"`` or ``"val"`` split.
+    """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
     texts_of, target = (
@@ -551,9 +563,12 @@ def source_precision(
     max_length: int = 256,
     seed: int = 0,
 ) -> lc.Precision:
-    """The curvature precision of ``model``'s adapter at its init, on ``fit_texts`` seeded
-    training texts per source task (one precision per task, pooled), or on as many supervised
-    tokens of the model's own samples (``source="self-generated"``)."""
+    """The curvature precision of ``model``'s adapter at its init.
+
+    Fitted on ``fit_texts`` seeded training texts per source task (one precision per task,
+    pooled), or on as many supervised tokens of the model's own samples
+    (``source="self-generated"``).
+    """
     fit = dict(
         structure=structure,
         estimator=estimator,

@@ -47,6 +47,7 @@ def model_id() -> str:
 
 
 def data(bench: Mapping[str, Any], data_dir: str | None) -> rt.RealText:
+    """The scenario's texts for ``bench``'s samples, read once per process."""
     key = (data_dir, bench["eval_sample"], bench["val_sample"])
     if key not in _DATA:
         _DATA[key] = rt.RealText(

@@ -64,16 +64,27 @@ def run_sequential(
     """Train ``method`` on task 1 then task 2 and return its curve.
 
     Args:
-        model, tok, world: the pretrained benchmark (:func:`lalora_curv.testbed.pretrained`).
+        model: the pretrained benchmark's model (:func:`lalora_curv.testbed.pretrained`).
+        tok: its tokenizer.
+        world: its world.
         method: ``"lora"``, ``"lalora"`` or ``"online"`` (module docstring).
-        steps: optimizer steps of task 1 and of task 2 (one int: both); task 2's facts are
-            learnt within ~200 steps at lr 2e-3, task 1 needs ~1000.
         c: relative penalty strength of both stages.
         decay: ``gamma`` of the online update.
         structure: the precisions' structure (MC Fisher with ``mc_samples`` draws).
+        mc_samples: label draws of the MC Fisher.
+        steps: optimizer steps of task 1 and of task 2 (one int: both); task 2's facts are
+            learnt within ~200 steps at lr 2e-3, task 1 needs ~1000.
+        lr: AdamW learning rate of both stages.
+        rank: LoRA rank (``lora_alpha = rank``).
+        targets: the linear layers to adapt.
+        train_problems: task-1 training problems (task 2 trains on as many, its facts
+            repeated).
+        test_problems: task-1 test problems.
         task_problems: task-1 training problems the online update's ``F_1`` is fitted on
             (default: as many as the source precision's facts, 3 x 48).
+        eval_every: steps between evaluations, in both stages.
         seed: LoRA init, data order and MC draws.
+        progress: training progress bars.
 
     Returns:
         ``{"method", "seed", "lam": [stage 1, stage 2], "curve": [{"stage", "step",

@@ -23,7 +23,7 @@ is swept, a scalar fixed; ``common`` applies to every method (a method's own ent
     benchmark: {train_problems: 2000, test_problems: 300, pretrain_seed: 0, pretrain: {}}
     seeds: [0, 1, 2]
     common: {lr: [1.0e-3, 3.0e-3], steps: 1000, eval_every: 200, rank: 8, targets: all}
-    methods:
+    methods:  # method name: its settings
       lora: {}
       lalora-kfac-mc: {method: lalora, structure: kfac, estimator: mc, c: [0.003, 0.03]}
       migu: {threshold: [0.5, 0.7]}
@@ -227,8 +227,10 @@ def _benchmark(grid: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _realtext_benchmark(bench: Mapping[str, Any]) -> dict[str, Any]:
-    """The real-text scenario's settings (:data:`realtext_sweep.BENCHMARK`), checked, with
-    the shipped model's identity (so another model never reuses a cell's results)."""
+    """The real-text scenario's settings (:data:`realtext_sweep.BENCHMARK`), checked.
+
+    With the shipped model's identity (so another model never reuses a cell's results).
+    """
     unknown = set(bench) - set(realtext_sweep.BENCHMARK)
     if unknown:
         raise GridError(
@@ -374,8 +376,11 @@ def _targets(targets: str) -> list[str]:
 def run_cell(
     cell: Mapping[str, Any], progress: bool = False, data_dir: str | None = None
 ) -> list[dict[str, Any]]:
-    """Train one cell and return one record per evaluation (step 0 first); ``data_dir``: the
-    real-text scenario's data (a folder laid out like ../shared/data, ``None``: the hub)."""
+    """Train one cell and return one record per evaluation (step 0 first).
+
+    ``data_dir``: the real-text scenario's data (a folder laid out like ../shared/data,
+    ``None``: the hub).
+    """
     if cell["benchmark"].get("scenario") == "realtext":
         return realtext_sweep.run_cell(cell, data_dir, cell_key(cell), config_key(cell))
     t0 = time.perf_counter()
@@ -486,8 +491,10 @@ def one_thread() -> None:
 
 
 def _quiet() -> None:
-    """In a worker: no per-cell loading bars or library deprecation notes around the sweep's
-    bar."""
+    """In a worker: no per-cell loading bars or library deprecation notes.
+
+    They would clutter the sweep's bar.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -517,9 +524,10 @@ def run_sweep(
     progress: bool = True,
     data_dir: str | None = None,
 ) -> dict[str, int]:
-    """Run the cells not yet in ``OUT/runs.jsonl`` in ``workers`` processes (spawned, one torch
-    thread each; ``workers=1``: in this process) and append each one's records as it finishes.
-    ``data_dir``: the real-text scenario's data (``None``: the Hugging Face hub).
+    """Run the cells not yet in ``OUT/runs.jsonl`` and append each one's records as it finishes.
+
+    The cells run in ``workers`` processes (spawned, one torch thread each; ``workers=1``: in
+    this process). ``data_dir``: the real-text scenario's data (``None``: the Hugging Face hub).
 
     Returns ``{"cells": all, "done": already there, "ran": trained now}``.
     """

@@ -59,8 +59,11 @@ def pareto_front(source: Sequence[float], target: Sequence[float]) -> list[int]:
 
 
 def sample_std(values: Sequence[float]) -> float:
-    """The sample standard deviation (``ddof = 1``) over seeds; 0 for a single seed (whose
-    spread is unknown: every table states the number of seeds beside it)."""
+    """The sample standard deviation (``ddof = 1``) over seeds.
+
+    0 for a single seed (whose spread is unknown: every table states the number of seeds
+    beside it).
+    """
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
@@ -72,11 +75,14 @@ def _label(cell: dict[str, Any], varying: Sequence[str]) -> str:
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per configuration: ``method``, ``label`` (the settings that vary within its
-    method), ``cell`` (without the seed), ``seeds`` and per step ``points``: ``step``, ``n``,
-    mean and sample std (over seeds, :func:`sample_std`) of ``source_mean``, ``target``, each
-    ``source/<domain>`` and, where the records carry a validation split, ``val/source_mean``
-    and ``val/target``; and the seeds' mean ``lam``."""
+    """One entry per configuration, its points averaged over seeds.
+
+    Each has ``method``, ``label`` (the settings that vary within its method), ``cell``
+    (without the seed), ``seeds`` and per step ``points``: ``step``, ``n``, mean and sample std
+    (over seeds, :func:`sample_std`) of ``source_mean``, ``target``, each ``source/<domain>``
+    and, where the records carry a validation split, ``val/source_mean`` and ``val/target``;
+    and the seeds' mean ``lam``.
+    """
     by_config: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_config[r["config"]].append(r)
@@ -127,8 +133,10 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def method_fronts(configs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Per method: its front over all its configurations' seed-averaged points (every step),
-    each point with its configuration's ``label`` and ``config``."""
+    """Per method: its front over all its configurations' seed-averaged points (every step).
+
+    Each point has its configuration's ``label`` and ``config``.
+    """
     points_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         for p in c["points"]:
@@ -143,9 +151,11 @@ def method_fronts(configs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
 def source_at_target(
     fronts: dict[str, list[dict[str, Any]]], levels: Sequence[float]
 ) -> dict[str, dict[str, dict[str, Any] | None]]:
-    """Per method and level ``T``: its front point of highest source accuracy among those with
-    target >= ``T`` (``None`` where the method never reaches ``T``): the front read at equal
-    learning, the comparison a reader of the Pareto plot makes."""
+    """Per method and level ``T``: the front read at equal learning.
+
+    Its front point of highest source accuracy among those with target >= ``T`` (``None``
+    where the method never reaches ``T``): the comparison a reader of the Pareto plot makes.
+    """
     out: dict[str, dict[str, dict[str, Any] | None]] = {}
     for method, front in sorted(fronts.items()):
         out[method] = {}
@@ -159,11 +169,13 @@ def source_at_target(
 def validation_selected(
     configs: list[dict[str, Any]], levels: Sequence[float]
 ) -> dict[str, dict[str, dict[str, Any] | None]]:
-    """Per method and level ``T``: the (configuration, step) chosen on the *validation* split,
-    the one of highest validation ``source_mean`` among those with validation ``target >= T``
-    (seed means), with its *test* numbers; ``None`` where no point reaches ``T`` on
-    validation. The honest counterpart of :func:`source_at_target`, which reads the test
-    split's own front (a selection on the numbers it reports)."""
+    """Per method and level ``T``: the (configuration, step) chosen on the *validation* split.
+
+    It is the one of highest validation ``source_mean`` among those with validation
+    ``target >= T`` (seed means), with its *test* numbers; ``None`` where no point reaches
+    ``T`` on validation. The honest counterpart of :func:`source_at_target`, which reads the
+    test split's own front (a selection on the numbers it reports).
+    """
     points_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         for p in c["points"]:
@@ -182,8 +194,11 @@ def validation_selected(
 
 
 def nice_levels(top: float, count: int = 9) -> list[float]:
-    """Round levels ``step, 2 step, ... <= top`` with ``step`` the smallest of 0.05, 0.1, 0.2,
-    0.25, 0.5, 1 that gives at most ``count`` levels (0.1, ..., 0.9 for accuracies)."""
+    """Round levels ``step, 2 step, ... <= top``.
+
+    ``step`` is the smallest of 0.05, 0.1, 0.2, 0.25, 0.5, 1 that gives at most ``count``
+    levels (0.1, ..., 0.9 for accuracies).
+    """
     for step in (0.05, 0.1, 0.2, 0.25, 0.5, 1.0):
         n = math.floor(top / step + 1e-9)
         if n <= count:
@@ -193,10 +208,12 @@ def nice_levels(top: float, count: int = 9) -> list[float]:
 
 
 def front_gap(point: dict[str, Any], front: Sequence[dict[str, Any]]) -> float | None:
-    """How far ``point`` lies below ``front`` at equal or higher learning: the highest
-    ``source_mean`` of a front point with ``target >= point["target"]`` minus the point's
-    (> 0: the front keeps more source at that learning; <= 0: the point is on or beyond it);
-    ``None`` when no front point learns as much."""
+    """How far ``point`` lies below ``front`` at equal or higher learning.
+
+    The highest ``source_mean`` of a front point with ``target >= point["target"]`` minus the
+    point's (> 0: the front keeps more source at that learning; <= 0: the point is on or
+    beyond it); ``None`` when no front point learns as much.
+    """
     above = [p["source_mean"] for p in front if p["target"] >= point["target"]]
     return max(above) - point["source_mean"] if above else None
 
@@ -223,9 +240,12 @@ def _row(kind: str, method: str, point: dict[str, Any], label: str, seeds: int) 
 def tables(
     configs: list[dict[str, Any]], threshold: float | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows of ``table.csv`` (``kind`` ``final``: every configuration's last step;
-    ``front``: per method, the front point of highest source accuracy with target >=
-    ``threshold``; default :func:`default_threshold`) and ``summary.json``."""
+    """The rows of ``table.csv`` and ``summary.json``.
+
+    Rows of ``kind`` ``final``: every configuration's last step; ``front``: per method, the
+    front point of highest source accuracy with target >= ``threshold`` (default
+    :func:`default_threshold`).
+    """
     fronts = method_fronts(configs)
     if threshold is None:
         threshold = default_threshold(fronts)
@@ -278,8 +298,10 @@ def plot_pareto(
     legend_loc: str = "lower left",
     ylim: tuple[float, float] | None = None,
 ) -> Path | None:
-    """Target exact match (x) against mean source accuracy (y): every seed-averaged point
-    faint, each method's front as a step line with its points' seed std as error bars.
+    """Target exact match (x) against mean source accuracy (y), with each method's front.
+
+    Every seed-averaged point faint, each method's front as a step line with its points' seed
+    std as error bars.
 
     ``y_sign = -1`` draws ``-source_mean`` (e.g. a forgetting measure stored negated so that
     higher is better for :func:`pareto_front`): lower is then better on the y axis. ``ylim``
@@ -333,9 +355,11 @@ def plot_pareto(
 def plot_curves(
     configs: list[dict[str, Any]], path: Path, scenario: str = "embedded"
 ) -> Path | None:
-    """Per method (rows): source accuracy and target exact match (real text: the source NLL
-    increase and the GSM8K NLL decrease) against the step, every configuration a line (seed
-    mean) with a band of one std."""
+    """Per method (rows): source accuracy and target exact match against the step.
+
+    Real text: the source NLL increase and the GSM8K NLL decrease. Every configuration is a
+    line (seed mean) with a band of one std.
+    """
     plt = pyplot()
     if plt is None:
         return None
@@ -387,8 +411,10 @@ AXES = {
 def report(
     records: list[dict[str, Any]], out: str | Path, threshold: float | None = None
 ) -> dict[str, Any]:
-    """Write ``table.csv``, ``summary.json``, ``pareto.png`` and ``curves.png`` into ``out``
-    from every record; returns the summary plus ``rows`` and the written ``files``."""
+    """Write ``table.csv``, ``summary.json``, ``pareto.png`` and ``curves.png`` into ``out``.
+
+    From every record; returns the summary plus ``rows`` and the written ``files``.
+    """
     if not records:
         raise ValueError("no records: the sweep has not finished any cell")
     out = Path(out)
@@ -424,9 +450,11 @@ def format_table(
     threshold: float,
     at_target: dict[str, dict[str, dict[str, Any] | None]] | None = None,
 ) -> str:
-    """The rows as aligned text: the final points, then each method's best front point, then
-    (``at_target``, from :func:`source_at_target`) each method's front read at levels of
-    target exact match."""
+    """The rows as aligned text.
+
+    The final points, then each method's best front point, then (``at_target``, from
+    :func:`source_at_target`) each method's front read at levels of target exact match.
+    """
     width = max(len(r["config"]) for r in rows) + 2
     lines = []
     for kind, title in (

@@ -1,5 +1,6 @@
-"""A procedural world for the embedded benchmark: memorised facts (source) and arithmetic
-word problems (target), all generated from a seed; nothing is read from disk.
+"""A procedural world for the embedded benchmark, generated from a seed.
+
+Memorised facts (source) and arithmetic word problems (target); nothing is read from disk.
 
 Source sub-domains, scored as 4-way multiple choice (in the spirit of HellaSwag, WinoGrande and
 ARC: knowledge the pretrained model holds):
@@ -78,6 +79,7 @@ class World:
 
     @property
     def vocabulary(self) -> list[str]:
+        """Every word of the world: template words, colours, kinds, entities, numbers 0-99."""
         numbers = [str(n) for n in range(MAX_NUMBER + 1)]
         return [*TEMPLATE_WORDS, *COLOURS, *KINDS, *self.entities, *numbers]
 
@@ -108,9 +110,12 @@ class World:
 
     # ---------------------------------------------------------------- target
     def problems(self, split: str, n: int) -> list[tuple[str, str]]:
-        """``n`` (prompt, answer) word problems. Train and test share the numbers (a tiny model
-        learns the target's facts, it does not generalise arithmetic) but not the people: the
-        test problems name entities that no training problem names."""
+        """``n`` (prompt, answer) word problems.
+
+        Train and test share the numbers (a tiny model learns the target's facts, it does not
+        generalise arithmetic) but not the people: the test problems name entities that no
+        training problem names.
+        """
         rng = random.Random(f"{self.seed}/problems/{split}")
         people = self.entities[split == "test" :: 2]
         out = []
@@ -124,11 +129,13 @@ class World:
 
     # ---------------------------------------------------------------- a second target
     def holdings(self) -> list[tuple[str, str]]:
-        """A second target task (sequential tasks): every entity holds a number of stones,
+        """A second target task (sequential tasks): every entity holds a number of stones.
+
         ``"question : how many stones does {e} have ? answer :"`` -> ``" {n}"``, new facts
         to memorise (train = test, like the source facts) whose template shares words with the
         word problems, so that learning it interferes with them. Drawn from its own seed: the
-        world's other content is unchanged."""
+        world's other content is unchanged.
+        """
         rng = random.Random(f"{self.seed}/holdings")
         return [
             (
