@@ -214,62 +214,14 @@ def train(
     # every refusal before --out (perhaps an earlier run) is touched: an earlier run's
     # config.yaml, metrics.jsonl and adapters stay as they were
     config = dict(locals())
-    try:
-        checks.number("--migu_threshold", migu_threshold, 0.0, optional=True)
-        for name, minimum, optional in (
-            ("limit", 1, True),
-            ("batch_size", 1, False),
-            ("max_length", 2, False),
-            ("r", 1, False),
-        ):
-            checks.integer(f"--{name}", config[name], minimum, optional=optional)
-    except lc.LaloraError as e:
-        raise CliError(str(e)) from None
-    try:
-        strength = _strength(lam, c, source_nll_budget, budget_rate)
-    except CliError:
-        raise
-    except lc.LaloraError as e:
-        raise CliError(f"--{e}") from None
-    if strength.active and precision is None:
-        raise CliError(
-            "--lam > 0 (or --c, --source_nll_budget) needs --precision (a precision artifact "
-            "or a fit run)"
-        )
-    if migu_threshold is not None and not migu_threshold < 1:
-        raise CliError(f"--migu_threshold must be in [0, 1), got {migu_threshold}")
-    if init != "default" and adapter is not None:
-        raise CliError(f"--init {init} makes a new adapter; it cannot be combined with --adapter")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise CliError(f"--data_dir {data_dir}: no such folder")
-    if dataset is None:
-        check_tasks([task], "--task")
+    strength = _check_options(config)
     prec_path = resolve_precision(precision) if precision is not None else None
     try:
         prec = lc.load_precision(prec_path) if prec_path is not None else None
     except lc.ArtifactError as e:
         raise CliError(f"--precision {precision}: {e}") from None
     base, tokenizer = load_base(model, dtype, device, quantization)
-    if dataset is None:
-        batches = task_batches(
-            [task], tokenizer, data_dir, split, limit, batch_size, max_length, seed, "--task"
-        )[task]
-    else:
-        batches = next(
-            iter(
-                dataset_sources(
-                    [dataset],
-                    tokenizer,
-                    dataset_split,
-                    dataset_config,
-                    limit,
-                    batch_size,
-                    max_length,
-                    packing,
-                    shuffle_seed=seed,
-                ).values()
-            )
-        )
+    batches = _target_batches(config, tokenizer)
     peft_model = with_adapter(
         base, adapter, r, lora_alpha, target_modules, lora_dropout, seed, init
     )
@@ -335,6 +287,58 @@ def train(
         f"run directory: {run.path} (config.yaml, metrics.jsonl{', training.png' if plot else ''})"
     )
     return records
+
+
+def _check_options(o: dict) -> lc.Strength:
+    """The options a run can be refused for before any loading, checked; the strength."""
+    try:
+        checks.number("--migu_threshold", o["migu_threshold"], 0.0, optional=True)
+        for name, minimum, optional in (
+            ("limit", 1, True),
+            ("batch_size", 1, False),
+            ("max_length", 2, False),
+            ("r", 1, False),
+        ):
+            checks.integer(f"--{name}", o[name], minimum, optional=optional)
+    except lc.LaloraError as e:
+        raise CliError(str(e)) from None
+    try:
+        strength = _strength(o["lam"], o["c"], o["source_nll_budget"], o["budget_rate"])
+    except CliError:
+        raise
+    except lc.LaloraError as e:
+        raise CliError(f"--{e}") from None
+    if strength.active and o["precision"] is None:
+        raise CliError(
+            "--lam > 0 (or --c, --source_nll_budget) needs --precision (a precision artifact "
+            "or a fit run)"
+        )
+    if o["migu_threshold"] is not None and not o["migu_threshold"] < 1:
+        raise CliError(f"--migu_threshold must be in [0, 1), got {o['migu_threshold']}")
+    if o["init"] != "default" and o["adapter"] is not None:
+        raise CliError(
+            f"--init {o['init']} makes a new adapter; it cannot be combined with --adapter"
+        )
+    if o["data_dir"] is not None and not Path(o["data_dir"]).is_dir():
+        raise CliError(f"--data_dir {o['data_dir']}: no such folder")
+    if o["dataset"] is None:
+        check_tasks([o["task"]], "--task")
+    return strength
+
+
+def _target_batches(o: dict, tokenizer) -> list[dict]:
+    """The target's supervised batches: a paper task (``--task``) or ``--dataset``."""
+    if o["dataset"] is None:
+        task = o["task"]
+        return task_batches(
+            [task], tokenizer, o["data_dir"], o["split"], o["limit"], o["batch_size"],
+            o["max_length"], o["seed"], "--task",
+        )[task]  # fmt: skip
+    sources = dataset_sources(
+        [o["dataset"]], tokenizer, o["dataset_split"], o["dataset_config"], o["limit"],
+        o["batch_size"], o["max_length"], o["packing"], shuffle_seed=o["seed"],
+    )  # fmt: skip
+    return next(iter(sources.values()))
 
 
 def _plot(log_file, path):
