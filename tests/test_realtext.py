@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lalora_curv.strength import Strength
 from lalora_curv.tasks import load_records
+from lalora_curv.testbed import finetune as ft
 from lalora_curv.testbed import realtext as rt
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -277,10 +278,10 @@ def test_finetune_on_a_self_generated_precision_of_the_same_token_count(small):
 def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, monkeypatch):
     model, tok, _ = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
     inits, orders = [], []
-    get_peft_model, train = rt.get_peft_model, rt.lc.train
+    lora_adapter, train = ft.lora_adapter, ft.lc.train
 
     def spy_peft(*args, **kwargs):
-        peft_model = get_peft_model(*args, **kwargs)
+        peft_model = lora_adapter(*args, **kwargs)
         inits.append(
             [p.detach().clone() for n, p in peft_model.named_parameters() if "lora_A" in n]
         )
@@ -290,8 +291,8 @@ def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, m
         orders.append(torch.cat([b["input_ids"][:, :8] for b in batches]))
         return train(peft_model, batches, *args, **kwargs)
 
-    monkeypatch.setattr(rt, "get_peft_model", spy_peft)
-    monkeypatch.setattr(rt.lc, "train", spy_train)
+    monkeypatch.setattr(ft, "lora_adapter", spy_peft)
+    monkeypatch.setattr(ft.lc, "train", spy_train)
     kw = dict(steps=4, lr=1e-2, batch_size=4, max_length=64, fit_texts=8, eval_every=2)
     kw |= dict(precision_structure="kfac", mc_samples=2, strength=1e3)
     runs = [rt.finetune(copy.deepcopy(model), tok, small, seed=s, **kw) for s in (0, 0, 1)]

@@ -2,22 +2,25 @@
 
 ``source_accuracy``: multiple-choice accuracy on each source sub-domain (every entity's fact).
 ``target_accuracy``: exact match of the greedy first token after ``"answer :"``.
-``finetune``: LoRA on the target problems (optionally with a precision's penalty) via
-:func:`lalora_curv.train`, with both measured before and after.
+``WorldScenario``: the world as a scenario of :func:`lalora_curv.testbed.finetune.finetune`;
+``finetune``: LoRA on the target problems (optionally with a precision's penalty), with both
+measured before and after.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import lalora_curv as lc
-from lalora_curv.strength import Strength, as_strength, mean_curvature
+from lalora_curv.strength import Strength
 from lalora_curv.tasks.formatting import make_batches
 from lalora_curv.tasks.scoring import score_multiple_choice
+from lalora_curv.testbed.finetune import Penalty
+from lalora_curv.testbed.finetune import finetune as run_finetune
 from lalora_curv.testbed.world import SOURCES, World
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -103,12 +106,56 @@ def source_precision(
     return lc.fit_precision(model, batches.first_tokens(tokens), **fit)
 
 
+class WorldScenario:
+    """The embedded world as a :class:`~lalora_curv.testbed.finetune.Scenario`.
+
+    Measured by each source sub-domain's fact accuracy and the target's exact match on
+    ``test_problems`` test problems; trained on ``train_problems`` target problems in batches
+    of 16 (shuffled by the run's seed with ``shuffle``); the curvature fitted on the facts or
+    on self-generated text (:func:`source_precision`).
+    """
+
+    def __init__(
+        self, world: World, tok, train_problems: int, test_problems: int, shuffle: bool
+    ) -> None:
+        self.world, self.tok, self.train_problems = world, tok, train_problems
+        self.test = world.problems("test", test_problems)
+        self.shuffle = shuffle
+
+    def measure(self, model: nn.Module) -> dict[str, Any]:
+        """``{"source": {sub-domain: acc}, "target": exact match}``."""
+        return {
+            "source": source_accuracy(model, self.tok, self.world),
+            "target": target_accuracy(model, self.tok, self.test),
+        }
+
+    def train_batches(self, steps: int, seed: int) -> list[dict]:
+        """The target problems in batches of 16 (their order seeded with ``shuffle``)."""
+        problems = self.world.problems("train", self.train_problems)
+        if self.shuffle:
+            random.Random(seed).shuffle(problems)  # the seed varies the data order too
+        return make_batches(problems, self.tok, batch_size=16, max_length=64)
+
+    def source_precision(self, model: nn.Module, penalty: Penalty, seed: int) -> lc.Precision:
+        """:func:`source_precision` on ``penalty.source`` (``"facts"``, ``"self-generated"``)."""
+        return source_precision(
+            model,
+            self.tok,
+            self.world,
+            source=penalty.source,
+            structure=penalty.structure,
+            estimator=penalty.estimator,
+            mc_samples=penalty.mc_samples,
+            seed=seed,
+        )
+
+
 def finetune(
     model: nn.Module,
     tok,
     world: World,
     *,
-    precision: str | lc.Precision | None = None,
+    precision: str | None = None,
     strength: float | Strength = 0.0,
     source: str = "facts",
     estimator: str = "mc",
@@ -122,50 +169,36 @@ def finetune(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """LoRA on the target, optionally with a Laplace penalty ``lam * penalty``.
+    """LoRA on the world's target, optionally with a Laplace penalty ``lam * penalty``.
 
+    :func:`lalora_curv.testbed.finetune.finetune` on :class:`WorldScenario`, summarised:
     ``precision`` is a structure name (fitted here at the adapter's init with
-    :func:`source_precision` on ``source``) or ``None`` for plain LoRA. With
-    ``strength`` a number (``lambda``) or a :class:`~lalora_curv.strength.Strength`.
+    :func:`source_precision` on ``source``) or ``None`` for plain LoRA; ``strength`` a number
+    (``lambda``) or a :class:`~lalora_curv.strength.Strength`.
     """
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
+    run = run_finetune(
+        model,
+        WorldScenario(world, tok, train_problems, test_problems, shuffle=False),
+        penalty=None
+        if precision is None
+        else Penalty(
+            precision, strength, source=source, estimator=estimator, mc_samples=mc_samples
+        ),
+        lr=lr,
+        steps=steps,
+        rank=rank,
+        targets=targets,
+        seed=seed,
+        progress=progress,
     )
-    test = world.problems("test", test_problems)
-    before = {
-        "source": source_accuracy(peft_model, tok, world),
-        "target": target_accuracy(peft_model, tok, test),
-    }
-    prec = None
-    if precision is not None:
-        prec = source_precision(
-            peft_model,
-            tok,
-            world,
-            source=source,
-            structure=precision,
-            estimator=estimator,
-            mc_samples=mc_samples,
-            seed=seed,
-        )
-    strength = as_strength(strength)
-    weight = strength.initial_lam(prec)
-    train = make_batches(world.problems("train", train_problems), tok, batch_size=16, max_length=64)
-    lc.train(
-        peft_model, train, prec, strength, lr=lr, max_steps=steps, seed=seed, progress=progress
-    )
-    after = {
-        "source": source_accuracy(peft_model, tok, world),
-        "target": target_accuracy(peft_model, tok, test),
-    }
+    before, after = run.before, run.after
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     return {
         "before": before,
         "after": after,
         "source_drop": mean(before["source"]) - mean(after["source"]),
         "target_gain": after["target"] - before["target"],
-        "lam_applied": weight,
-        "mean_curvature": mean_curvature(prec) if prec is not None else None,
-        "source_tokens": prec.counts["supervised_tokens"] if prec is not None else 0,
+        "lam_applied": run.lam,
+        "mean_curvature": run.mean_curvature,
+        "source_tokens": run.source_tokens,
     }

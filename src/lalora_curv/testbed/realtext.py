@@ -37,18 +37,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lalora_curv as lc
-from lalora_curv.strength import Strength, as_strength, mean_curvature
+from lalora_curv.strength import Strength
 from lalora_curv.tasks.data import TASKS, TaskDataError, load_records
 from lalora_curv.tasks.formatting import make_batches, supervised_examples
 from lalora_curv.tasks.multiple_choice import hellaswag_preprocess, multiple_choice_items
 from lalora_curv.testbed.experiment import ALL_LINEAR
+from lalora_curv.testbed.finetune import Penalty
+from lalora_curv.testbed.finetune import finetune as run_finetune
 from lalora_curv.testbed.model import Pretraining, cached
 
 SOURCES = ("hellaswag", "winogrande", "arc_challenge")
@@ -442,6 +443,48 @@ def measure(
     return result
 
 
+class RealTextScenario:
+    """The real-text scenario as a :class:`~lalora_curv.testbed.finetune.Scenario`.
+
+    Measured by the token NLLs of :func:`measure` (with the validation split's under
+    ``"val"`` when ``validation``); trained on ``steps * batch_size`` GSM8K training pairs drawn
+    with the run's seed; the curvature fitted per source task on ``fit_texts`` of its texts, or
+    on the base model's own samples (:func:`source_precision`).
+    """
+
+    def __init__(
+        self, data: RealText, tok, fit_texts: int, batch_size: int, max_length: int,
+        validation: bool,
+    ) -> None:  # fmt: skip
+        self.data, self.tok, self.fit_texts = data, tok, fit_texts
+        self.batch_size, self.max_length, self.validation = batch_size, max_length, validation
+
+    def measure(self, model: nn.Module) -> dict[str, Any]:
+        """:func:`measure`: source and GSM8K NLLs (nats per token)."""
+        return measure(model, self.tok, self.data, self.max_length, self.validation)
+
+    def train_batches(self, steps: int, seed: int) -> list[dict[str, Tensor]]:
+        """``steps * batch_size`` GSM8K training pairs drawn with ``seed``, batched."""
+        target = self.data.target_train
+        pairs = random.Random(seed).sample(target, min(steps * self.batch_size, len(target)))
+        return make_batches(pairs, self.tok, batch_size=self.batch_size, max_length=self.max_length)
+
+    def source_precision(self, model: nn.Module, penalty: Penalty, seed: int) -> lc.Precision:
+        """:func:`source_precision` on ``penalty.source`` (``"texts"``, ``"self-generated"``)."""
+        return source_precision(
+            model,
+            self.tok,
+            self.data,
+            structure=penalty.structure,
+            estimator=penalty.estimator,
+            mc_samples=penalty.mc_samples,
+            source=penalty.source,
+            fit_texts=self.fit_texts,
+            max_length=self.max_length,
+            seed=seed,
+        )
+
+
 def finetune(
     model: nn.Module,
     tok,
@@ -468,6 +511,7 @@ def finetune(
 ) -> dict[str, Any]:
     """LoRA on GSM8K train, optionally with a penalty towards the init.
 
+    :func:`lalora_curv.testbed.finetune.finetune` on :class:`RealTextScenario`, summarised.
     ``precision_structure`` names the penalty: a curvature structure, fitted per source task on
     ``fit_texts`` seeded training texts of that task (the model's own pretraining text), the
     three pooled; with ``source="self-generated"`` it is fitted instead on the base model's own
@@ -484,69 +528,45 @@ def finetune(
     ``trajectory`` of checkpoints every ``eval_every`` steps (the run's own early-stopping
     front; its last entry is ``after``).
     """
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets))
-    )
-    before = before or measure(peft_model, tok, data, max_length, validation)
     if source not in ("texts", "self-generated"):
         raise ValueError(f"source must be 'texts' or 'self-generated', got {source!r}")
-    precision = None
-    if precision_structure in ("isotropic", "merged-isotropic"):
-        precision = lc.isotropic_precision(peft_model, precision_structure, scope=scope)
-    elif precision_structure is not None:
-        precision = source_precision(
-            peft_model,
-            tok,
-            data,
-            structure=precision_structure,
+    run = run_finetune(
+        model,
+        RealTextScenario(data, tok, fit_texts, batch_size, max_length, validation),
+        penalty=None
+        if precision_structure is None
+        else Penalty(
+            precision_structure,
+            strength,
+            scope=scope,
+            source=source,
             estimator=estimator,
             mc_samples=mc_samples,
-            source=source,
-            fit_texts=fit_texts,
-            max_length=max_length,
-            seed=seed,
-        )
-    strength = as_strength(strength)
-    weight = strength.initial_lam(precision)
-    pairs = random.Random(seed).sample(
-        data.target_train, min(steps * batch_size, len(data.target_train))
-    )
-    train = make_batches(pairs, tok, batch_size=batch_size, max_length=max_length)
-    trajectory: list[dict[str, Any]] = []
-
-    def checkpoint(model: nn.Module, step: int) -> dict[str, float]:
-        trajectory.append({"step": step, **measure(model, tok, data, max_length, validation)})
-        return {"source_nll": trajectory[-1]["source_all"], "target_nll": trajectory[-1]["target"]}
-
-    log = lc.train(
-        peft_model,
-        train,
-        precision,
-        strength,
+        ),
         lr=lr,
-        max_steps=steps,
+        steps=steps,
+        rank=rank,
+        targets=targets,
+        eval_every=eval_every,
+        before=before,
         seed=seed,
         progress=progress,
-        eval_fn=checkpoint if eval_every else None,
-        eval_every=eval_every,
     )
-    after = trajectory[-1] if trajectory else measure(peft_model, tok, data, max_length, validation)
-    after = {k: v for k, v in after.items() if k != "step"}
-    steps_logged = [r for r in log if "penalty" in r]
+    before, after = run.before, run.after
+    steps_logged = [r for r in run.log if "penalty" in r]
     result = {
         "before": before,
         "after": after,
         "source_increase": after["source_all"] - before["source_all"],
         "target_decrease": before["target"] - after["target"],
         "final_penalty": steps_logged[-1]["penalty"] if steps_logged else None,
-        "penalty_at": {r["step"]: r["penalty"] for r in steps_logged} if precision else {},
-        "lam_applied": weight,
-        "mean_curvature": mean_curvature(precision) if precision else None,
-        "source_tokens": precision.counts["supervised_tokens"] if precision else 0,
+        "penalty_at": run.penalty_at if run.precision is not None else {},
+        "lam_applied": run.lam,
+        "mean_curvature": run.mean_curvature,
+        "source_tokens": run.source_tokens,
     }
     if eval_every:
-        result["trajectory"] = trajectory
+        result["trajectory"] = run.trajectory
     return result
 
 

@@ -39,48 +39,32 @@ import itertools
 import json
 import multiprocessing
 import os
-import random
 import time
 import warnings
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from peft import LoraConfig
 from tqdm.auto import tqdm
 
-import lalora_curv as lc
 from lalora_curv.atomic import write_text
-from lalora_curv.baselines import INITS, lora_adapter, migu
+from lalora_curv.baselines import INITS
 from lalora_curv.errors import LaloraError
-from lalora_curv.strength import Strength, mean_curvature
-from lalora_curv.tasks.formatting import make_batches
+from lalora_curv.precision import REGISTRY
+from lalora_curv.strength import Strength
 from lalora_curv.testbed import realtext_sweep
-from lalora_curv.testbed.experiment import (
-    ALL_LINEAR,
-    source_accuracy,
-    source_precision,
-    target_accuracy,
-)
+from lalora_curv.testbed.experiment import ALL_LINEAR, WorldScenario
+from lalora_curv.testbed.finetune import Penalty, finetune
 from lalora_curv.testbed.model import PRETRAIN, pretrained
 
 RUNS_FILE = "runs.jsonl"
 KINDS = ("lora", "lalora", "migu")
-STRUCTURES = (
-    "diag",
-    "kfac",
-    "tri-kfac",
-    "merged-kfac",
-    "merged-diag",
-    "ekfac",
-    "isotropic",
-    "merged-isotropic",
-)
-ISOTROPIC = ("isotropic", "merged-isotropic")  # the data-free L2 controls
+#: every structure the registry holds (the fitted ones and the data-free L2 controls)
+STRUCTURES = tuple(REGISTRY)
+ISOTROPIC = tuple(name for name, cls in REGISTRY.items() if not cls.fitted)  # the L2 controls
 SCOPES = ("all", "lora_B")
 ESTIMATORS = ("empirical", "mc", "batch-grad-squared")
 SOURCES = ("facts", "self-generated")
@@ -386,87 +370,51 @@ def run_cell(
     t0 = time.perf_counter()
     bench = cell["benchmark"]
     model, tok, world = pretrained(bench["pretrain_seed"], bench["pretrain"], progress=False)
-    seed = cell["seed"]
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=cell["rank"],
-        lora_alpha=cell["rank"],
-        lora_dropout=0.0,
-        target_modules=_targets(cell["targets"]),
-    )
-    peft_model = lora_adapter(model, config, cell["init"])
-    test = world.problems("test", bench["test_problems"])
-
-    def evaluate(m, step: int) -> dict[str, float]:
-        acc = source_accuracy(m, tok, world)
-        return {
-            **{f"source/{k}": v for k, v in acc.items()},
-            "target": target_accuracy(m, tok, test),
-        }
-
-    peft_model.eval()
-    with torch.no_grad():
-        at_start = evaluate(peft_model, 0)
-    prec, lam, scale = None, 0.0, None
-    if cell["kind"] == "lalora" and cell["structure"] in ISOTROPIC:
-        prec = lc.isotropic_precision(peft_model, cell["structure"], scope=cell["scope"])
-    elif cell["kind"] == "lalora":
-        prec = source_precision(
-            peft_model,
-            tok,
-            world,
-            source=cell["source"],
-            structure=cell["structure"],
-            estimator=cell["estimator"],
-            mc_samples=cell["mc_samples"],
-            seed=seed,
-        )
-    strength = Strength.fixed(0.0)
-    if prec is not None:
+    penalty = None
+    if cell["kind"] == "lalora":
         if "lam" in cell:
             strength = Strength.fixed(cell["lam"])
         elif cell.get("budget") is not None:
             strength = Strength.budget(cell["budget"], start_c=cell["c"])
         else:
             strength = Strength.relative(cell["c"])
-        if "lam" not in cell:
-            scale = mean_curvature(prec)
-        lam = strength.initial_lam(prec)
-    problems = world.problems("train", bench["train_problems"])
-    random.Random(seed).shuffle(problems)  # the seed varies the data order too
-    train = make_batches(problems, tok, batch_size=16, max_length=64)
-    guard = migu(peft_model, cell["threshold"]) if cell["kind"] == "migu" else nullcontext()
-    with guard:
-        log = lc.train(
-            peft_model,
-            train,
-            prec,
+        penalty = Penalty(
+            cell["structure"],
             strength,
-            lr=cell["lr"],
-            max_steps=cell["steps"],
-            seed=seed,
-            eval_fn=evaluate,
-            eval_every=cell["eval_every"],
-            progress=progress,
+            scope=cell.get("scope", "all"),
+            source=cell.get("source", "facts"),
+            estimator=cell.get("estimator", "mc"),
+            mc_samples=cell.get("mc_samples", 8),
         )
-    lam_at = {r["step"]: r["lam"] for r in log if "lam" in r}
-    penalty_at = {r["step"]: r["penalty"] for r in log if "penalty" in r}
-    evals = [(0, at_start)] + [
-        (r["step"], {k[5:]: v for k, v in r.items() if k.startswith("eval/")})
-        for r in log
-        if any(k.startswith("eval/") for k in r)
-    ]
+    run = finetune(
+        model,
+        WorldScenario(world, tok, bench["train_problems"], bench["test_problems"], shuffle=True),
+        penalty=penalty,
+        lr=cell["lr"],
+        steps=cell["steps"],
+        rank=cell["rank"],
+        targets=_targets(cell["targets"]),
+        init=cell["init"],
+        migu_threshold=cell["threshold"] if cell["kind"] == "migu" else None,
+        eval_every=cell["eval_every"],
+        seed=cell["seed"],
+        progress=progress,
+    )
+    prec, lam = run.precision, run.lam
+    scale = run.mean_curvature if prec is not None and "lam" not in cell else None
+    lam_at, penalty_at = run.lam_at, run.penalty_at
+    evals = [(0, run.before)] + [(p["step"], p) for p in run.trajectory]
     seconds = round(time.perf_counter() - t0, 2)
     key, config_id = cell_key(cell), config_key(cell)
     records = []
     for step, metrics in evals:
-        source = {k[7:]: v for k, v in metrics.items() if k.startswith("source/")}
+        source = dict(metrics["source"])
         records.append(
             {
                 "key": key,
                 "config": config_id,
                 "method": cell["method"],
-                "seed": seed,
+                "seed": cell["seed"],
                 "step": int(step),
                 "source": source,
                 "source_mean": sum(source.values()) / len(source),
