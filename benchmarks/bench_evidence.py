@@ -25,7 +25,8 @@ best isotropic control) and the sweep's own ``pareto.png``/``curves.png``.
 
     python benchmarks/bench_evidence.py            # screen, confirm, report (hours; resumable)
     python benchmarks/bench_evidence.py report     # tables and plots from the runs so far
-    python benchmarks/bench_evidence.py --quick    # a smoke run: 2 methods, tiny grid
+    python benchmarks/bench_evidence.py screen --methods lora   # part of the screening grid
+    python benchmarks/bench_evidence.py confirm --configs-per-method 2 --curvature-picks 1
 """
 
 from __future__ import annotations
@@ -102,17 +103,20 @@ def validation_front_configs(configs: list[dict[str, Any]], method: str, k: int)
     return sorted(count, key=lambda c: -count[c])[:k]
 
 
-def confirm_selection(configs: list[dict[str, Any]]) -> dict[str, Any]:
-    """What stage 2 re-runs: plain LoRA, the best isotropic control and the two best curvature
-    variants by :func:`scores`, each with its validation front's configurations."""
+def confirm_selection(
+    configs: list[dict[str, Any]], per_method: int = CONFIRM_CONFIGS, curvature_picks: int = 2
+) -> dict[str, Any]:
+    """What stage 2 re-runs: plain LoRA, the best isotropic control and the ``curvature_picks``
+    best curvature variants by :func:`scores`, each with (at most ``per_method``) of its
+    validation front's configurations."""
     levels = levels_of(configs)
     score = scores(configs, levels)
     fam = {c["method"]: family(c["cell"]) for c in configs}
     chosen = [PLAIN]
-    for name, n in (("isotropic", 1), ("curvature", 2)):
+    for name, n in (("isotropic", 1), ("curvature", curvature_picks)):
         ranked = sorted((m for m in score if fam[m] == name), key=lambda m: -score[m])
         chosen += ranked[:n]
-    picks = {m: validation_front_configs(configs, m, CONFIRM_CONFIGS) for m in chosen}
+    picks = {m: validation_front_configs(configs, m, per_method) for m in chosen}
     return {"levels": levels, "scores": score, "families": fam, "methods": picks}
 
 
@@ -304,6 +308,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--grid", type=Path, default=SCREEN)
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="screen only these methods of the grid"
+    )
+    parser.add_argument("--configs-per-method", type=int, default=CONFIRM_CONFIGS)
+    parser.add_argument("--curvature-picks", type=int, default=2)
     args = parser.parse_args()
     out: Path = args.out
     data_dir = data_dir_of(args)
@@ -313,12 +322,18 @@ def main() -> None:
     (out / "screen_grid.yaml").write_text(args.grid.read_text())
     t0 = time.perf_counter()
     if args.stage in ("all", "screen"):
-        counts = run_sweep(screen_cells, out, workers=args.workers, data_dir=data_dir)
+        cells = screen_cells
+        if args.methods:
+            unknown = set(args.methods) - {c["method"] for c in screen_cells}
+            if unknown:
+                raise SystemExit(f"--methods: not in {args.grid.name}: {sorted(unknown)}")
+            cells = [c for c in screen_cells if c["method"] in args.methods]
+        counts = run_sweep(cells, out, workers=args.workers, data_dir=data_dir)
         print(f"screen: {counts} in {time.perf_counter() - t0:.0f} s")
     if args.stage in ("all", "confirm"):
         keys = {c["config"] for c in read_runs(out / "runs.jsonl")}
         configs = [c for c in aggregate(read_runs(out / "runs.jsonl")) if c["config"] in keys]
-        selection = confirm_selection(configs)
+        selection = confirm_selection(configs, args.configs_per_method, args.curvature_picks)
         write_result(out, "confirm_selection.json", selection)
         cells = confirm_cells(screen_cells, selection)
         print(f"confirm: {len(cells)} cells for {list(selection['methods'])}")
