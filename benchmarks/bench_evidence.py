@@ -206,6 +206,7 @@ def write_report(out: Path) -> dict[str, Any]:
         "environment": environment(),
     }
     write_result(out, "evidence.json", result)
+    (out / "evidence.md").write_text(markdown(result))
     plot_small_multiples(configs, families, out / "evidence_fronts.png")
     print_verdict(result)
     return {**result, "sweep_files": summary["files"]}
@@ -277,6 +278,71 @@ def plot_small_multiples(configs, families, path: Path) -> Path | None:
     )
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _cell(p: dict[str, Any] | None, pick: bool = False) -> str:
+    """``forgetting ± std (learning)`` of a seed-mean point, its setting with ``pick``."""
+    if not p:
+        return "-"
+    text = f"{-p['source_mean']:.3f} ± {p['source_mean_std']:.3f} ({p['target']:.2f})"
+    return f"{text}<br>{p['label'].split(' ', 1)[-1]}, step {p['step']}" if pick else text
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results page's tables (``evidence.md``): the verdict, then per method the
+    validation-selected picks' test numbers and the test fronts read at the same levels."""
+    confirmed = bool(result["verdict_confirmed"])
+    rows = result["verdict_confirmed"] or result["verdict_screen"]
+    seeds = result["seeds_max"] if confirmed else 2
+    fam = result["families"]
+    out = [
+        f"Verdict ({seeds} seeds; settings picked on validation; test forgetting ± sample std "
+        "(test learning), nats per token):",
+        "",
+        "| learning >= | plain LoRA | best isotropic control | best curvature | curvature - "
+        "isotropic (2 SE) | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for name in ("plain", "isotropic", "curvature"):
+            if name not in r:
+                cells.append("- (never learns this much)")
+                continue
+            x = r[name]
+            cells.append(
+                f"{x['method']}: {x['forgetting']:.3f} ± {x['forgetting_std']:.3f} "
+                f"({x['learning']:.2f}), step {x['step']}"
+            )
+        if "standard_error" in r:
+            diff = (
+                f"{r['curvature_minus_isotropic_forgetting']:+.3f} ({2 * r['standard_error']:.3f})"
+            )
+            word = (
+                "**curvature**"
+                if r["curvature_wins"]
+                else "**isotropic**"
+                if r["isotropic_wins"]
+                else "tie"
+            )
+        else:
+            diff, word = "-", ""
+        out.append(f"| {r['level']:.2f} | {' | '.join(cells)} | {diff} | {word} |")
+    for title, table in (
+        ("Validation-selected, every method (screening seeds)", result["validation_selected"]),
+        ("Test fronts read at the levels (for comparison; selection on test)", None),
+    ):
+        levels = result["levels"]
+        if table is None:
+            table = result["test_front_at_levels"]
+        keys = sorted(table, key=lambda m: ({"plain": 0, "isotropic": 1}.get(fam.get(m), 2), m))
+        out += ["", f"{title}:", ""]
+        out.append("| method | " + " | ".join(f"learning >= {lv:.2f}" for lv in levels) + " |")
+        out.append("|---" * (len(levels) + 1) + "|")
+        for m in keys:
+            by = list(table[m].values())
+            out.append(f"| {m} | " + " | ".join(_cell(p, pick=True) for p in by) + " |")
+    return "\n".join(out) + "\n"
 
 
 def print_verdict(result: dict[str, Any]) -> None:

@@ -456,3 +456,45 @@ def test_a_realtext_cell_measures_both_splits_from_step_0():
     assert iso[0]["mean_curvature"] == pytest.approx(0.5)
     assert iso[0]["lam"] == pytest.approx(1.0 / 0.5)
     assert iso[-1]["penalty"] > 0 and plain[-1]["penalty"] is None
+
+
+def test_demo_runs_the_realtext_grid_on_the_data_and_refuses_an_unreadable_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """With --data_dir the demo runs its grid on the real-text scenario (here a tiny copy of
+    the grid); a folder without the files is refused before anything is written; the hub out
+    of reach falls back to the embedded grid, saying so."""
+    import lalora_curv.cli.demo  # noqa: F401  (the module, not the function of that name)
+    from lalora_curv.cli import run_command
+    from lalora_curv.cli._run import CliError
+
+    demo_module = sys.modules["lalora_curv.cli.demo"]
+    grids = {"realtext": REALTEXT_GRID, "embedded": {"unused": True}}
+    monkeypatch.setattr(demo_module, "demo_grid", lambda scenario: grids[scenario])
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--workers", "1", "--no-progress"]
+    summary = run_command([*args, "--data_dir", str(DATA)])
+    printed = capsys.readouterr().out
+    assert set(summary["methods"]) == {"lora", "l2-lora-B", "kfac-mc"}
+    assert "One seed" in printed and "docs/results.md" in printed
+    assert "give --data_dir" not in printed
+    assert (out / "pareto.png").is_file() and (out / "curves.png").is_file()
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert {r["cell"]["benchmark"]["scenario"] for r in records} == {"realtext"}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CliError, match=r"--data_dir .*empty: .*no such file"):
+        run_command(["demo", "--out", str(tmp_path / "refused"), "--data_dir", str(empty)])
+    assert not (tmp_path / "refused").exists()
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub")
+
+    ran = []
+    monkeypatch.setattr(demo_module.realtext_sweep, "data", offline)
+    monkeypatch.setattr(demo_module, "run_grid", lambda grid, *a: ran.append(grid) or {})
+    run_command(["demo", "--out", str(tmp_path / "hub"), "--data_dir", "hub"])
+    printed = capsys.readouterr().out
+    assert "hub is out of reach" in printed and "Couldn't reach 'Rowan/hellaswag'" in printed
+    assert ran == [grids["embedded"]]

@@ -188,9 +188,15 @@ def test_a_bad_grid_is_refused_naming_the_entry(grid, message):
     assert message in str(info.value)
 
 
-def test_the_packaged_demo_grid_is_the_shipped_one_and_every_shipped_grid_expands():
-    assert demo_grid() == yaml.safe_load((ROOT / "sweeps" / "demo.yaml").read_text())
-    cells = expand_grid(demo_grid())
+def test_the_packaged_demo_grids_are_the_shipped_ones_and_every_shipped_grid_expands():
+    realtext = demo_grid()
+    assert realtext == yaml.safe_load((ROOT / "sweeps" / "demo_realtext.yaml").read_text())
+    cells = expand_grid(realtext)  # plain LoRA, the isotropic control, LALoRA; one seed
+    assert [c["method"] for c in cells] == ["lora", "l2-all", "lalora-kfac-mc"]
+    assert {c["benchmark"]["scenario"] for c in cells} == {"realtext"}
+    assert [c.get("structure") for c in cells] == [None, "isotropic", "kfac"]
+    assert demo_grid("embedded") == yaml.safe_load((ROOT / "sweeps" / "demo.yaml").read_text())
+    cells = expand_grid(demo_grid("embedded"))
     assert [c["method"] for c in cells] == [
         "lora",
         "lalora-kfac-mc",
@@ -472,10 +478,12 @@ def test_cli_demo_runs_its_packaged_grid_and_says_where_the_results_are(
 ):
     demo_module = sys.modules["lalora_curv.cli.demo"]  # (lalora_curv.cli.demo: the function)
     tiny = tiny_grid(lora={}, kfac={"method": "lalora", "c": 0.1, "mc_samples": 2})
-    monkeypatch.setattr(demo_module, "demo_grid", lambda: tiny)  # the real one takes minutes
+    # the real one takes minutes; without --data_dir the demo runs the embedded benchmark
+    monkeypatch.setattr(demo_module, "demo_grid", lambda scenario: {"embedded": tiny}[scenario])
     out = tmp_path / "demo"
     summary = run_command(["demo", "--out", str(out), "--workers", "1", "--no-progress"])
     printed = capsys.readouterr().out
+    assert "give --data_dir DIR" in printed  # it says why, and how to get the real-text demo
     for name in ("table.csv", "summary.json", "pareto.png", "curves.png"):
         assert (out / name).is_file() and str(out / name) in printed, name
     assert "final point of each configuration" in printed and "kfac" in printed
@@ -490,7 +498,7 @@ def test_demo_without_matplotlib_says_the_plots_were_skipped(cache, tmp_path, mo
     import builtins
 
     demo_module = sys.modules["lalora_curv.cli.demo"]
-    monkeypatch.setattr(demo_module, "demo_grid", lambda: tiny_grid(lora={}))
+    monkeypatch.setattr(demo_module, "demo_grid", lambda scenario: tiny_grid(lora={}))
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):

@@ -49,7 +49,11 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str, str]] = {
         "the paper's recipe on a real LLM: fit, train, select on validation, score",
         PAPER_EXAMPLES,
     ),
-    "demo": (demo, "the embedded benchmark end to end in minutes (start here)", DEMO_EXAMPLES),
+    "demo": (
+        demo,
+        "plain LoRA, an L2 control and LALoRA on real text in minutes (start here)",
+        DEMO_EXAMPLES,
+    ),
     "inspect": (inspect, "a precision's metadata, norms, traces, spectra", INSPECT_EXAMPLES),
     "quickstart": (
         quickstart,
@@ -59,7 +63,7 @@ COMMANDS: dict[str, tuple[Callable[..., Any], str, str]] = {
 }
 
 EPILOG = """examples:
-  lalora-curv demo --out runs/demo           # start here: LoRA vs LALoRA in minutes
+  lalora-curv demo --out runs/demo --data_dir ../shared/data   # start here
   lalora-curv sweep --grid sweeps/front.yaml --out runs/front
   lalora-curv fit --model ./llama --data_dir ../shared/data \\
       --sources winogrande,arc_challenge --out runs/fit
