@@ -7,7 +7,7 @@ token. For each structure and estimator we report the relative Frobenius error o
 precision and the Spearman rank correlation of ``delta^T P delta`` with the exact form over
 random displacements of size 1e-2 per coordinate. Printed, and written to
 ``results/approx.json``. Not asserted: only an
-identity makes an approximation exact (see tests/test_backends.py for those).
+identity makes an approximation exact (see tests/backends/test_backends.py for those).
 """
 
 from __future__ import annotations

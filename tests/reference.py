@@ -179,3 +179,40 @@ def merge_jacobian(A0: Tensor, B0: Tensor, s: float) -> Tensor:
 
     theta0 = torch.cat([A0.flatten(), B0.flatten()])
     return torch.autograd.functional.jacobian(merged, theta0)
+
+
+def exact_fisher(model, batch):
+    """Exact expected G_h and per-token lora_B diagonal, normalised like the library.
+
+    The expectation over labels drawn from the model, on a tiny vocabulary:
+    ``E[g_t g_t^T] = sum_tau J_{tau,t}^T H_tau J_{tau,t}`` with ``J_{tau,t} = d logits_tau / d
+    (lora_B output)_t`` and ``H_tau = diag(p_tau) - p_tau p_tau^T`` (tests/fit/test_mc.py).
+    """
+    handles = find_lora_modules(model)
+    mask = batch["attention_mask"].bool()
+    sup = supervised_mask(batch)
+    n_sup = int(sup.sum())
+    with per_position_lora(model) as store:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, :-1][sup]  # (n, V)
+        names = list(store)
+        probes = [store[n]["probe_B"] for n in names]
+        rows = []
+        for i in range(logits.shape[0]):
+            for v in range(logits.shape[1]):
+                rows.append(torch.autograd.grad(logits[i, v], probes, retain_graph=True))
+    p = torch.softmax(logits.detach(), -1)
+    out = {}
+    for j, name in enumerate(names):
+        s = handles[name].spec.scaling
+        J = torch.stack([r[j] for r in rows]).view(
+            logits.shape[0], logits.shape[1], *probes[j].shape
+        )[:, :, mask]  # (n, V, T, D)
+        H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        per_t = torch.einsum("nvto,nvw,nwtq->toq", J, H, J)  # E[gB_t gB_t^T] per position
+        u2 = store[name]["in_B"][mask].square()
+        out[name] = {
+            "G_h": per_t.sum(0) / s**2 / n_sup,
+            "diag_B": torch.einsum("too,tr->or", per_t, u2) / n_sup,
+        }
+    return out

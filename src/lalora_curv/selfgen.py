@@ -13,7 +13,7 @@ true Fisher under the model's own sequence distribution,
 .. math:: F = \mathbb{E}_{y \sim p_\theta}\Big[\sum_t
     \nabla \log p_\theta(y_t \mid y_{<t})\, \nabla \log p_\theta(y_t \mid y_{<t})^\top\Big],
 
-and ``estimator="mc"`` adds label draws on top of that (``tests/test_selfgen.py`` checks the
+and ``estimator="mc"`` adds label draws on top of that (``tests/fit/test_selfgen.py`` checks the
 convergence against an exact enumeration on a tiny vocabulary).
 """
 
