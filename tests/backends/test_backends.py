@@ -91,6 +91,7 @@ def test_backpack_leaves_no_trace(model, batches):
     assert torch.equal(first.lora_B.weight.grad, torch.ones_like(first.lora_B.weight))
 
 
+@pytest.mark.slow  # MC_SAMPLES label draws through curvlinops / laplace-torch
 @pytest.mark.parametrize("backend", ["curvlinops", "laplace"])
 def test_mc_backends_converge_to_the_exact_fisher(backend):
     model = make_model()

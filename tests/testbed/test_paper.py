@@ -145,6 +145,7 @@ def _args(model_dir: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # the whole recipe on the real files, three times (run, resume, refusal)
 @needs_data
 def test_recipe_end_to_end_through_the_cli(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
@@ -204,6 +205,7 @@ def test_recipe_end_to_end_through_the_cli(model_dir, tmp_path, capsys):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow  # the recipe on the real files, twice
 @needs_data
 def test_a_variant_killed_in_training_continues_from_its_checkpoint(model_dir, tmp_path):
     """A run stopped after lora's checkpoint at step 2 (simulated: its variant line removed,

@@ -434,6 +434,7 @@ def test_realtext_grid_cells_carry_the_shipped_model_and_refuse_what_does_not_ap
             expand_grid(grid)
 
 
+@pytest.mark.slow  # two sweep cells on the shipped hidden-192 model, scored on the real files
 def test_a_realtext_cell_measures_both_splits_from_step_0():
     """On the shipped model: every checkpoint on test and validation, higher-is-better axes
     that start at exactly 0, the isotropic control's lambda = c / its mean eigenvalue."""
@@ -457,6 +458,7 @@ def test_a_realtext_cell_measures_both_splits_from_step_0():
     assert iso[-1]["penalty"] > 0 and plain[-1]["penalty"] is None
 
 
+@pytest.mark.slow  # the demo's three real-text cells on the shipped model, and its plots
 def test_demo_runs_the_realtext_grid_on_the_data_and_refuses_an_unreadable_folder(
     tmp_path, monkeypatch, capsys
 ):

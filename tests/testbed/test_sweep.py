@@ -427,6 +427,7 @@ def test_source_at_target_and_front_gap_read_the_front_by_brute_force():
 
 
 # ------------------------------------------------------------------------------- the CLI
+@pytest.mark.slow  # three sweeps, one of them in two spawned worker processes
 def test_cli_sweep_end_to_end_with_one_and_two_workers_gives_the_same_runs(cache, tmp_path):
     grid = tiny_grid(lora={}, migu={"threshold": 0.5})
     path = tmp_path / "grid.yaml"

@@ -48,6 +48,7 @@ def test_pretrained_model_is_cached(tmp_path, monkeypatch):
     assert 0 <= target_accuracy(model, tok, world.problems("test", 10)) <= 1
 
 
+@pytest.mark.slow  # 1000 steps on the default model (+ its ~2 min pretraining when not cached)
 def test_plain_lora_forgets_while_it_learns():
     """The benchmark's reason to exist: on the default model (pretrained once, ~2 minutes),
     plain LoRA on all linear modules at lr 3e-3 learns the target and loses >= 10 points of

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 import lalora_curv as lc
 from helpers import make_batches, make_model
 
+#: every test spawns WORLD fresh processes (each imports torch, transformers and peft)
+pytestmark = pytest.mark.slow
 WORLD = 2
 
 

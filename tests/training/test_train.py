@@ -197,6 +197,7 @@ def run_script(tmp_path: Path, ckpt: Path, kill_at: int) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow  # three fresh Python processes, each importing torch and fitting
 def test_killed_run_resumes_bit_identical(tmp_path):
     full = run_script(tmp_path, tmp_path / "full", kill_at=-1)
     assert full.returncode == 0, full.stderr
