@@ -121,7 +121,11 @@ def test_per_sequence_diag_is_the_diagonal_of_laplace_torch_full_ef(model):
     H = exact_curvature(model, batches, "ef")
     prec = fit64(model, batches, structure="diag", granularity="sequence")
     diag = torch.cat([prec.diag[n].flatten() for n in prec.param_names])
-    torch.testing.assert_close(diag, torch.diagonal(H), rtol=AGREE, atol=1e-14)
+    exact = torch.diagonal(H)
+    # float64 round-off is relative to the largest entries (the sums cancel): on some CPUs
+    # entries 1e-5 of the largest differ by 1e-6 relative, 7e-11 of the largest
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(diag, exact, rtol=AGREE, atol=1e-9 * scale)
 
 
 def test_mc_per_sequence_diag_converges_to_laplace_torch_exact_ggn(model):
