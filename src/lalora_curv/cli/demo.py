@@ -4,8 +4,8 @@ On the real-text scenario (the shipped 4.2M-parameter Llama pretrained on HellaS
 WinoGrande and ARC-Challenge texts; LoRA r = 8 on every linear module tuned on GSM8K), the
 packaged grid ``lalora_curv/testbed/grids/demo_realtext.yaml`` runs three methods for one
 seed: plain LoRA at its good learning rate, the isotropic control (L2 towards the init) and
-LALoRA (K-FAC, MC Fisher), each measured every 25 steps; then it prints the table and where
-the plots and tables are (the run directory of ``sweep``).
+LALoRA (K-FAC, MC Fisher), 80 steps measured every 20; then it prints the table and where the
+plots and tables are (the run directory of ``sweep``).
 
 Without the task files (no ``--data_dir``, or the hub out of reach) it says so and runs the
 embedded benchmark's grid (``grids/demo.yaml``, no data needed) instead.
@@ -107,7 +107,7 @@ NO_HUB = "The Hugging Face hub is out of reach: the embedded benchmark instead"
 
 READING = {
     "realtext": """
-One seed, 100 steps (learning: decrease of the GSM8K answers' NLL; forgetting: increase of the
+One seed, 80 steps (learning: decrease of the GSM8K answers' NLL; forgetting: increase of the
 held-out source texts' NLL, nats per token). docs/results.md has the same comparison with
 every learning rate, strength and checkpoint, 5 seeds and settings picked on a validation
 split; read this table against it, not alone.""",
