@@ -220,16 +220,28 @@ def fill(path: Path) -> None:
     write_text(path, text)
 
 
-#: plots the docs site shows, copied from results/ to docs/assets/
-PLOTS = (
-    "testbed.png",
-    "selfgen.png",
-    "realtext.png",
-    "realtext_front.png",
-    "sequential.png",
-    "train.png",
-    "lowrank.png",
-)
+#: plots the docs site shows: their path under results/ -> their name in docs/assets/
+PLOTS = {
+    **{
+        name: name
+        for name in (
+            "testbed.png",
+            "selfgen.png",
+            "realtext.png",
+            "realtext_front.png",
+            "sequential.png",
+            "train.png",
+            "lowrank.png",
+        )
+    },
+    "evidence/evidence_fronts.png": "evidence_fronts.png",
+    "evidence/pareto.png": "evidence_pareto.png",
+}
+
+
+def evidence() -> str:
+    """The evidence page's tables, as ``bench_evidence.py report`` wrote them."""
+    return (HERE / "results" / "evidence" / "evidence.md").read_text().rstrip("\n")
 
 
 def lowrank() -> str:
@@ -270,17 +282,18 @@ TABLES = {
     "storage-3b": storage_3b,
     "realtext": realtext,
     "lowrank": lowrank,
+    "evidence": evidence,
 }
 
 
 def copy_plots() -> None:
     assets = ROOT / "docs" / "assets"
     assets.mkdir(exist_ok=True)
-    for name in PLOTS:
+    for name, target in PLOTS.items():
         source = HERE / "results" / name
         if source.is_file():
-            write_bytes(assets / name, source.read_bytes())
-            print(f"copied {source} -> {assets / name}")
+            write_bytes(assets / target, source.read_bytes())
+            print(f"copied {source} -> {assets / target}")
 
 
 if __name__ == "__main__":
@@ -290,6 +303,7 @@ if __name__ == "__main__":
         ROOT / "docs" / "benchmarks.md",
         ROOT / "docs" / "evaluation.md",
         ROOT / "docs" / "selfgen.md",
+        ROOT / "docs" / "results.md",
     ):
         fill(doc)
         print(f"updated {doc}")
