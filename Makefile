@@ -35,7 +35,6 @@ bench: install
 	$(PY) benchmarks/bench_testbed.py
 	$(PY) benchmarks/bench_realtext.py
 	$(PY) benchmarks/bench_selfgen.py
-	$(PY) benchmarks/bench_realtext_front.py
 	$(PY) benchmarks/bench_sequential.py --cs 0.01,1
 	$(PY) benchmarks/report.py
 

@@ -228,7 +228,6 @@ PLOTS = {
             "testbed.png",
             "selfgen.png",
             "realtext.png",
-            "realtext_front.png",
             "sequential.png",
             "train.png",
             "lowrank.png",
