@@ -128,6 +128,7 @@ def test_per_sequence_diag_is_the_diagonal_of_laplace_torch_full_ef(model):
     torch.testing.assert_close(diag, exact, rtol=AGREE, atol=1e-9 * scale)
 
 
+@pytest.mark.slow  # MC_SAMPLES label draws per token
 def test_mc_per_sequence_diag_converges_to_laplace_torch_exact_ggn(model):
     """E[(sum_t grad l_t(y ~ p))^2] = diag(GGN): cross-token terms vanish in expectation."""
     batches = make_batches(1, batch_size=2, seq_len=6, seed=3)

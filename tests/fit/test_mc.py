@@ -8,6 +8,7 @@ independently and the score has mean zero, so cross-token terms vanish).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lalora_curv as lc
@@ -21,6 +22,7 @@ MC_SAMPLES = 3000
 MC_RTOL = 0.1
 
 
+@pytest.mark.slow  # 2 x MC_SAMPLES label draws, a backward each (minutes on 2 slow cores)
 def test_mc_fisher_converges_to_the_exact_fisher():
     model = make_model(init_B_std=0.3)
     batch = make_batches(1, batch_size=1, seq_len=7, seed=5)[0]

@@ -173,6 +173,7 @@ def _sequences_with_probabilities(model, max_length, vocab):
     return out
 
 
+@pytest.mark.slow  # thousands of sampled sequences
 def test_fisher_on_samples_converges_to_the_expectation_under_the_model():
     """Statistics fitted on N sampled sequences -> the exact expectation over the model's
     sequence distribution (ratio of expected sums to expected counts), by enumeration of
