@@ -108,9 +108,10 @@ NO_HUB = "The Hugging Face hub is out of reach: the embedded benchmark instead"
 READING = {
     "realtext": """
 One seed, 80 steps (learning: decrease of the GSM8K answers' NLL; forgetting: increase of the
-held-out source texts' NLL, nats per token). docs/results.md has the same comparison with
-every learning rate, strength and checkpoint, 5 seeds and settings picked on a validation
-split; read this table against it, not alone.""",
+held-out source texts' NLL, nats per token; the table's source column is minus the
+forgetting). docs/results.md has the same comparison over every learning rate, strength and
+checkpoint, with more seeds and the settings picked on a validation split; read this table
+against it, not alone.""",
     "embedded": """
 Read this table as a demonstration of the machinery, not as evidence: one seed at lr 3e-3, a
 rate too high for plain LoRA on this benchmark, where a penalty mostly tames the optimiser.

@@ -477,7 +477,8 @@ def format_table(
         name = max(len(m) for m in at_target) + 2
         lines += [
             "",
-            "best source accuracy on each method's front with target >= T (mean +- std)",
+            "best source score (accuracy; on real text minus the NLL increase) on each "
+            "method's front with target >= T (mean +- std)",
             f"{'method':<{name}}" + "".join(f"{'T=' + t:>16}" for t in levels),
         ]
         for method, by_level in at_target.items():
