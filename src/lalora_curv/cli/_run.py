@@ -30,6 +30,19 @@ class CliError(LaloraError):
     """A command-line input is wrong (a path, a name, a combination); the message says which."""
 
 
+def data_source(data_dir: str | None) -> str | None:
+    """``--data_dir`` as the loaders take it: a checked folder, or ``None`` for the hub.
+
+    A folder laid out like ../shared/data is refused if missing; ``hub`` (the Hugging Face
+    hub) and no value are ``None``.
+    """
+    if data_dir is None or data_dir == "hub":
+        return None
+    if not Path(data_dir).is_dir():
+        raise CliError(f"--data_dir {data_dir}: no such folder")
+    return data_dir
+
+
 def split_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
     """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (blanks dropped)."""
     items = value.split(",") if isinstance(value, str) else list(value)

@@ -14,12 +14,11 @@ embedded benchmark's grid (``grids/demo.yaml``, no data needed) instead.
 from __future__ import annotations
 
 from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lalora_curv.cli._run import CliError, RunDir
+from lalora_curv.cli._run import CliError, RunDir, data_source
 from lalora_curv.cli.sweep import run_grid
 from lalora_curv.tasks.data import TaskDataError
 from lalora_curv.testbed import realtext_sweep
@@ -64,20 +63,18 @@ def demo(
     args = dict(locals())
     if workers < 1:
         raise CliError(f"--workers must be >= 1, got {workers}")
-    if data_dir is not None and data_dir != "hub" and not Path(data_dir).is_dir():
-        raise CliError(f"--data_dir {data_dir}: no such folder")
-    scenario = _scenario(data_dir)
+    source = data_source(data_dir)
+    scenario = _scenario(data_dir, source)
     run = RunDir("demo", out, args, fresh_metrics=False)
-    source = None if data_dir in (None, "hub") else data_dir
     result = run_grid(demo_grid(scenario), run, workers, None, progress, source)
     print(READING[scenario])
     return result
 
 
-def _scenario(data_dir: str | None) -> str:
-    """``"realtext"`` when its data can be read, else ``"embedded"`` with the reason printed.
+def _scenario(data_dir: str | None, source: str | None) -> str:
+    """``"realtext"`` when its data can be read from ``source``, else ``"embedded"``.
 
-    A local folder that cannot be read is the user's error (refused); the hub out of reach
+    Falling back, it prints why. A local folder that cannot be read is the user's error (refused); the hub out of reach
     is the machine's (the embedded benchmark runs instead).
     """
     if data_dir is None:
@@ -85,17 +82,14 @@ def _scenario(data_dir: str | None) -> str:
         return "embedded"
     bench = expand_grid(demo_grid("realtext"))[0]["benchmark"]
     try:
-        realtext_sweep.data(bench, None if data_dir == "hub" else data_dir)
-    except TaskDataError as e:
-        if data_dir != "hub":
-            raise CliError(f"--data_dir {data_dir}: {e}") from None
-        print(f"{NO_HUB} ({e})")
-        return "embedded"
+        realtext_sweep.data(bench, source)
     except Exception as e:  # the hub: datasets' network errors have no common base
-        if data_dir != "hub":
-            raise
-        print(f"{NO_HUB} ({type(e).__name__}: {e})")
-        return "embedded"
+        if source is None:
+            print(f"{NO_HUB} ({type(e).__name__}: {e})")
+            return "embedded"
+        if isinstance(e, TaskDataError):
+            raise CliError(f"--data_dir {data_dir}: {e}") from None
+        raise
     return "realtext"
 
 

@@ -16,13 +16,12 @@ it finishes, so an interrupted sweep resumes where it stopped. Then, from every 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lalora_curv.atomic import write_text
-from lalora_curv.cli._run import CliError, RunDir
+from lalora_curv.cli._run import CliError, RunDir, data_source
 from lalora_curv.plotting import SKIPPED, pyplot
 from lalora_curv.testbed.sweep import (
     GridError,
@@ -121,9 +120,7 @@ def sweep(
             "--data_dir: a realtext grid reads the benchmark files: give a folder laid out "
             "like ../shared/data, or 'hub'"
         )
-    if data_dir is not None and data_dir != "hub" and not Path(data_dir).is_dir():
-        raise CliError(f"--data_dir {data_dir}: no such folder")
-    data_dir = None if data_dir == "hub" else data_dir
+    data_dir = data_source(data_dir)
     if dry_run:
         for cell in cells:
             shown = {k: v for k, v in cell.items() if k != "benchmark"}
