@@ -1,5 +1,6 @@
 """What tests in more than one folder share: the repository's paths, the tiny float64 Llama +
-peft models and batches, a byte tokenizer, the float64 fit, random displacements.
+peft models and batches, a byte tokenizer, the float64 fit, random displacements, one torch
+thread.
 
 Importable as ``import helpers`` from every folder: pyproject's ``[tool.pytest.ini_options]``
 puts ``tests`` (and ``benchmarks``, for the tests of benchmark scripts) on ``sys.path``.
@@ -8,6 +9,8 @@ Paths are computed here once, from this file, so a test's own depth in the tree 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +30,20 @@ SWEEPS = ROOT / "sweeps"
 FIXTURES = TESTS / "fixtures"
 #: the real task files, kept next to the repository (tests that need them skip without them)
 DATA = ROOT.parent / "shared" / "data"
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread inside, the caller's count restored after: as the sweep's workers and
+    the distributed ranks run (and on some CPUs a second thread alone moves float64
+    statistics by ~1e-9 relative, another reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 #: float64 agreement of two computations of the same quantity
 EXACT = {"rtol": 1e-9, "atol": 1e-12}

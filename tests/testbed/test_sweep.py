@@ -13,7 +13,7 @@ import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 
-from helpers import SWEEPS
+from helpers import SWEEPS, one_thread
 from lalora_curv.cli import run_command
 from lalora_curv.cli._run import CliError
 from lalora_curv.cli.demo import demo_grid
@@ -51,12 +51,10 @@ BENCH = {"pretrain": TINY, "train_problems": 64, "test_problems": 32}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_torch_thread():
     """As the sweep's workers do: one torch thread (two on two shared cores crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lalora_curv as lc
-from helpers import make_batches, make_model
+from helpers import make_batches, make_model, one_thread
 
 #: every test spawns WORLD fresh processes (each imports torch, transformers and peft)
 pytestmark = pytest.mark.slow
@@ -171,18 +170,6 @@ def spawn(tmp_path: Path, job: str) -> None:
         start_method="spawn",
         join=True,
     )
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One torch thread, as in the ranks: on some CPUs a second thread alone moves the float64
-    statistics by ~1e-9 relative (another reduction order), more than these tests allow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_sharded_fit_equals_single_process_fit(tmp_path):
