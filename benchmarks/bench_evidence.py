@@ -208,7 +208,7 @@ def write_report(out: Path) -> dict[str, Any]:
     write_result(out, "evidence.json", result)
     (out / "evidence.md").write_text(markdown(result))
     plot_small_multiples(configs, families, out / "evidence_fronts.png")
-    print_verdict(result)
+    print("\n" + verdict_markdown(result))
     return {**result, "sweep_files": summary["files"]}
 
 
@@ -280,21 +280,23 @@ def plot_small_multiples(configs, families, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def _cell(p: dict[str, Any] | None, pick: bool = False) -> str:
-    """``forgetting ± std (learning)`` of a seed-mean point, its setting with ``pick``."""
+FAMILIES = ("plain", "isotropic", "curvature")
+
+
+def _cell(p: dict[str, Any] | None) -> str:
+    """``forgetting ± std (learning)`` of a seed-mean pick, then its setting and step."""
     if not p:
         return "-"
-    text = f"{-p['source_mean']:.3f} ± {p['source_mean_std']:.3f} ({p['target']:.2f})"
-    return f"{text}<br>{p['label'].split(' ', 1)[-1]}, step {p['step']}" if pick else text
+    return (
+        f"{-p['source_mean']:.3f} ± {p['source_mean_std']:.3f} ({p['target']:.2f})"
+        f"<br>{p['label'].split(' ', 1)[-1]}, step {p['step']}"
+    )
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The results page's tables (``evidence.md``): the verdict, then per method the
-    validation-selected picks' test numbers and the test fronts read at the same levels."""
-    confirmed = bool(result["verdict_confirmed"])
+def verdict_markdown(result: dict[str, Any]) -> str:
+    """The verdict table (on the confirmed seeds where stage 2 ran, else the screening's)."""
     rows = result["verdict_confirmed"] or result["verdict_screen"]
-    seeds = result["seeds_max"] if confirmed else 2
-    fam = result["families"]
+    seeds = max(r[f]["n"] for r in rows for f in FAMILIES if f in r)
     out = [
         f"Verdict ({seeds} seeds; settings picked on validation; test forgetting ± sample std "
         "(test learning), nats per token):",
@@ -304,65 +306,41 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = []
-        for name in ("plain", "isotropic", "curvature"):
-            if name not in r:
-                cells.append("- (never learns this much)")
-                continue
-            x = r[name]
-            cells.append(
-                f"{x['method']}: {x['forgetting']:.3f} ± {x['forgetting_std']:.3f} "
-                f"({x['learning']:.2f}), step {x['step']}"
-            )
+        cells = [
+            f"{r[f]['method']}: {r[f]['forgetting']:.3f} ± {r[f]['forgetting_std']:.3f} "
+            f"({r[f]['learning']:.2f}), step {r[f]['step']}"
+            if f in r
+            else "- (never learns this much)"
+            for f in FAMILIES
+        ]
+        diff, word = "-", ""
         if "standard_error" in r:
             diff = (
                 f"{r['curvature_minus_isotropic_forgetting']:+.3f} ({2 * r['standard_error']:.3f})"
             )
-            word = (
-                "**curvature**"
-                if r["curvature_wins"]
-                else "**isotropic**"
-                if r["isotropic_wins"]
-                else "tie"
-            )
-        else:
-            diff, word = "-", ""
+            word = "tie"
+            if r["curvature_wins"] or r["isotropic_wins"]:
+                word = "**curvature**" if r["curvature_wins"] else "**isotropic**"
         out.append(f"| {r['level']:.2f} | {' | '.join(cells)} | {diff} | {word} |")
-    for title, table in (
-        ("Validation-selected, every method (screening seeds)", result["validation_selected"]),
-        ("Test fronts read at the levels (for comparison; selection on test)", None),
-    ):
-        levels = result["levels"]
-        if table is None:
-            table = result["test_front_at_levels"]
-        keys = sorted(table, key=lambda m: ({"plain": 0, "isotropic": 1}.get(fam.get(m), 2), m))
-        out += ["", f"{title}:", ""]
-        out.append("| method | " + " | ".join(f"learning >= {lv:.2f}" for lv in levels) + " |")
-        out.append("|---" * (len(levels) + 1) + "|")
-        for m in keys:
-            by = list(table[m].values())
-            out.append(f"| {m} | " + " | ".join(_cell(p, pick=True) for p in by) + " |")
     return "\n".join(out) + "\n"
 
 
-def print_verdict(result: dict[str, Any]) -> None:
-    rows = result["verdict_confirmed"] or result["verdict_screen"]
-    which = "5 seeds" if result["verdict_confirmed"] else "screening seeds"
-    print(f"\nverdict ({which}; validation-selected picks, test numbers, nats per token):")
-    print(f"{'level':>6}  {'plain LoRA':>24}  {'best isotropic':>28}  {'best curvature':>28}  diff")
-    for r in rows:
-        cells = [
-            f"{r[n]['method'][:12]} {r[n]['forgetting']:.3f}+-{r[n]['forgetting_std']:.3f}"
-            if n in r
-            else "-"
-            for n in ("plain", "isotropic", "curvature")
-        ]
-        diff = (
-            f"{r['curvature_minus_isotropic_forgetting']:+.3f} (2se {2 * r['standard_error']:.3f})"
-            if "standard_error" in r
-            else "-"
-        )
-        print(f"{r['level']:>6.3f}  {cells[0]:>24}  {cells[1]:>28}  {cells[2]:>28}  {diff}")
+def markdown(result: dict[str, Any]) -> str:
+    """The results page's tables (``evidence.md``): the verdict, then per method the
+    validation-selected picks' test numbers and the test fronts read at the same levels."""
+    fam, levels = result["families"], result["levels"]
+    out = [verdict_markdown(result).rstrip("\n")]
+    for title, table in (
+        ("Validation-selected, every method (screening seeds)", result["validation_selected"]),
+        ("Test fronts read at the levels (for comparison; selection on test)",
+         result["test_front_at_levels"]),
+    ):  # fmt: skip
+        out += ["", f"{title}:", ""]
+        out.append("| method | " + " | ".join(f"learning >= {lv:.2f}" for lv in levels) + " |")
+        out.append("|---" * (len(levels) + 1) + "|")
+        for m in sorted(table, key=lambda m: (FAMILIES.index(fam.get(m, "curvature")), m)):
+            out.append(f"| {m} | " + " | ".join(_cell(p) for p in table[m].values()) + " |")
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
