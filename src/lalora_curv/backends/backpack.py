@@ -95,8 +95,9 @@ def collect_statistics(
     samples = request.samples
 
     def process(batch: PreparedBatch, index: int) -> None:
-        logits = supervised_logits(model_logits(model, batch), batch)
-        labels = loss_labels(logits, batch, index, estimator, samples, generator)
+        all_logits = model_logits(model, batch)
+        logits = supervised_logits(all_logits, batch)
+        labels = loss_labels(all_logits, batch, index, estimator, samples, generator)
         for k in range(samples):
             loss = F.cross_entropy(logits, labels[k], reduction="sum")
             check_finite_loss(loss, index)

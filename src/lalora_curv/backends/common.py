@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lalora_curv.adapter import LoraHandle
-from lalora_curv.batches import PreparedBatch, prepare_batch
+from lalora_curv.batches import IGNORE_INDEX, PreparedBatch, prepare_batch
 from lalora_curv.errors import BatchError, CurvatureError, LaloraError
 from lalora_curv.statistics import LoraStatistics
 
@@ -222,14 +222,31 @@ def loss_labels(
     samples: int,
     generator: torch.Generator,
 ) -> Tensor:
-    """Labels of the supervised positions, (samples, M): true ones or drawn from the model."""
-    if estimator == "mc":
-        return sample_labels(logits.detach(), samples, generator)
-    labels = batch.targets[batch.supervised].unsqueeze(0)
+    """Labels of the supervised positions, (samples, M): true ones or drawn from the model.
+
+    ``logits`` are the model's, (batch, seq, vocab); MC labels are drawn from those of the
+    supervised positions (detached).
+    """
     vocab = logits.shape[-1]
+    if estimator == "mc":
+        return sample_labels(supervised_logits(logits.detach(), batch), samples, generator)
+    labels = batch.targets[batch.supervised].unsqueeze(0)
     if bool((labels < 0).any()) or bool((labels >= vocab).any()):
         raise BatchError(f"batch {index}: labels outside [0, {vocab}) other than -100")
     return labels
+
+
+def position_labels(labels: Tensor, batch: PreparedBatch) -> Tensor:
+    """(samples, batch * seq): ``labels`` (samples, M) at their positions, -100 elsewhere.
+
+    Each label sits at the logits position that predicts it;
+    ``F.cross_entropy(logits.view(-1, vocab), position_labels(...)[k])`` is then the summed NLL
+    of the supervised tokens without copying the logits: selecting rows (``logits[:, :-1]
+    [supervised]``) costs a copy forward and two full-size zero-filled tensors backward.
+    """
+    out = labels.new_full((labels.shape[0], *batch.input_ids.shape), IGNORE_INDEX)
+    out[:, :, :-1][:, batch.supervised] = labels
+    return out.flatten(1)
 
 
 def check_finite_loss(loss: Tensor, index: int) -> None:

@@ -35,9 +35,9 @@ from lalora_curv.backends.common import (
     fitting_state,
     loss_labels,
     model_logits,
-    supervised_logits,
+    position_labels,
 )
-from lalora_curv.batches import PreparedBatch
+from lalora_curv.batches import IGNORE_INDEX, PreparedBatch
 from lalora_curv.errors import BatchError, LaloraError
 from lalora_curv.statistics import LoraStatistics, ModuleSums
 
@@ -77,6 +77,7 @@ class _Recorder:
         self.sums = {name: ModuleSums() for name in handles}
         self.recording = False
         self.position_mask: Tensor | None = None
+        self.every_position = False  # no padding in the batch
         self.calls: dict[str, _Calls] = {name: _Calls() for name in handles}
         self._shared_input_cov: list[tuple[Tensor, Tensor]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -118,9 +119,15 @@ class _Recorder:
         return t
 
     def _masked(self, t: Tensor, name: str) -> Tensor:
-        """(n, features): the counted positions of ``t``, in the statistics dtype."""
+        """(n, features): the counted positions of ``t``, in the statistics dtype.
+
+        Without padding every position counts: a view, no copy.
+        """
         assert self.position_mask is not None
-        return self._check(t.detach(), name)[self.position_mask].to(self.dtype)
+        t = self._check(t.detach(), name)
+        if self.every_position:
+            return t.reshape(-1, t.shape[-1]).to(self.dtype)
+        return t[self.position_mask].to(self.dtype)
 
     def _zeroed(self, t: Tensor, name: str) -> Tensor:
         """(batch, seq, features): ``t`` with padding positions zeroed, in the statistics dtype."""
@@ -187,12 +194,12 @@ class _Recorder:
                 sums.add("lora_B_diag", weight * (g_B.square().T @ u.square()))
                 sums.add("lora_A_diag", weight * (g_A.square().T @ x.square()))
                 continue
+            # g = g_B / s: the 1 / s^2 scales the small product, not the (n, D_out) gradient
             if "grad_cov" in self.needs:
-                g = g_B / s
-                sums.add("grad_cov", weight * (g.T @ g))
+                sums.add("grad_cov", (weight / s**2) * (g_B.T @ g_B))
             if "weight_diag" in self.needs:
-                g2 = (g_B / s).square()
-                sums.add("weight_diag", weight * (g2.T @ calls.inputs[c].square()))
+                g2 = g_B.square()
+                sums.add("weight_diag", (weight / s**2) * (g2.T @ calls.inputs[c].square()))
             if "lora_B_diag" in self.needs:
                 u2 = calls.lora_B_inputs[c].square()
                 sums.add("lora_B_diag", weight * (g_B.square().T @ u2))
@@ -265,13 +272,17 @@ def collect_statistics(
 
     def process(batch: PreparedBatch, index: int) -> None:
         recorder.position_mask = batch.position_mask
+        recorder.every_position = bool(batch.position_mask.all())
         recorder.recording = True
         try:
             logits = model_logits(model, batch)
         finally:
             recorder.recording = False
-        logits = supervised_logits(logits, batch)
-        labels = loss_labels(logits, batch, index, estimator, samples, generator)
+        labels = position_labels(
+            loss_labels(logits, batch, index, estimator, samples, generator), batch
+        )
+        logits = logits.reshape(-1, logits.shape[-1])  # a view: no copy of the logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         idle = [name for name in handles if not recorder.calls[name].outputs]
         if idle:
             raise LaloraError(
@@ -283,7 +294,7 @@ def collect_statistics(
             )
         outputs = [out for name in handles for out in recorder.calls[name].outputs]
         for k in range(samples):
-            loss = F.cross_entropy(logits, labels[k], reduction="sum")
+            loss = F.cross_entropy(logits, labels[k], ignore_index=IGNORE_INDEX, reduction="sum")
             check_finite_loss(loss, index)
             flat = torch.autograd.grad(
                 loss, outputs, retain_graph=k < samples - 1, allow_unused=True
