@@ -21,15 +21,34 @@ def load(name: str) -> dict:
 
 
 def core_fit() -> str:
-    r = load("core.json")
-    rows = [
-        "| fit: structure / estimator | time / plain forward+backward, median (IQR) |",
-        "|---|---|",
+    """Fit time / plain forward+backward per configuration, and the K-FAC floor."""
+    configs = load("core.json")["configs"]
+    names = list(configs)
+    keys = list(dict.fromkeys(k for c in configs.values() for k in c["fit"]))
+    heads = [
+        f"{c['batch_size']} x {c['seq_len']}, "
+        + ("padded, masked prompt" if c["pad"] else "masked prompt")
+        for c in configs.values()
     ]
-    for k, v in r["fit"].items():
-        rows.append(
-            f"| {k} | {v['ratio_to_plain']:.3f}x ({v['ratio_q1']:.3f}-{v['ratio_q3']:.3f}) |"
-        )
+    rows = [
+        "| fit: structure / estimator | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for k in keys:
+        cells = []
+        for n in names:
+            v = configs[n]["fit"].get(k)
+            cells.append(
+                f"{v['ratio_to_plain']:.3f}x ({v['ratio_q1']:.3f}-{v['ratio_q3']:.3f})"
+                if v
+                else "-"
+            )
+        rows.append(f"| {k} | " + " | ".join(cells) + " |")
+    rows.append(
+        "| K-FAC floor: 1 + factor products alone | "
+        + " | ".join(f"{configs[n]['kfac_floor']:.3f}x" for n in names)
+        + " |"
+    )
     return "\n".join(rows)
 
 
@@ -42,7 +61,7 @@ def core_penalty() -> str:
 
 def readme_costs() -> str:
     r = load("core.json")
-    f, p = r["fit"], r["penalty"]
+    f, p = next(iter(r["configs"].values()))["fit"], r["penalty"]
     return "\n".join(
         [
             "| | K-FAC | DIAG |",
