@@ -353,7 +353,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--grid", type=Path, default=SCREEN)
     parser.add_argument(
-        "--methods", nargs="+", default=None, help="screen only these methods of the grid"
+        "--methods",
+        nargs="+",
+        default=None,
+        help="screen (or confirm) only these methods of the grid",
     )
     parser.add_argument("--configs-per-method", type=int, default=CONFIRM_CONFIGS)
     parser.add_argument("--curvature-picks", type=int, default=2)
@@ -375,10 +378,18 @@ def main() -> None:
         counts = run_sweep(cells, out, workers=args.workers, data_dir=data_dir)
         print(f"screen: {counts} in {time.perf_counter() - t0:.0f} s")
     if args.stage in ("all", "confirm"):
-        keys = {c["config"] for c in read_runs(out / "runs.jsonl")}
-        configs = [c for c in aggregate(read_runs(out / "runs.jsonl")) if c["config"] in keys]
-        selection = confirm_selection(configs, args.configs_per_method, args.curvature_picks)
+        # chosen on the screening seeds only: the confirming runs must not move the choice
+        screen_seeds = {c["seed"] for c in screen_cells}
+        records = [r for r in read_runs(out / "runs.jsonl") if r["seed"] in screen_seeds]
+        selection = confirm_selection(
+            aggregate(records), args.configs_per_method, args.curvature_picks
+        )
         write_result(out, "confirm_selection.json", selection)
+        if args.methods:  # confirm these methods' picks only (the choice is unchanged)
+            selection = {
+                **selection,
+                "methods": {m: c for m, c in selection["methods"].items() if m in args.methods},
+            }
         cells = confirm_cells(screen_cells, selection)
         print(f"confirm: {len(cells)} cells for {list(selection['methods'])}")
         counts = run_sweep(cells, out, workers=args.workers, data_dir=data_dir)
