@@ -230,13 +230,26 @@ def selfgen() -> str:
     return "\n".join(rows)
 
 
+MARKERS = re.compile(r"(<!-- table:([\w-]+) -->)(.*?)(<!-- /table:\2 -->)", re.S)
+
+
 def fill(path: Path) -> None:
-    text = path.read_text()
-    for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
-        if pattern.search(text):
-            text = pattern.sub(lambda m, make=make: m.group(1) + make() + m.group(2), text)
-    write_text(path, text)
+    """Replace every marked table of ``path`` (an emptied one too) with its current rendering.
+
+    A marker naming no table of :data:`TABLES`, or a table that renders empty, is an error:
+    a page must never keep a stale or blank table silently.
+    """
+
+    def render(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in TABLES:
+            raise SystemExit(f"{path}: marker table:{name} names no table; known: {list(TABLES)}")
+        table = TABLES[name]().strip("\n")
+        if not table:
+            raise SystemExit(f"{path}: table {name} rendered empty")
+        return f"{m.group(1)}\n{table}\n{m.group(4)}"
+
+    write_text(path, MARKERS.sub(render, path.read_text()))
 
 
 #: plots the docs site shows: their path under results/ -> their name in docs/assets/
