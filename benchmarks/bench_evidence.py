@@ -177,29 +177,50 @@ def verdict(picks: dict[str, dict[str, Any]], families: dict[str, str]) -> list[
     return rows
 
 
-def write_report(out: Path) -> dict[str, Any]:
-    """``evidence.json`` and the plots from every record in ``out/runs.jsonl``."""
+def confirmed_configs(
+    configs: list[dict[str, Any]], families: dict[str, str], n_full: int
+) -> list[dict[str, Any]]:
+    """The configurations run at all ``n_full`` seeds, if every family has one; else none.
+
+    A verdict on the confirmed seeds needs plain LoRA, an isotropic control and a curvature
+    variant each at full seeds: a half-finished stage 2 yields no confirmed verdict.
+    """
+    full = [c for c in configs if len(c["seeds"]) >= n_full]
+    return full if {families[c["method"]] for c in full} == set(FAMILIES) else []
+
+
+def write_report(out: Path, screen_seeds: set[int]) -> dict[str, Any]:
+    """``evidence.json`` and the plots from every record in ``out/runs.jsonl``.
+
+    Levels, screening tables, test fronts and plots read the screening seeds only (so that
+    stage 2's runs never move them); the confirmed verdict reads the configurations run at
+    every seed of both stages.
+    """
     records = read_runs(out / "runs.jsonl")
     if not records:
         raise SystemExit(f"{out / 'runs.jsonl'}: no runs yet")
     summary = report(records, out)  # the sweep's pareto.png, curves.png, table.csv
-    configs = aggregate(records)
+    configs = aggregate([r for r in records if r["seed"] in screen_seeds])
     families = {c["method"]: family(c["cell"]) for c in configs}
     levels = levels_of(configs)
-    n_max = max(len(c["seeds"]) for c in configs)
-    confirmed = [c for c in configs if len(c["seeds"]) == n_max]
+    n_full = len(screen_seeds) + len(CONFIRM_SEEDS)
+    every_seed = aggregate(records)
+    confirmed = confirmed_configs(every_seed, families, n_full)
     picks_all = select_on_validation(configs, levels)
-    picks_confirmed = select_on_validation(confirmed, levels)
+    picks_confirmed = select_on_validation(confirmed, levels) if confirmed else {}
     test_front = source_at_target(method_fronts(configs), levels_of(configs, "target"))
     result = {
         "levels": levels,
         "level_fractions": list(LEVEL_FRACTIONS),
         "families": families,
-        "seeds_max": n_max,
+        "screen_seeds": sorted(screen_seeds),
+        "seeds_per_config": {
+            c["label"]: len(c["seeds"]) for c in every_seed if len(c["seeds"]) > len(screen_seeds)
+        },
         "runs": len({r["key"] for r in records}),
         "validation_selected": picks_all,
         "validation_selected_confirmed": picks_confirmed,
-        "verdict_confirmed": verdict(picks_confirmed, families) if n_max > 2 else [],
+        "verdict_confirmed": verdict(picks_confirmed, families) if confirmed else [],
         "verdict_screen": verdict(picks_all, families),
         "test_front_at_levels": test_front,
         "seconds_per_run": sorted({r["key"]: r["seconds"] for r in records}.values()),
@@ -330,6 +351,14 @@ def markdown(result: dict[str, Any]) -> str:
     validation-selected picks' test numbers and the test fronts read at the same levels."""
     fam, levels = result["families"], result["levels"]
     out = [verdict_markdown(result).rstrip("\n")]
+    if result["seeds_per_config"]:
+        done = ", ".join(f"{label}: {n}" for label, n in sorted(result["seeds_per_config"].items()))
+        state = (
+            "complete"
+            if result["verdict_confirmed"]
+            else "not complete: the verdict is the screening's"
+        )
+        out += ["", f"Stage 2 ({state}); seeds run per confirmed configuration: {done}."]
     for title, table in (
         ("Validation-selected, every method (screening seeds)", result["validation_selected"]),
         ("Test fronts read at the levels (for comparison; selection on test)",
@@ -394,7 +423,7 @@ def main() -> None:
         print(f"confirm: {len(cells)} cells for {list(selection['methods'])}")
         counts = run_sweep(cells, out, workers=args.workers, data_dir=data_dir)
         print(f"confirm: {counts} in {time.perf_counter() - t0:.0f} s")
-    write_report(out)
+    write_report(out, {c["seed"] for c in screen_cells})
 
 
 if __name__ == "__main__":
