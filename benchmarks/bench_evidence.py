@@ -293,8 +293,8 @@ def plot_small_multiples(configs, families, path: Path) -> Path | None:
     for ax in axes[:, 0]:
         ax.set_ylabel("source NLL increase\n(forgetting)")
     fig.suptitle(
-        "Test fronts (seed means +- sample std): each curvature variant against plain LoRA and "
-        f"the best isotropic control ({iso})",
+        "Test fronts (seed means +- sample std): each curvature variant against\n"
+        f"plain LoRA and the best isotropic control ({iso})",
         fontsize=10,
     )
     fig.tight_layout()

@@ -325,6 +325,8 @@ def copy_plots() -> None:
         if source.is_file():
             write_bytes(assets / target, source.read_bytes())
             print(f"copied {source} -> {assets / target}")
+        else:  # a partial `make bench`: the page keeps its figure, and says which is stale
+            print(f"kept {assets / target}: {source} not found (run its benchmark to refresh it)")
 
 
 if __name__ == "__main__":
