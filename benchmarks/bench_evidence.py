@@ -308,9 +308,11 @@ def _cell(p: dict[str, Any] | None) -> str:
     """``forgetting ± std (learning)`` of a seed-mean pick, then its setting and step."""
     if not p:
         return "-"
+    # a label is the method, then the settings that vary within it (none if it ran one)
+    settings = p["label"].split(" ", 1)[1] + ", " if " " in p["label"] else ""
     return (
         f"{-p['source_mean']:.3f} ± {p['source_mean_std']:.3f} ({p['target']:.2f})"
-        f"<br>{p['label'].split(' ', 1)[-1]}, step {p['step']}"
+        f"<br>{settings}step {p['step']}"
     )
 
 
