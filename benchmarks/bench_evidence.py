@@ -45,9 +45,12 @@ from bench_realtext import add_data_dir_argument, data_dir_of
 from lalora_curv.testbed.sweep import ISOTROPIC, expand_grid, read_runs, run_sweep
 from lalora_curv.testbed.sweep_report import (
     aggregate,
+    crossing,
+    equal_learning_selected,
     method_fronts,
     pareto_front,
     report,
+    sample_std,
     source_at_target,
 )
 from lalora_curv.testbed.sweep_report import validation_selected as select_on_validation
@@ -208,6 +211,11 @@ def write_report(out: Path, screen_seeds: set[int]) -> dict[str, Any]:
     confirmed = confirmed_configs(every_seed, families, n_full)
     picks_all = select_on_validation(configs, levels)
     picks_confirmed = select_on_validation(confirmed, levels) if confirmed else {}
+    screen_records = [r for r in records if r["seed"] in screen_seeds]
+    full = {c["config"] for c in confirmed}
+    confirmed_records = [r for r in records if r["config"] in full]
+    equal_all = equal_learning_selected(screen_records, levels)
+    equal_confirmed = equal_learning_selected(confirmed_records, levels) if confirmed else {}
     test_front = source_at_target(method_fronts(configs), levels_of(configs, "target"))
     result = {
         "levels": levels,
@@ -222,6 +230,12 @@ def write_report(out: Path, screen_seeds: set[int]) -> dict[str, Any]:
         "validation_selected_confirmed": picks_confirmed,
         "verdict_confirmed": verdict(picks_confirmed, families) if confirmed else [],
         "verdict_screen": verdict(picks_all, families),
+        "equal_learning_selected": equal_all,
+        "equal_learning_selected_confirmed": equal_confirmed,
+        "verdict_equal_learning_confirmed": (
+            verdict(equal_confirmed, families) if confirmed else []
+        ),
+        "verdict_equal_learning_screen": verdict(equal_all, families),
         "test_front_at_levels": test_front,
         "seconds_per_run": sorted({r["key"]: r["seconds"] for r in records}.values()),
         "environment": environment(),
@@ -229,6 +243,8 @@ def write_report(out: Path, screen_seeds: set[int]) -> dict[str, Any]:
     write_result(out, "evidence.json", result)
     (out / "evidence.md").write_text(markdown(result))
     plot_small_multiples(configs, families, out / "evidence_fronts.png")
+    if confirmed:
+        plot_equal_learning(confirmed_records, families, out / "evidence_equal_learning.png")
     print("\n" + verdict_markdown(result))
     return {**result, "sweep_files": summary["files"]}
 
@@ -301,6 +317,96 @@ def plot_small_multiples(configs, families, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def equal_learning_curves(
+    records: list[dict[str, Any]], grid: list[float]
+) -> dict[str, list[tuple[float, float, float, int]]]:
+    """Per configuration (its label): ``(learning, mean, standard error, n)`` of the test
+    forgetting at each learning of ``grid`` that every one of its seeds reaches, each seed
+    read by :func:`crossing` (its checkpoints joined by straight lines)."""
+    labels = {c["config"]: c["label"] for c in aggregate(records)}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for r in records:
+        runs.setdefault(r["config"], {}).setdefault(r["seed"], []).append(r)
+    out = {}
+    for config, seeds in runs.items():
+        curves = [
+            [
+                (r["step"], r["target"], -r["source_mean"])
+                for r in sorted(rs, key=lambda r: r["step"])
+            ]
+            for rs in seeds.values()
+        ]
+        line = []
+        for x in grid:
+            ys = [crossing(c, x) for c in curves]
+            if any(y is None for y in ys):
+                break
+            values = [y[1] for y in ys]
+            mean = sum(values) / len(values)
+            std = sample_std(values)
+            line.append((x, mean, std / math.sqrt(len(values)), len(values)))
+        out[labels[config]] = line
+    return out
+
+
+def plot_equal_learning(records, families, path: Path) -> Path | None:
+    """The confirmed configurations' test forgetting (y) at exactly each learning (x): seed
+    mean, band: two standard errors (the verdict's margin), up to the learning every seed
+    of the configuration reaches in 200 steps."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from lalora_curv.plotting import save_figure
+
+    top = max(r["target"] for r in records)
+    grid = [top * i / 60 for i in range(1, 61)]
+    curves = equal_learning_curves(records, grid)
+    configs = aggregate(records)
+    method_of = {c["label"]: c["method"] for c in configs}
+    points_of = {c["label"]: c["points"] for c in configs}
+    colours = {"plain": ["0.35"], "isotropic": ["C0", "C9", "C2"], "curvature": ["C3", "C1", "C4"]}
+    used: dict[str, int] = {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label in sorted(curves, key=lambda lb: (FAMILIES.index(families[method_of[lb]]), lb)):
+        line = curves[label]
+        if not line:
+            continue
+        fam = families[method_of[label]]
+        colour = colours[fam][used.get(fam, 0) % len(colours[fam])]
+        used[fam] = used.get(fam, 0) + 1
+        x = [p[0] for p in line]
+        y = [p[1] for p in line]
+        ax.plot(x, y, color=colour, lw=1.8, ls="--" if fam == "plain" else "-",
+                label=f"{label} ({line[0][3]} seeds)")  # fmt: skip
+        # the measured checkpoints (seed means): the line between them is read
+        marks = [(p["target"], -p["source_mean"]) for p in points_of[label]]
+        marks = [(mx, my) for mx, my in marks if 0 < mx <= x[-1]]
+        if marks:
+            ax.plot(*zip(*marks, strict=True), "o", color=colour, ms=3.5)
+        ax.fill_between(
+            x, [p[1] - 2 * p[2] for p in line], [p[1] + 2 * p[2] for p in line],
+            color=colour, alpha=0.18, lw=0,
+        )  # fmt: skip
+    ax.set_xlabel("GSM8K NLL decrease (learning), nats per token")
+    ax.set_ylabel("source NLL increase (forgetting)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(
+        "Forgetting at exactly equal learning, each run read on straight lines between its\n"
+        "checkpoints (dots: seed means there); the 5-seed configurations, test split,\n"
+        "band: mean +- 2 standard errors",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 FAMILIES = ("plain", "isotropic", "curvature")
 
 
@@ -308,30 +414,47 @@ def _cell(p: dict[str, Any] | None) -> str:
     """``forgetting ± std (learning)`` of a seed-mean pick, then its setting and step."""
     if not p:
         return "-"
-    # a label is the method, then the settings that vary within it (none if it ran one)
-    settings = p["label"].split(" ", 1)[1] + ", " if " " in p["label"] else ""
+    settings = p["settings"] + ", " if p["settings"] else ""  # none if the method ran one
     return (
         f"{-p['source_mean']:.3f} ± {p['source_mean_std']:.3f} ({p['target']:.2f})"
         f"<br>{settings}step {p['step']}"
     )
 
 
-def verdict_markdown(result: dict[str, Any]) -> str:
-    """The verdict table (on the confirmed seeds where stage 2 ran, else the screening's)."""
-    rows = result["verdict_confirmed"] or result["verdict_screen"]
-    seeds = max(r[f]["n"] for r in rows for f in FAMILIES if f in r)
+def verdict_markdown(result: dict[str, Any], equal: bool = False) -> str:
+    """The verdict table (on the confirmed seeds where stage 2 ran, else the screening's).
+
+    ``equal``: the one at exactly equal learning (:func:`equal_learning_selected`'s picks).
+    """
+    prefix = "verdict_equal_learning_" if equal else "verdict_"
+    rows = result[prefix + "confirmed"] or result[prefix + "screen"]
+    seeds = max((r[f]["n"] for r in rows for f in FAMILIES if f in r), default=0)
+    if equal:
+        title = (
+            f"At exactly equal learning ({seeds} seeds; each run read at the level between its "
+            "checkpoints; settings picked on validation; test forgetting ± sample std, nats "
+            "per token; the step at which the level is reached):"
+        )
+    else:
+        title = (
+            f"Verdict ({seeds} seeds; settings picked on validation; test forgetting ± sample "
+            "std (test learning), nats per token):"
+        )
     out = [
-        f"Verdict ({seeds} seeds; settings picked on validation; test forgetting ± sample std "
-        "(test learning), nats per token):",
+        title,
         "",
-        "| learning >= | plain LoRA | best isotropic control | best curvature | curvature - "
-        "isotropic (2 SE) | |",
+        f"| learning {'=' if equal else '>='} | plain LoRA | best isotropic control | "
+        "best curvature | curvature - isotropic (2 SE) | |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
-            f"{r[f]['method']}: {r[f]['forgetting']:.3f} ± {r[f]['forgetting_std']:.3f} "
-            f"({r[f]['learning']:.2f}), step {r[f]['step']}"
+            f"{r[f]['method']}: {r[f]['forgetting']:.3f} ± {r[f]['forgetting_std']:.3f}"
+            + (
+                f", step ~{r[f]['step']}"
+                if equal
+                else f" ({r[f]['learning']:.2f}), step {r[f]['step']}"
+            )
             if f in r
             else "- (never learns this much)"
             for f in FAMILIES
@@ -352,7 +475,7 @@ def markdown(result: dict[str, Any]) -> str:
     """The results page's tables (``evidence.md``): the verdict, then per method the
     validation-selected picks' test numbers and the test fronts read at the same levels."""
     fam, levels = result["families"], result["levels"]
-    out = [verdict_markdown(result).rstrip("\n")]
+    out = [verdict_markdown(result).rstrip("\n"), "", verdict_markdown(result, True).rstrip("\n")]
     if result["seeds_per_config"]:
         done = ", ".join(f"{label}: {n}" for label, n in sorted(result["seeds_per_config"].items()))
         state = (
@@ -361,13 +484,16 @@ def markdown(result: dict[str, Any]) -> str:
             else "not complete: the verdict is the screening's"
         )
         out += ["", f"Stage 2 ({state}); seeds run per confirmed configuration: {done}."]
-    for title, table in (
-        ("Validation-selected, every method (screening seeds)", result["validation_selected"]),
+    for title, table, sign in (
+        ("Validation-selected, every method (screening seeds)", result["validation_selected"],
+         ">="),
+        ("At exactly equal learning, validation-selected, every method (screening seeds)",
+         result["equal_learning_selected"], "="),
         ("Test fronts read at the levels (for comparison; selection on test)",
-         result["test_front_at_levels"]),
+         result["test_front_at_levels"], ">="),
     ):  # fmt: skip
         out += ["", f"{title}:", ""]
-        out.append("| method | " + " | ".join(f"learning >= {lv:.2f}" for lv in levels) + " |")
+        out.append("| method | " + " | ".join(f"learning {sign} {lv:.2f}" for lv in levels) + " |")
         out.append("|---" * (len(levels) + 1) + "|")
         for m in sorted(table, key=lambda m: (FAMILIES.index(fam.get(m, "curvature")), m)):
             out.append(f"| {m} | " + " | ".join(_cell(p) for p in table[m].values()) + " |")

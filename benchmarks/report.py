@@ -266,6 +266,7 @@ PLOTS = {
         )
     },
     "evidence/evidence_fronts.png": "evidence_fronts.png",
+    "evidence/evidence_equal_learning.png": "evidence_equal_learning.png",
     "evidence/pareto.png": "evidence_pareto.png",
 }
 

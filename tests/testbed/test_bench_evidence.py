@@ -42,3 +42,23 @@ def test_verdict_needs_two_standard_errors():
     picks["kfac-empirical"][1.0] = pick("kfac-empirical", 0.018, 0.005)  # within 2 SE: a tie
     (row,) = be.verdict(picks, FAMILIES)
     assert not row["curvature_wins"] and not row["isotropic_wins"]
+
+
+def test_equal_learning_curves_stop_where_a_seed_stops_learning():
+    def run(seed: int, learnt: list[float], forgot: list[float]) -> list[dict]:
+        cell = {"method": "lora", "kind": "lora", "lr": 1e-3, "seed": seed, "benchmark": {}}
+        return [
+            {"cell": cell, "config": "c", "key": f"k{seed}", "method": "lora", "seed": seed,
+             "step": 25 * i, "target": x, "source_mean": -y, "source": {}, "lam": 0.0}
+            for i, (x, y) in enumerate(zip(learnt, forgot, strict=True))
+        ]  # fmt: skip
+
+    records = run(0, [0.0, 1.0, 2.0], [0.0, 0.1, 0.3]) + run(1, [0.0, 2.0, 3.0], [0.0, 0.1, 0.2])
+    ((label, line),) = be.equal_learning_curves(records, [0.5, 1.5, 2.5]).items()
+    assert label == "lora"
+    # seed 0: 0.05 at 0.5, 0.2 at 1.5 (its curve ends at 2.0, so 2.5 is off the line)
+    # seed 1: 0.025, 0.075
+    assert [x for x, *_ in line] == [0.5, 1.5]
+    assert [m for _, m, _, _ in line] == pytest.approx([0.0375, 0.1375])
+    assert [se for *_, se, _ in line] == pytest.approx([0.0125, 0.0625])  # std / sqrt(2)
+    assert [n for *_, n in line] == [2, 2]

@@ -37,6 +37,8 @@ from lalora_curv.testbed.sweep import (
 )
 from lalora_curv.testbed.sweep_report import (
     aggregate,
+    crossing,
+    equal_learning_selected,
     format_table,
     front_gap,
     method_fronts,
@@ -364,6 +366,7 @@ def test_aggregate_and_tables_are_seed_means_and_the_fronts(tmp_path):
     records = fake_records()
     configs = aggregate(records)
     assert [c["label"] for c in configs] == ["a lr=0.001", "a lr=0.003", "b"]
+    assert [c["settings"] for c in configs] == ["lr=0.001", "lr=0.003", ""]
     for c in configs:
         for p in c["points"]:
             mine = [r for r in records if r["config"] == c["config"] and r["step"] == p["step"]]
@@ -422,6 +425,84 @@ def test_source_at_target_and_front_gap_read_the_front_by_brute_force():
     rows, summary = tables(low, threshold=0.0)
     assert all(by_level == {} for by_level in summary["source_at_target"].values())
     assert format_table(rows, 0.0, summary["source_at_target"]) == format_table(rows, 0.0)
+
+
+def test_crossing_reads_the_first_crossing_on_the_straight_line_between_checkpoints():
+    curve = [(0, 0.0, 0.0), (25, 1.0, 0.1), (50, 3.0, 0.5), (75, 2.0, 0.9), (100, 4.0, 1.0)]
+    assert crossing(curve, 0.5) == pytest.approx((12.5, 0.05))
+    assert crossing(curve, 2.0) == pytest.approx((37.5, 0.3))  # the first crossing, not step 75
+    assert crossing(curve, 3.0) == pytest.approx((50, 0.5))  # on a checkpoint
+    assert crossing(curve, 0.0) == (0, 0.0)
+    assert crossing(curve, 4.5) is None  # never reached
+
+
+def monotone_records(seed_count: int = 3):
+    """Method a: three configurations (the last one's seed 2 learns too little on
+    validation); method b: one. Learning rises with the step on both splits."""
+    rng = random.Random(1)
+    records = []
+    for method, lr in (("a", 1e-3), ("a", 2e-3), ("a", 3e-3), ("b", 1e-3)):
+        for seed in range(seed_count):
+            cell = {"method": method, "kind": "lora", "lr": lr, "seed": seed, "benchmark": {}}
+            learnt = {"test": 0.0, "val": 0.0}
+            forgot = {"test": 0.0, "val": 0.0}
+            for step in (0, 25, 50, 75):
+                if step:
+                    for split in learnt:
+                        slow = lr == 3e-3 and seed == 2 and split == "val"
+                        learnt[split] += 0.01 if slow else rng.uniform(0.2, 0.6)
+                        forgot[split] += rng.uniform(0.0, 0.1)
+                records.append(
+                    {
+                        "key": cell_key(cell), "config": config_key(cell), "method": method,
+                        "seed": seed, "step": step, "cell": cell, "lam": 0.0,
+                        "source": {s: -forgot["test"] for s in SOURCES},
+                        "source_mean": -forgot["test"], "target": learnt["test"],
+                        "val": {"source_mean": -forgot["val"], "target": learnt["val"]},
+                    }
+                )  # fmt: skip
+    return records
+
+
+def test_equal_learning_selected_interpolates_each_run_and_picks_on_validation():
+    import numpy as np
+
+    records = monotone_records()
+    levels = [0.3, 0.7, 10.0]
+    picks = equal_learning_selected(records, levels)
+
+    def read(rs, split, level):  # the monotone curve: numpy's interpolation is the reference
+        rs = sorted(rs, key=lambda r: r["step"])
+        get = (lambda r: r["val"]) if split == "val" else (lambda r: r)
+        xs = [get(r)["target"] for r in rs]
+        return (
+            None
+            if xs[-1] < level
+            else float(np.interp(level, xs, [get(r)["source_mean"] for r in rs]))
+        )
+
+    for method in ("a", "b"):
+        for level in levels:
+            candidates = []
+            for config in sorted({r["config"] for r in records if r["method"] == method}):
+                seeds = sorted({r["seed"] for r in records if r["config"] == config})
+                runs = [
+                    [r for r in records if r["config"] == config and r["seed"] == s] for s in seeds
+                ]
+                val = [read(rs, "val", level) for rs in runs]
+                if None not in val:
+                    candidates.append((float(np.mean(val)), config, runs))
+            got = picks[method][f"{level:g}"]
+            if not candidates:
+                assert got is None
+                continue
+            val_mean, config, runs = max(candidates, key=lambda c: c[0])
+            test = [v for v in (read(rs, "test", level) for rs in runs) if v is not None]
+            assert got["config"] == config and got["n"] == len(test) and got["target"] == level
+            assert got["val/source_mean"] == pytest.approx(val_mean)
+            assert got["source_mean"] == pytest.approx(float(np.mean(test)))
+            assert got["source_mean_std"] == pytest.approx(float(np.std(test, ddof=1)))
+    assert picks["a"]["10"] is None  # no run learns that much
 
 
 # ------------------------------------------------------------------------------- the CLI

@@ -3,6 +3,10 @@
 * :func:`aggregate`: per method configuration (every setting but the seed) and evaluation
   step, the mean and standard deviation over seeds of the mean source accuracy, of each
   source sub-domain's accuracy and of the target exact match;
+* :func:`validation_selected`: per method and level of learning, the (configuration, step)
+  chosen on the validation split, with its test numbers; :func:`equal_learning_selected`: the
+  same read at exactly that learning, each run interpolated between its checkpoints
+  (:func:`crossing`);
 * :func:`pareto_front`: the points no other point beats on both axes (higher source accuracy
   *and* higher target exact match, one of them strictly);
 * :func:`report`: each method's front over all its configurations and evaluation steps
@@ -67,17 +71,18 @@ def sample_std(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _label(cell: dict[str, Any], varying: Sequence[str]) -> str:
-    parts = [
+def _settings(cell: dict[str, Any], varying: Sequence[str]) -> str:
+    """The settings that vary within the cell's method, as ``k=v`` words (``""``: none)."""
+    return " ".join(
         f"{k}={cell[k]:g}" if isinstance(cell[k], float) else f"{k}={cell[k]}" for k in varying
-    ]
-    return cell["method"] + (" " + " ".join(parts) if parts else "")
+    )
 
 
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per configuration, its points averaged over seeds.
 
-    Each has ``method``, ``label`` (the settings that vary within its method), ``cell``
+    Each has ``method``, ``settings`` (the settings that vary within its method, ``k=v``
+    words), ``label`` (the method, then its settings), ``cell``
     (without the seed), ``seeds`` and per step ``points``: ``step``, ``n``, mean and sample std
     (over seeds, :func:`sample_std`) of ``source_mean``, ``target``, each ``source/<domain>``
     and, where the records carry a validation split, ``val/source_mean`` and ``val/target``;
@@ -118,11 +123,13 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 point[f"{name}_std"] = sample_std(v)
             point["lam"] = float(np.mean([r["lam"] for r in group]))
             points.append(point)
+        settings = _settings(cell, varying[cell["method"]])
         out.append(
             {
                 "config": config,
                 "method": cell["method"],
-                "label": _label(cell, varying[cell["method"]]),
+                "settings": settings,
+                "label": f"{cell['method']} {settings}".rstrip(),
                 "cell": cell,
                 "seeds": sorted({r["seed"] for r in rs}),
                 "points": points,
@@ -140,7 +147,9 @@ def method_fronts(configs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     points_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for c in configs:
         for p in c["points"]:
-            points_of[c["method"]].append({**p, "label": c["label"], "config": c["config"]})
+            points_of[c["method"]].append(
+                {**p, "label": c["label"], "settings": c["settings"], "config": c["config"]}
+            )
     fronts = {}
     for method, pts in points_of.items():
         idx = pareto_front([p["source_mean"] for p in pts], [p["target"] for p in pts])
@@ -180,7 +189,9 @@ def validation_selected(
     for c in configs:
         for p in c["points"]:
             if "val/target" in p:
-                points_of[c["method"]].append({**p, "label": c["label"], "config": c["config"]})
+                points_of[c["method"]].append(
+                    {**p, "label": c["label"], "settings": c["settings"], "config": c["config"]}
+                )
     out: dict[str, dict[str, dict[str, Any] | None]] = {}
     for method, pts in sorted(points_of.items()):
         out[method] = {}
@@ -191,6 +202,89 @@ def validation_selected(
             )
             out[method][f"{level:g}"] = best
     return out
+
+
+def crossing(
+    curve: Sequence[tuple[float, float, float]], level: float
+) -> tuple[float, float] | None:
+    """``(step, y)`` where a run's learning curve first reaches ``level``, interpolated.
+
+    ``curve``: ``(step, learning, y)`` by increasing step, the run's checkpoints joined by
+    straight lines. Between the last checkpoint below ``level`` ``(s0, x0, y0)`` and the first
+    at or above it ``(s1, x1, y1)``, at ``t = (level - x0) / (x1 - x0)``: ``y0 + t (y1 - y0)``
+    (and ``s0 + t (s1 - s0)``). ``None`` if the run never reaches ``level``.
+    """
+    for i, (s1, x1, y1) in enumerate(curve):
+        if x1 >= level:
+            if i == 0:
+                return s1, y1
+            s0, x0, y0 = curve[i - 1]
+            t = (level - x0) / (x1 - x0)
+            return s0 + t * (s1 - s0), y0 + t * (y1 - y0)
+    return None
+
+
+def equal_learning_selected(
+    records: list[dict[str, Any]], levels: Sequence[float]
+) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """Per method and level ``T``: the configuration chosen on validation, read at learning ``T``.
+
+    Each run's source score at ``T`` is :func:`crossing`'s, on the validation and the test
+    split separately (each split's own learning reaches ``T``). A configuration is eligible
+    when every one of its seeds reaches ``T`` on validation; the one of highest seed-mean
+    validation ``source_mean`` at ``T`` is chosen, and its test ``source_mean`` at ``T``
+    reported: mean and sample std over the seeds whose test curve reaches ``T`` (``n``), with
+    ``target = T`` and the mean test crossing ``step``. ``None`` where no configuration is
+    eligible or no test curve reaches ``T``. Unlike :func:`validation_selected`, whose picks
+    learn ``>= T`` (so differently per method), every pick here learns exactly ``T``: the
+    comparison at equal learning, up to the straight lines between checkpoints.
+    """
+    named = {c["config"]: c for c in aggregate(records)}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    method_of = {}
+    for r in records:
+        runs[r["config"]][r["seed"]].append(r)
+        method_of[r["config"]] = r["method"]
+    out: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
+    for method in sorted(set(method_of.values())):
+        for level in levels:
+            best: dict[str, Any] | None = None
+            for config, seeds in runs.items():
+                if method_of[config] != method:
+                    continue
+                val, test = [], []
+                for rs in seeds.values():
+                    rs = sorted(rs, key=lambda r: r["step"])
+                    if all("val" in r for r in rs):
+                        val_curve = [
+                            (r["step"], r["val"]["target"], r["val"]["source_mean"]) for r in rs
+                        ]
+                        val.append(crossing(val_curve, level))
+                    else:
+                        val.append(None)
+                    test_curve = [(r["step"], r["target"], r["source_mean"]) for r in rs]
+                    test.append(crossing(test_curve, level))
+                if any(v is None for v in val):
+                    continue
+                val_mean = float(np.mean([v[1] for v in val]))
+                if best is not None and val_mean <= best["val/source_mean"]:
+                    continue
+                reached = [t for t in test if t is not None]
+                best = {
+                    "config": config,
+                    "label": named[config]["label"],
+                    "settings": named[config]["settings"],
+                    "val/source_mean": val_mean,
+                    "val/target": float(level),
+                    "n": len(reached),
+                    "target": float(level),
+                    "target_std": 0.0,
+                    "step": round(float(np.mean([t[0] for t in reached]))) if reached else None,
+                    "source_mean": float(np.mean([t[1] for t in reached])) if reached else None,
+                    "source_mean_std": sample_std([t[1] for t in reached]),
+                }
+            out[method][f"{level:g}"] = best if best is not None and best["n"] else None
+    return dict(out)
 
 
 def nice_levels(top: float, count: int = 9) -> list[float]:
@@ -376,7 +470,7 @@ def plot_curves(
                 m = sign * np.array([p[key] for p in c["points"]])
                 s = np.array([p[f"{key}_std"] for p in c["points"]])
                 colour = _colour(plt, i, len(mine))
-                label = c["label"][len(method) :].strip() or method
+                label = c["settings"] or method
                 ax.plot(steps, m, marker=".", color=colour, label=f"{label} (n={len(c['seeds'])})")
                 ax.fill_between(steps, m - s, m + s, color=colour, alpha=0.15)
         left, right = (
