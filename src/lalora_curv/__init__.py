@@ -19,6 +19,7 @@ from lalora_curv.errors import (
     CurvatureError,
     IncompatiblePrecisionError,
     LaloraError,
+    TrainingError,
 )
 from lalora_curv.fit import fit_precision
 from lalora_curv.online import online_laplace
@@ -39,7 +40,7 @@ from lalora_curv.precision import (
 from lalora_curv.precision.factors import STORAGE_PRESETS
 from lalora_curv.selfgen import SelfGeneratedBatches, self_generated_batches
 from lalora_curv.strength import Strength
-from lalora_curv.train import TrainingError, train
+from lalora_curv.train import train
 
 STRUCTURES = tuple(name for name, cls in REGISTRY.items() if cls.fitted)
 """The structure names ``fit_precision(structure=...)`` accepts (the isotropic controls need no

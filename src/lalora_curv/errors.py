@@ -29,3 +29,7 @@ class CurvatureError(LaloraError):
 
 class IncompatiblePrecisionError(LaloraError):
     """Two precisions cannot be added (different structure, modules, adapter mode or estimator)."""
+
+
+class TrainingError(LaloraError):
+    """Training cannot go on (a non-finite loss or penalty, bad arguments)."""

@@ -69,7 +69,7 @@ class PenaltyMixin:
         self.adapter_name = adapter_name
         self._penalty_log: list[float] = []
         self._budget_step: tuple[int, float] | None = None  # (step, its penalty)
-        from lalora_curv.train import check_covered
+        from lalora_curv.train_checks import check_covered
 
         check_covered(self.model, precision, adapter_name, LaloraError)  # refused now
 

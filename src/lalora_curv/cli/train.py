@@ -49,7 +49,7 @@ from lalora_curv.cli._model import (
 )
 from lalora_curv.cli._run import CliError, RunDir, save_adapter
 from lalora_curv.plotting import SKIPPED, pyplot, save_figure
-from lalora_curv.train import check_train_arguments
+from lalora_curv.train_checks import check_train_arguments
 
 EXAMPLES = """examples:
   lalora-curv train --model ./llama --adapter runs/fit-kfac --precision runs/fit-kfac \\
