@@ -42,7 +42,8 @@ import yaml
 
 from bench_core import environment, write_result
 from bench_realtext import add_data_dir_argument, data_dir_of
-from lalora_curv.testbed.sweep import ISOTROPIC, expand_grid, read_runs, run_sweep
+from lalora_curv.testbed.grid import ISOTROPIC, config_key, expand_grid
+from lalora_curv.testbed.sweep import read_runs, run_sweep
 from lalora_curv.testbed.sweep_report import (
     aggregate,
     crossing,
@@ -127,8 +128,6 @@ def confirm_cells(
     screen_cells: list[dict[str, Any]], selection: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The chosen configurations' cells at :data:`CONFIRM_SEEDS`."""
-    from lalora_curv.testbed.sweep import config_key
-
     wanted = {c for cs in selection["methods"].values() for c in cs}
     out, seen = [], set()
     for cell in screen_cells:

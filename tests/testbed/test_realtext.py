@@ -410,7 +410,7 @@ REALTEXT_GRID = {
 
 
 def test_realtext_grid_cells_carry_the_shipped_model_and_refuse_what_does_not_apply():
-    from lalora_curv.testbed.sweep import GridError, expand_grid
+    from lalora_curv.testbed.grid import GridError, expand_grid
 
     cells = expand_grid(REALTEXT_GRID)
     assert [c["method"] for c in cells] == ["lora", "l2-lora-B", "kfac-mc"]
@@ -438,7 +438,8 @@ def test_realtext_grid_cells_carry_the_shipped_model_and_refuse_what_does_not_ap
 def test_a_realtext_cell_measures_both_splits_from_step_0():
     """On the shipped model: every checkpoint on test and validation, higher-is-better axes
     that start at exactly 0, the isotropic control's lambda = c / its mean eigenvalue."""
-    from lalora_curv.testbed.sweep import expand_grid, run_cell
+    from lalora_curv.testbed.grid import expand_grid
+    from lalora_curv.testbed.sweep import run_cell
 
     cells = expand_grid(REALTEXT_GRID)
     plain = run_cell(cells[0], data_dir=str(DATA))

@@ -25,16 +25,8 @@ from lalora_curv.testbed.experiment import (
     source_precision,
     target_accuracy,
 )
-from lalora_curv.testbed.sweep import (
-    GridError,
-    SweepError,
-    cell_key,
-    config_key,
-    expand_grid,
-    read_runs,
-    run_cell,
-    run_sweep,
-)
+from lalora_curv.testbed.grid import GridError, cell_key, config_key, expand_grid
+from lalora_curv.testbed.sweep import SweepError, read_runs, run_cell, run_sweep
 from lalora_curv.testbed.sweep_report import (
     aggregate,
     crossing,

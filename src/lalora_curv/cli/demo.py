@@ -22,7 +22,7 @@ from lalora_curv.cli._run import CliError, RunDir, data_source
 from lalora_curv.cli.sweep import run_grid
 from lalora_curv.tasks.data import TaskDataError
 from lalora_curv.testbed import realtext_sweep
-from lalora_curv.testbed.sweep import expand_grid
+from lalora_curv.testbed.grid import expand_grid
 
 EXAMPLES = """examples:
   lalora-curv demo --out runs/demo --data_dir ../shared/data

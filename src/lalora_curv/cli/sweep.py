@@ -1,6 +1,6 @@
 """``lalora-curv sweep``: a grid of methods x settings x seeds (embedded benchmark or real text).
 
-The grid file (YAML, format in docs/cli.md and :mod:`lalora_curv.testbed.sweep`) expands to
+The grid file (YAML, format in docs/cli.md and :mod:`lalora_curv.testbed.grid`) expands to
 cells (one training run each); the cells not yet in ``OUT/runs.jsonl`` run in ``--workers``
 processes and each one's evaluations (step 0 and every ``eval_every`` steps) are appended as
 it finishes, so an interrupted sweep resumes where it stopped. Then, from every record:
@@ -23,15 +23,8 @@ import yaml
 from lalora_curv.atomic import write_text
 from lalora_curv.cli._run import CliError, RunDir, data_source
 from lalora_curv.plotting import SKIPPED, pyplot
-from lalora_curv.testbed.sweep import (
-    GridError,
-    SweepError,
-    cell_key,
-    expand_grid,
-    load_grid,
-    read_runs,
-    run_sweep,
-)
+from lalora_curv.testbed.grid import GridError, cell_key, expand_grid, load_grid
+from lalora_curv.testbed.sweep import SweepError, read_runs, run_sweep
 from lalora_curv.testbed.sweep_report import format_table, report
 
 EXAMPLES = """examples:
