@@ -35,6 +35,7 @@ from bench_storage import LLAMA_3B, TARGETS, artifact_bytes, llama_modules
 from lalora_curv.plotting import pyplot, save_figure
 from lalora_curv.tasks.formatting import make_batches
 from lalora_curv.testbed import realtext as rt
+from lalora_curv.testbed import realtext_data as rd
 
 HERE = Path(__file__).resolve().parent
 KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -108,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = rt.RealText(data_dir_of(args), eval_sample=50)
+    data = rd.RealText(data_dir_of(args), eval_sample=50)
     model, tok = rt.load_shipped()
     torch.manual_seed(0)
     peft_model = get_peft_model(

@@ -24,6 +24,7 @@ from bench_core import environment, write_result
 from lalora_curv.plotting import save_figure
 from lalora_curv.strength import Strength
 from lalora_curv.testbed import realtext as rt
+from lalora_curv.testbed import realtext_data as rd
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data"
@@ -68,7 +69,7 @@ def main() -> None:
         steps, lams, selfgen_lams = 20, lams[:1], lams[:1]
         settings = {"hidden": 32, "mlp": 64, "layers": 2, "steps": 20, "vocab": 1024}
     t0 = time.perf_counter()
-    data = rt.RealText(data_dir_of(args), eval_sample=args.eval_sample)
+    data = rd.RealText(data_dir_of(args), eval_sample=args.eval_sample)
     model, tok = rt.pretrained(data, settings)
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())

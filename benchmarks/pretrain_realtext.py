@@ -24,6 +24,7 @@ from bench_core import environment
 from bench_realtext import add_data_dir_argument, data_dir_of
 from lalora_curv.atomic import staged_dir
 from lalora_curv.testbed import realtext as rt
+from lalora_curv.testbed import realtext_data as rd
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data_dir = data_dir_of(args)
-    data = rt.RealText(data_dir, eval_sample=400)
+    data = rd.RealText(data_dir, eval_sample=400)
     cfg = {**rt.PRETRAIN, "seed": 0, "data": data.fingerprint()}
     t0 = time.perf_counter()
     model, tok, report = rt.pretrain(data, cfg)

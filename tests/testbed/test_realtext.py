@@ -16,8 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from helpers import DATA
 from lalora_curv.strength import Strength
 from lalora_curv.tasks import load_records
+from lalora_curv.tasks.data import TaskDataError
 from lalora_curv.testbed import finetune as ft
 from lalora_curv.testbed import realtext as rt
+from lalora_curv.testbed import realtext_data as rd
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} (the shared data) is absent")
 
@@ -35,12 +37,12 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def data() -> rt.RealText:
-    return rt.RealText(DATA, eval_sample=40)
+def data() -> rd.RealText:
+    return rd.RealText(DATA, eval_sample=40)
 
 
 @pytest.fixture(scope="module")
-def small(data) -> rt.RealText:
+def small(data) -> rd.RealText:
     """The same data with 60 training texts per task and 30 GSM8K pairs (fast pretraining)."""
     d = copy.copy(data)
     d.train = {t: v[:60] for t, v in data.train.items()}
@@ -50,36 +52,36 @@ def small(data) -> rt.RealText:
 
 def test_source_texts_of_hand_checked_records():
     wino = load_records("winogrande", DATA, limit=2)  # answer "2" (Maria), then "1" (Sarah)
-    assert rt.source_text("winogrande", wino[0]) == (
+    assert rd.source_text("winogrande", wino[0]) == (
         "Sarah was a much better surgeon than Maria so Maria always got the easier cases."
     )
-    assert rt.source_text("winogrande", wino[1]) == (
+    assert rd.source_text("winogrande", wino[1]) == (
         "Sarah was a much better surgeon than Maria so Sarah always got the harder cases."
     )
     hella = load_records("hellaswag", DATA, limit=1)[0]  # label 3
-    assert rt.source_text("hellaswag", hella) == (
+    assert rd.source_text("hellaswag", hella) == (
         "Pole vault: Pole vault is a sport where you run with a pole and stop and swing your "
         "body. A few women are in the gym practicing to do this pole vault, trying to do their "
         "best."
     )
     arc = load_records("arc_challenge", DATA, limit=1)[0]  # answerKey C
-    assert rt.source_text("arc_challenge", arc) == (
+    assert rd.source_text("arc_challenge", arc) == (
         "Question: An astronomer observes that a planet rotates faster after a meteorite "
         "impact. Which is the most likely effect of this increase in rotation?\n"
         "Answer: Planetary days will become shorter."
     )
-    with pytest.raises(rt.TaskDataError, match="not a source task"):
-        rt.source_text("gsm8k", {})
+    with pytest.raises(TaskDataError, match="not a source task"):
+        rd.source_text("gsm8k", {})
 
 
 def test_hellaswag_pretraining_text_leaves_out_every_held_out_item():
-    items = rt.hellaswag_full_texts(DATA)
+    items = rd.hellaswag_full_texts(DATA)
     assert len(items) == 10042
     # line 37 of the file: gold 2 of four endings (hand-checked), moved to the front
     ctx, endings = items[6]
     assert ctx.startswith("Playing harmonica: A man is standing in front of a camera.")
     assert endings[0] == "rocks back and forth to the music as he goes."
-    train = rt.source_texts("hellaswag", DATA, "train")
+    train = rd.source_texts("hellaswag", DATA, "train")
     assert train[0] == (
         "Playing harmonica: A man is standing in front of a camera. He starts playing a "
         "harmonica for the camera. he rocks back and forth to the music as he goes."
@@ -87,8 +89,8 @@ def test_hellaswag_pretraining_text_leaves_out_every_held_out_item():
     # items 0-5 (the first two below) are in hellaswag.jsonl
     gone = ("Roof shingle removal: A man is sitting on a roof.", "Clean and jerk: A lady walks")
     assert not any(t.startswith(gone) for t in train)
-    held = {rt._norm(t) for t in rt.source_texts("hellaswag", DATA, "eval")}
-    assert len(held) == 1000 and not held & {rt._norm(t) for t in train}
+    held = {rd._norm(t) for t in rd.source_texts("hellaswag", DATA, "eval")}
+    assert len(held) == 1000 and not held & {rd._norm(t) for t in train}
     assert 8900 < len(train) < 10042 - 1000 + 1
 
 
@@ -144,19 +146,19 @@ def test_token_nll_against_a_manual_computation_with_padding_and_masked_labels()
         batch["input_ids"][i, len(s) :] = 13  # padding ids the mask must hide
         batch["attention_mask"][i, : len(s)] = 1
         batch["labels"][i, : len(s)] = torch.tensor(lab)
-    total, count = rt.token_nll(model, [batch])
+    total, count = rd.token_nll(model, [batch])
     ref = [_reference_nll(model, s, lab) for s, lab in zip(seqs, labs, strict=True)]
     assert count == sum(c for _, c in ref) == 4 + 2 + 5
     assert total == pytest.approx(sum(t for t, _ in ref), rel=1e-10)
     # split into two batches: the same sums
     halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
-    assert rt.token_nll(model, halves) == pytest.approx((total, count), rel=1e-10)
+    assert rd.token_nll(model, halves) == pytest.approx((total, count), rel=1e-10)
 
 
 def test_text_batches_supervise_every_text_token_and_the_closing_eos(data):
-    tok = rt.wrap_tokenizer(rt.train_bpe(data.train["winogrande"][:200], 400))
+    tok = rd.wrap_tokenizer(rd.train_bpe(data.train["winogrande"][:200], 400))
     texts = data.eval["winogrande"][:3]
-    (batch,) = rt.text_batches(texts, tok, batch_size=3)
+    (batch,) = rd.text_batches(texts, tok, batch_size=3)
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         row = batch["input_ids"][i, : len(ids) + 2].tolist()
@@ -168,11 +170,11 @@ def test_text_batches_supervise_every_text_token_and_the_closing_eos(data):
 
 def test_tokenizer_is_deterministic_across_processes_and_round_trips(data):
     texts = data.train["arc_challenge"][:300] + [p + a for p, a in data.target_train[:100]]
-    here = rt.train_bpe(texts, 600)
-    assert here.get_vocab_size() == 600 and here.token_to_id(rt.PAD) == 0
-    assert here.token_to_id(rt.EOS) == 1
+    here = rd.train_bpe(texts, 600)
+    assert here.get_vocab_size() == 600 and here.token_to_id(rd.PAD) == 0
+    assert here.token_to_id(rd.EOS) == 1
     script = (
-        "import json, sys; from lalora_curv.testbed.realtext import train_bpe; "
+        "import json, sys; from lalora_curv.testbed.realtext_data import train_bpe; "
         "print(train_bpe(json.load(sys.stdin), 600).to_str())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "123"}
@@ -187,7 +189,7 @@ def test_tokenizer_is_deterministic_across_processes_and_round_trips(data):
     assert (
         hashlib.sha256(other.encode()).digest() == hashlib.sha256(here.to_str().encode()).digest()
     )
-    tok = rt.wrap_tokenizer(here)
+    tok = rd.wrap_tokenizer(here)
     for t in [*data.eval["arc_challenge"][:20], "Unseen ✓ bytes: ü\n"]:
         assert tok.decode(tok(t, add_special_tokens=False)["input_ids"]) == t
 
@@ -203,11 +205,11 @@ def test_short_pretraining_is_reproducible_and_cached(small, tmp_path, monkeypat
     assert not torch.equal(model_a.lm_head.weight, model_c.lm_head.weight)
     # it trained: it fits its own training blocks better than an untrained model does
     blocks = rt.packed_blocks(
-        [t for task in rt.SOURCES for t in small.train[task]], tok_a, 32, seed=1
+        [t for task in rd.SOURCES for t in small.train[task]], tok_a, 32, seed=1
     )[:16]
     untrained = LlamaForCausalLM(model_a.config).eval()
     batch = [{"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks}]
-    assert rt.token_nll(model_a, batch)[0] < rt.token_nll(untrained, batch)[0] - 0.1 * 16 * 31
+    assert rd.token_nll(model_a, batch)[0] < rd.token_nll(untrained, batch)[0] - 0.1 * 16 * 31
 
     monkeypatch.setenv("LALORA_CURV_CACHE", str(tmp_path))
     # the settings PRETRAIN adds, at what rt.pretrain reads when they are absent
@@ -223,7 +225,7 @@ def test_short_pretraining_is_reproducible_and_cached(small, tmp_path, monkeypat
     saved = json.loads((tmp_path / "realtext" / entries[0] / "realtext.json").read_text())
     assert saved["data"] == small.fingerprint() and saved["hidden"] == 16
     result = rt.evaluate(first, tok, small, batch_size=16)
-    assert set(result["source"]) == set(rt.SOURCES) and result["target_tokens"] > 0
+    assert set(result["source"]) == set(rd.SOURCES) and result["target_tokens"] > 0
     # a 300-token vocabulary: a model barely trained is near log(300) = 5.7 per token
     assert 3.0 < result["source_all"] < 7.0 and 3.0 < result["target"] < 7.0
 
@@ -243,9 +245,9 @@ def test_finetune_measures_both_sides_and_a_zero_lambda_penalty_changes_nothing(
     assert plain["target_decrease"] == pytest.approx(b["target"] - a["target"])
     # the pooled source NLL is the token-weighted mean of the per-task NLLs
     counts = {
-        t: rt.token_nll(model, rt.text_batches(small.eval[t], tok, 16, 64))[1] for t in rt.SOURCES
+        t: rd.token_nll(model, rd.text_batches(small.eval[t], tok, 16, 64))[1] for t in rd.SOURCES
     }
-    pooled = sum(counts[t] * b["source"][t] for t in rt.SOURCES) / sum(counts.values())
+    pooled = sum(counts[t] * b["source"][t] for t in rd.SOURCES) / sum(counts.values())
     assert b["source_all"] == pytest.approx(pooled, rel=1e-6)
     strong = rt.finetune(
         copy.deepcopy(model), tok, small, precision_structure="kfac", strength=1e4, **kw
@@ -312,9 +314,9 @@ def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, m
 
 
 def test_validation_and_test_splits_are_disjoint_seeded_samples():
-    d = rt.RealText(DATA, eval_sample=30, val_sample=20, seed=3)
-    again = rt.RealText(DATA, eval_sample=30, val_sample=20, seed=3)
-    for task in rt.SOURCES:
+    d = rd.RealText(DATA, eval_sample=30, val_sample=20, seed=3)
+    again = rd.RealText(DATA, eval_sample=30, val_sample=20, seed=3)
+    for task in rd.SOURCES:
         assert len(d.eval[task]) == 30 and len(d.val[task]) == 20
         assert not set(d.eval[task]) & set(d.val[task])
         assert d.eval[task] == again.eval[task] and d.val[task] == again.val[task]
@@ -322,10 +324,10 @@ def test_validation_and_test_splits_are_disjoint_seeded_samples():
     assert not set(d.target_test) & set(d.target_val)
     # held out of training: no GSM8K test question is a training question
     assert not {p for p, _ in d.target_val} & {p for p, _ in d.target_train}
-    with pytest.raises(rt.TaskDataError, match="fewer than"):
-        rt._split(list(range(10)), 8, 3, 0, "toy")
+    with pytest.raises(TaskDataError, match="fewer than"):
+        rd._split(list(range(10)), 8, 3, 0, "toy")
     with pytest.raises(ValueError, match="split"):
-        rt.evaluate(None, None, rt.RealText(DATA, eval_sample=5), split="val")
+        rt.evaluate(None, None, rd.RealText(DATA, eval_sample=5), split="val")
 
 
 def test_pretraining_text_adds_the_gsm8k_questions_and_never_an_answer(small):
@@ -349,7 +351,7 @@ def test_pretraining_keeps_the_step_of_lowest_validation_nll(small):
     val = blocks[: report["val_blocks"]]
     assert report["val_blocks"] + report["train_blocks"] == len(blocks)
     batch = [{"input_ids": val, "attention_mask": torch.ones_like(val), "labels": val}]
-    total, count = rt.token_nll(model, batch)
+    total, count = rd.token_nll(model, batch)
     assert total / count == pytest.approx(best["val_nll"], rel=1e-6)
 
 
@@ -357,7 +359,7 @@ def test_pretraining_keeps_the_step_of_lowest_validation_nll(small):
     "structure,scope", [("isotropic", "all"), ("isotropic", "lora_B"), ("merged-isotropic", "all")]
 )
 def test_finetune_with_an_isotropic_control_measures_both_splits(structure, scope):
-    data = rt.RealText(DATA, eval_sample=8, val_sample=6)
+    data = rd.RealText(DATA, eval_sample=8, val_sample=6)
     small = copy.copy(data)
     small.train = {t: v[:40] for t, v in data.train.items()}
     small.target_train = data.target_train[:30]
@@ -447,7 +449,7 @@ def test_a_realtext_cell_measures_both_splits_from_step_0():
     assert [r["step"] for r in plain] == [0, 2, 4]
     first = plain[0]
     assert first["target"] == 0.0 and first["source_mean"] == 0.0
-    assert first["val"] == {"source": dict.fromkeys(rt.SOURCES, 0.0), "source_mean": 0.0,
+    assert first["val"] == {"source": dict.fromkeys(rd.SOURCES, 0.0), "source_mean": 0.0,
                             "target": 0.0}  # fmt: skip
     last = plain[-1]
     assert last["target"] > 0  # it learns GSM8K

@@ -21,7 +21,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from lalora_curv.strength import Strength
+from lalora_curv.tasks.data import TaskDataError
 from lalora_curv.testbed import realtext as rt
+from lalora_curv.testbed import realtext_data as rd
 
 #: the scenario's settings in a grid's ``benchmark``, with their defaults
 BENCHMARK = {
@@ -33,7 +35,7 @@ BENCHMARK = {
     "max_length": 256,
 }
 
-_DATA: dict[tuple, rt.RealText] = {}  # per worker process: the texts, read once
+_DATA: dict[tuple, rd.RealText] = {}  # per worker process: the texts, read once
 _BEFORE: dict[tuple, dict[str, Any]] = {}  # and the untouched model's measurements
 
 
@@ -41,16 +43,16 @@ def model_id() -> str:
     """What identifies the shipped model in a cell's key: its settings' data and seed."""
     shipped = rt.shipped_settings()
     if shipped is None:
-        raise rt.TaskDataError(f"{rt.SHIPPED}: the shipped real-text model is missing")
+        raise TaskDataError(f"{rt.SHIPPED}: the shipped real-text model is missing")
     digest = hashlib.sha256(json.dumps(shipped["settings"], sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
-def data(bench: Mapping[str, Any], data_dir: str | None) -> rt.RealText:
+def data(bench: Mapping[str, Any], data_dir: str | None) -> rd.RealText:
     """The scenario's texts for ``bench``'s samples, read once per process."""
     key = (data_dir, bench["eval_sample"], bench["val_sample"])
     if key not in _DATA:
-        _DATA[key] = rt.RealText(
+        _DATA[key] = rd.RealText(
             data_dir, eval_sample=bench["eval_sample"], val_sample=bench["val_sample"]
         )
     return _DATA[key]
@@ -59,7 +61,7 @@ def data(bench: Mapping[str, Any], data_dir: str | None) -> rt.RealText:
 def _axes(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
     """The higher-is-better differences of a measurement ``now`` against ``before``."""
     return {
-        "source": {t: before["source"][t] - now["source"][t] for t in rt.SOURCES},
+        "source": {t: before["source"][t] - now["source"][t] for t in rd.SOURCES},
         "source_mean": before["source_all"] - now["source_all"],
         "target": before["target"] - now["target"],
     }
