@@ -51,6 +51,7 @@ from lalora_curv.testbed.sweep_report import (
     method_fronts,
     pareto_front,
     report,
+    run_curves,
     sample_std,
     source_at_target,
 )
@@ -323,24 +324,14 @@ def equal_learning_curves(
     forgetting at each learning of ``grid`` that every one of its seeds reaches, each seed
     read by :func:`crossing` (its checkpoints joined by straight lines)."""
     labels = {c["config"]: c["label"] for c in aggregate(records)}
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    for r in records:
-        runs.setdefault(r["config"], {}).setdefault(r["seed"], []).append(r)
     out = {}
-    for config, seeds in runs.items():
-        curves = [
-            [
-                (r["step"], r["target"], -r["source_mean"])
-                for r in sorted(rs, key=lambda r: r["step"])
-            ]
-            for rs in seeds.values()
-        ]
+    for config, curves in run_curves(records).items():
         line = []
         for x in grid:
-            ys = [crossing(c, x) for c in curves]
-            if any(y is None for y in ys):
+            ys = [crossing(curve, x) for curve in curves["test"]]
+            if None in ys:
                 break
-            values = [y[1] for y in ys]
+            values = [-y[1] for y in ys]  # forgetting: minus the source score
             mean = sum(values) / len(values)
             std = sample_std(values)
             line.append((x, mean, std / math.sqrt(len(values)), len(values)))

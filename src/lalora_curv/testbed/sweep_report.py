@@ -224,6 +224,24 @@ def crossing(
     return None
 
 
+def run_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
+    """Per configuration: its runs' checkpoint curves, one per seed (:func:`crossing`'s input).
+
+    Each curve is ``(step, target, source_mean)`` by increasing step. ``"test"``: on the test split; ``"val"``: on the validation split, ``None`` for a run
+    whose records do not all carry one.
+    """
+    by_run: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_run[(r["config"], r["seed"])].append(r)
+    out: dict[str, dict[str, list]] = defaultdict(lambda: {"test": [], "val": []})
+    for (config, _), rs in by_run.items():
+        rs = sorted(rs, key=lambda r: r["step"])
+        out[config]["test"].append([(r["step"], r["target"], r["source_mean"]) for r in rs])
+        val = [(r["step"], r["val"]["target"], r["val"]["source_mean"]) for r in rs if "val" in r]
+        out[config]["val"].append(val if len(val) == len(rs) else None)
+    return dict(out)
+
+
 def equal_learning_selected(
     records: list[dict[str, Any]], levels: Sequence[float]
 ) -> dict[str, dict[str, dict[str, Any] | None]]:
@@ -240,35 +258,22 @@ def equal_learning_selected(
     comparison at equal learning, up to the straight lines between checkpoints.
     """
     named = {c["config"]: c for c in aggregate(records)}
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    method_of = {}
-    for r in records:
-        runs[r["config"]][r["seed"]].append(r)
-        method_of[r["config"]] = r["method"]
-    out: dict[str, dict[str, dict[str, Any] | None]] = defaultdict(dict)
-    for method in sorted(set(method_of.values())):
+    curves = run_curves(records)
+    out: dict[str, dict[str, dict[str, Any] | None]] = {}
+    for method in sorted({c["method"] for c in named.values()}):
+        out[method] = {}
         for level in levels:
             best: dict[str, Any] | None = None
-            for config, seeds in runs.items():
-                if method_of[config] != method:
+            for config, runs in curves.items():
+                if named[config]["method"] != method or None in runs["val"]:
                     continue
-                val, test = [], []
-                for rs in seeds.values():
-                    rs = sorted(rs, key=lambda r: r["step"])
-                    if all("val" in r for r in rs):
-                        val_curve = [
-                            (r["step"], r["val"]["target"], r["val"]["source_mean"]) for r in rs
-                        ]
-                        val.append(crossing(val_curve, level))
-                    else:
-                        val.append(None)
-                    test_curve = [(r["step"], r["target"], r["source_mean"]) for r in rs]
-                    test.append(crossing(test_curve, level))
-                if any(v is None for v in val):
+                val = [crossing(curve, level) for curve in runs["val"]]
+                if None in val:
                     continue
                 val_mean = float(np.mean([v[1] for v in val]))
                 if best is not None and val_mean <= best["val/source_mean"]:
                     continue
+                test = [crossing(curve, level) for curve in runs["test"]]
                 reached = [t for t in test if t is not None]
                 best = {
                     "config": config,
@@ -284,7 +289,7 @@ def equal_learning_selected(
                     "source_mean_std": sample_std([t[1] for t in reached]),
                 }
             out[method][f"{level:g}"] = best if best is not None and best["n"] else None
-    return dict(out)
+    return out
 
 
 def nice_levels(top: float, count: int = 9) -> list[float]:
