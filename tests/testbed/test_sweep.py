@@ -285,6 +285,13 @@ def test_a_rerun_trains_nothing_and_keeps_the_results(cache, tmp_path):
     assert (tmp_path / "out" / "runs.jsonl").read_text().startswith(text)
 
 
+def test_run_sweep_refuses_fewer_than_one_worker_before_touching_the_output(tmp_path):
+    cells = expand_grid(tiny_grid())
+    with pytest.raises(ValueError, match=r"workers must be >= 1, got 0"):
+        run_sweep(cells, tmp_path / "out", workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_cell_neither_stops_the_others_nor_loses_them(cache, tmp_path, monkeypatch):
     import lalora_curv.testbed.sweep as sweep_module
 

@@ -32,7 +32,7 @@ from lalora_curv.strength import Strength
 from lalora_curv.testbed import realtext_sweep
 from lalora_curv.testbed.experiment import ALL_LINEAR, WorldScenario
 from lalora_curv.testbed.finetune import Penalty, finetune
-from lalora_curv.testbed.grid import GridError, cell_key, config_key
+from lalora_curv.testbed.grid import cell_key, config_key
 from lalora_curv.testbed.model import pretrained
 
 RUNS_FILE = "runs.jsonl"
@@ -170,7 +170,7 @@ def run_sweep(
     Returns ``{"cells": all, "done": already there, "ran": trained now}``.
     """
     if workers < 1:
-        raise GridError(f"workers must be >= 1, got {workers}")
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / RUNS_FILE
