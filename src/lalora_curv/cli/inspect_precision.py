@@ -127,15 +127,19 @@ def plot_spectra(report: dict[str, Any], path: Path) -> Path | None:
         1, len(panels), figsize=(5.0 * len(panels), 3.8), dpi=110, squeeze=False
     )
     for ax, (kind, lines) in zip(axes[0], panels.items(), strict=True):
+        drawn = 0
         for label, ranks, values in lines:
             positive = [(i + 1, v) for i, v in zip(ranks, values, strict=True) if v > 0]
             if positive:
                 ax.loglog(*zip(*positive, strict=True), label=label, linewidth=1)
+                drawn += 1
         ax.set_title(kind)
         ax.set_xlabel("rank")
         ax.set_ylabel("eigenvalue (> 0)")
         ax.grid(True, which="both", alpha=0.3)
-        if len(lines) <= 12:
+        if not drawn:  # e.g. lora_A's blocks at the default init B0 = 0: exactly zero
+            ax.text(0.5, 0.5, "no positive eigenvalue", ha="center", transform=ax.transAxes)
+        elif drawn <= 12:
             ax.legend(fontsize=6)
     fig.suptitle(f"{report['structure']} precision: spectra per module")
     fig.tight_layout()
