@@ -21,7 +21,7 @@ from lalora_curv.errors import (
     LaloraError,
     TrainingError,
 )
-from lalora_curv.fit import fit_precision
+from lalora_curv.fit import fit_pooled_precision, fit_precision
 from lalora_curv.online import online_laplace
 from lalora_curv.precision import (
     REGISTRY,
@@ -69,6 +69,7 @@ __all__ = [
     "TrainingError",
     "TriKFACPrecision",
     "__version__",
+    "fit_pooled_precision",
     "fit_precision",
     "isotropic_precision",
     "load_precision",

@@ -161,6 +161,53 @@ def fit_precision(
     return cls.fit(collect, specs, mode, metadata, estimator, granularity)
 
 
+def fit_pooled_precision(
+    model: nn.Module,
+    batches_by_source: Mapping[str, Sequence[Mapping[str, Tensor]]],
+    structure: str = "kfac",
+    **fit: Any,
+) -> Precision:
+    r"""The precision of several source datasets pooled: the paper's :math:`\sum_s \Lambda_s`.
+
+    One :func:`fit_precision` per source, named after its key, summed with ``+``:
+
+    .. math:: P = \sum_s N_s P_s / \sum_s N_s
+
+    (``N_s`` the supervised tokens of source ``s``): the mean Fisher per supervised token of
+    all the sources. A structure whose fits cannot be added (``Precision.poolable`` is False:
+    EKFAC, each fit in its own eigenbasis) is instead fitted once on every source's batches,
+    which estimates the same mean Fisher in one basis.
+
+    Args:
+        model: as for :func:`fit_precision`.
+        batches_by_source: ``{source name: its batches}``, each a sequence (EKFAC joins them).
+        structure: as for :func:`fit_precision`.
+        **fit: the other arguments of :func:`fit_precision`, but ``sources`` (the keys) and
+            ``max_batches`` (per source or in all would differ: slice the batches instead).
+
+    Returns:
+        The pooled precision, its ``metadata["sources"]`` the keys in order.
+    """
+    for name in ("sources", "max_batches"):
+        if name in fit:
+            raise LaloraError(
+                f"fit_pooled_precision takes no {name!r}: the sources are the keys of "
+                "batches_by_source, and each source's batches are fitted whole (slice them)"
+            )
+    if not batches_by_source:
+        raise LaloraError("batches_by_source is empty: pass at least one source's batches")
+    cls = REGISTRY.get(structure) if isinstance(structure, str) else None
+    if cls is not None and not cls.poolable:  # (a bad name: fit_precision names the problem)
+        joined = [b for batches in batches_by_source.values() for b in batches]
+        return fit_precision(model, joined, structure, sources=list(batches_by_source), **fit)
+    pooled: Precision | None = None
+    for name, batches in batches_by_source.items():
+        p = fit_precision(model, batches, structure, sources=[name], **fit)
+        pooled = p if pooled is None else pooled + p
+    assert pooled is not None
+    return pooled
+
+
 def _check_arguments(
     batches, structure, backend, estimator, mc_samples, granularity, stats_dtype, max_batches,
     seed, adapter_name, progress, sources, allow_unpenalised,

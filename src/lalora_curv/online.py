@@ -62,11 +62,12 @@ def online_laplace(previous: Precision, new: Precision, decay: float = 1.0) -> P
             f"cannot combine a {previous.structure!r} precision with a {new.structure!r} one: "
             "fit the new task with the same structure"
         )
-    if previous.structure == "ekfac":
+    if not previous.poolable:  # EKFAC
         raise IncompatiblePrecisionError(
-            "online_laplace has no EKFAC update: each task's EKFAC precision has its own "
-            "eigenbasis, so their sum is not an EKFAC precision; fit the tasks with 'kfac' (or "
-            "'diag'), or recentre the previous one alone (previous.recentred(new.mode))"
+            f"online_laplace has no {previous.structure!r} update: each task's precision has "
+            "its own eigenbasis, so their sum is not one of this structure; fit the tasks with "
+            "'kfac' (or 'diag'), or recentre the previous one alone "
+            "(previous.recentred(new.mode))"
         )
     moved = previous.recentred(new.mode)
     result = (moved * float(decay) if decay != 1 else moved) + new

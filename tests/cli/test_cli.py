@@ -208,6 +208,29 @@ def test_fit_writes_one_artifact_per_source_equal_to_a_direct_fit(workspace, fit
     assert total.counts["supervised_tokens"] == sum(n.values())
 
 
+def test_fit_pools_ekfac_as_one_fit_on_every_source(workspace, tmp_path):
+    """EKFAC fits cannot be added (their eigenbases differ): the sum is one fit on all."""
+    out = tmp_path / "fit"
+    assert main(fit_args(workspace, out, "--structure", "ekfac")) == 0
+    model = _peft_model(workspace, out / "adapter_init")
+    tok = byte_tokenizer()
+    batches = []
+    for task in SOURCES:
+        records = load_records(task, workspace["data"], split="train", limit=4)
+        batches += task_batches(supervised_examples(task, records), tok, 2, 512)
+    want = lc.fit_pooled_precision(
+        model,
+        {t: batches[2 * i : 2 * i + 2] for i, t in enumerate(SOURCES)},
+        "ekfac", estimator="mc", mc_samples=2, seed=3, progress=False,
+    )  # fmt: skip
+    total = lc.load_precision(out / "precision" / "sum")
+    assert total.metadata["sources"] == list(SOURCES) and total.counts == want.counts
+    delta = random_delta(total)
+    assert _close(total.quad(delta), want.quad(delta))
+    part = lc.load_precision(out / "precision" / SOURCES[0])
+    assert not _close(part.quad(delta), total.quad(delta))  # a per-source fit is not the sum
+
+
 @pytest.mark.parametrize(("storage", "rank"), [("bfloat16", None), ("lowrank", 3)])
 def test_fit_saves_every_artifact_in_the_chosen_storage(workspace, direct, tmp_path, storage, rank):
     extra = ["--storage", storage] + (["--storage_rank", str(rank)] if rank else [])

@@ -180,6 +180,55 @@ def test_pooled_diagonal_equals_fit_on_union(batches, structure):
     assert (a + b).counts == union.counts
 
 
+@pytest.mark.parametrize("structure", ["diag", "kfac", "merged-kfac"])
+def test_fit_pooled_precision_is_the_token_weighted_sum_of_one_fit_per_source(batches, structure):
+    model = make_model()
+    a, b = fit64(model, batches[:1], structure), fit64(model, batches[1:], structure)
+    pooled = lc.fit_pooled_precision(
+        model, {"a": batches[:1], "b": batches[1:]}, structure, stats_dtype=torch.float64,
+        progress=False,
+    )  # fmt: skip
+    na, nb = a.counts["supervised_tokens"], b.counts["supervised_tokens"]
+    for seed in range(2):  # (merged-kfac has no dense matrix: its quadratic form is quartic)
+        d = random_delta(a, seed)
+        want = (na * a.quad(d) + nb * b.quad(d)) / (na + nb)
+        torch.testing.assert_close(pooled.quad(d), want, **EXACT)
+    assert pooled.metadata["sources"] == ["a", "b"] and pooled.counts == (a + b).counts
+
+
+def test_ekfac_does_not_pool_so_fit_pooled_precision_fits_it_once_on_every_source(batches):
+    """Two EKFAC fits have two eigenbases: ``+`` refuses, the pooled fit is one fit on all."""
+    model = make_model()
+    a, b = fit64(model, batches[:1], "ekfac"), fit64(model, batches[1:], "ekfac")
+    assert not lc.EKFACPrecision.poolable and lc.KFACPrecision.poolable
+    with pytest.raises(lc.IncompatiblePrecisionError, match="different eigenbases"):
+        a + b
+    pooled = lc.fit_pooled_precision(
+        model, {"a": batches[:1], "b": batches[1:]}, "ekfac", stats_dtype=torch.float64,
+        progress=False,
+    )  # fmt: skip
+    union = fit64(model, batches, "ekfac")
+    torch.testing.assert_close(pooled.to_dense(), union.to_dense(), **EXACT)
+    assert pooled.metadata["sources"] == ["a", "b"]
+    assert pooled.counts["supervised_tokens"] == (
+        a.counts["supervised_tokens"] + b.counts["supervised_tokens"]
+    )
+
+
+def test_fit_pooled_precision_refuses_what_it_cannot_honour(batches):
+    model = make_model()
+    for kw, match in (
+        ({"sources": ["x"]}, "no 'sources'"),
+        ({"max_batches": 1}, "no 'max_batches'"),
+    ):
+        with pytest.raises(lc.LaloraError, match=match):
+            lc.fit_pooled_precision(model, {"a": batches}, "kfac", progress=False, **kw)
+    with pytest.raises(lc.LaloraError, match="batches_by_source is empty"):
+        lc.fit_pooled_precision(model, {}, "kfac")
+    with pytest.raises(lc.LaloraError, match="structure"):
+        lc.fit_pooled_precision(model, {"a": batches}, "blockdiag", progress=False)
+
+
 def test_incompatible_sums_raise(batches):
     model = make_model()
     k = fit64(model, batches, "kfac")

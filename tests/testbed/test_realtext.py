@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import lalora_curv as lc
 from helpers import DATA
 from lalora_curv.strength import Strength
 from lalora_curv.tasks import load_records
@@ -274,6 +275,28 @@ def test_finetune_on_a_self_generated_precision_of_the_same_token_count(small):
     assert own["final_penalty"] > 0
     with pytest.raises(ValueError, match="source"):
         rt.finetune(model, tok, small, precision_structure="kfac", source="web", **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(small):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok, _ = rt.pretrain(small, {**TINY, "seed": 0}, progress=False)
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"])), tok
+
+
+@pytest.mark.parametrize("structure", lc.STRUCTURES)
+def test_every_fitted_structure_gets_a_precision_pooled_over_the_source_tasks(
+    small, tiny_adapter, structure
+):
+    """EKFAC, whose fits cannot be added, included: one fit on every task's texts."""
+    peft_model, tok = tiny_adapter
+    kw = dict(estimator="empirical", fit_texts=4, max_length=32)
+    prec = rt.source_precision(peft_model, tok, small, structure=structure, **kw)
+    kfac = rt.source_precision(peft_model, tok, small, structure="kfac", **kw)
+    assert prec.structure == structure and prec.metadata["sources"] == list(rd.SOURCES)
+    assert prec.counts["supervised_tokens"] == kfac.counts["supervised_tokens"] > 0
 
 
 def test_finetune_seed_sets_the_lora_init_and_data_order_and_reproduces(small, monkeypatch):

@@ -258,6 +258,22 @@ def test_a_cells_records_start_at_the_pretrained_models_accuracies(cache):
     assert start["lam"] == pytest.approx(0.5 * prec.num_params / trace, rel=1e-5)
 
 
+def test_the_embedded_source_precision_pools_every_structure_ekfac_in_one_fit(cache):
+    model, tok, world = pretrained(0, TINY, progress=False)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=2, lora_dropout=0.0, target_modules=["q_proj"])
+    )
+    precs = {
+        s: source_precision(peft_model, tok, world, structure=s, estimator="empirical")
+        for s in ("kfac", "ekfac")
+    }
+    for s, prec in precs.items():
+        assert prec.structure == s and prec.metadata["sources"] == list(SOURCES)
+    tokens = {s: p.counts["supervised_tokens"] for s, p in precs.items()}
+    assert tokens["ekfac"] == tokens["kfac"] > 0
+
+
 def test_the_relative_strength_of_a_diag_precision_divides_by_its_mean_entry(cache):
     model, tok, world = pretrained(0, TINY, progress=False)
     torch.manual_seed(0)

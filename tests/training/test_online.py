@@ -91,7 +91,7 @@ def test_ekfac_has_no_online_update():
     a, b = fit64(model, batches[:1], "ekfac"), fit64(model, batches[1:], "ekfac")
     # not the pooling advice for source data ("fit one EKFAC precision on all source batches"),
     # which cannot apply to tasks fitted at different modes
-    with pytest.raises(lc.IncompatiblePrecisionError, match="online_laplace has no EKFAC update"):
+    with pytest.raises(lc.IncompatiblePrecisionError, match="online_laplace has no 'ekfac' update"):
         lc.online_laplace(a, b)
 
 

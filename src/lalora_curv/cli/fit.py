@@ -370,7 +370,7 @@ def fit(
             "trained spectra'); bfloat16 halves the bytes within 2^-8"
         )
     fitted = {name: fit_one(name, b, [name]) for name, b in batches.items()}
-    if structure == "ekfac" and len(fitted) > 1:
+    if not REGISTRY[structure].poolable and len(fitted) > 1:
         # EKFAC eigenbases differ between data sets: the pooled precision is one fit on all
         fit_one(SUM_NAME, [x for b in batches.values() for x in b], names)
     else:  # pooled as fitted, then converted: the sum's storage sees the exact sum

@@ -100,6 +100,9 @@ class Precision(ABC):
     lowrank_refusal: ClassVar[str] = ""
     #: the precision is estimated from source data (False for the isotropic controls)
     fitted: ClassVar[bool] = True
+    #: fits on different data pool with ``+`` (False for EKFAC: each fit has its own
+    #: eigenbasis; :func:`~lalora_curv.fit_pooled_precision` fits it once on all the sources)
+    poolable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register every class that names a structure (a shared base names none)."""

@@ -55,6 +55,7 @@ class EKFACPrecision(Precision):
 
     structure = "ekfac"
     passes = 2
+    poolable = False
     lowrank_refusal = (
         "its eigenbases Q_g, Q_a are orthogonal matrices, not PSD factors: keeping k "
         "eigenvectors would drop whole directions of the refitted eigenvalues, with no "

@@ -79,18 +79,15 @@ def source_precision(
     """The precision the penalty uses, fitted at the adapter's init on one of two sources.
 
     ``source="facts"``: each source sub-domain's facts (answers supervised), one precision per
-    sub-domain, pooled. ``source="self-generated"``: unconditional samples of the base model
+    sub-domain, pooled (:func:`lalora_curv.fit_pooled_precision`). ``source="self-generated"``: unconditional samples of the base model
     (:func:`lalora_curv.self_generated_batches`, up to 32 tokens) until at least ``tokens``
     supervised tokens (default: as many as the facts hold), no source data used.
     """
     mc = mc_samples if estimator == "mc" else 1
     fit = dict(structure=structure, estimator=estimator, mc_samples=mc, progress=False, seed=seed)
     if source == "facts":
-        precisions = [
-            lc.fit_precision(model, source_batches(world, tok, s), sources=[s], **fit)
-            for s in SOURCES
-        ]
-        return sum(precisions[1:], precisions[0])
+        per_source = {s: source_batches(world, tok, s) for s in SOURCES}
+        return lc.fit_pooled_precision(model, per_source, **fit)
     if source != "self-generated":
         raise ValueError(f"source must be 'facts' or 'self-generated', got {source!r}")
     if tokens is None:

@@ -432,7 +432,8 @@ class _Recipe:
         sources, is one fit on them all.
         """
         config = self.config
-        groups = {"all": SOURCES} if config.structure == "ekfac" else {t: (t,) for t in SOURCES}
+        poolable = REGISTRY[config.structure].poolable
+        groups = {t: (t,) for t in SOURCES} if poolable else {"all": SOURCES}
         parts = []
         with stage(self.timings, "fit", self.device):
             for name, tasks in groups.items():

@@ -373,8 +373,8 @@ def source_precision(
 ) -> lc.Precision:
     """The curvature precision of ``model``'s adapter at its init.
 
-    Fitted on ``fit_texts`` seeded training texts per source task (one precision per task,
-    pooled), or on as many supervised tokens of the model's own samples
+    Fitted on ``fit_texts`` seeded training texts per source task
+    (:func:`lalora_curv.fit_pooled_precision`: one precision per task, pooled), or on as many supervised tokens of the model's own samples
     (``source="self-generated"``).
     """
     fit = dict(
@@ -390,12 +390,7 @@ def source_precision(
         texts = fit_rng.sample(data.train[task], min(fit_texts, len(data.train[task])))
         per_task[task] = text_batches(texts, tok, batch_size=16, max_length=max_length)
     if source == "texts":
-        precision = None
-        for task, batches in per_task.items():
-            p = lc.fit_precision(model, batches, sources=[task], **fit)
-            precision = p if precision is None else precision + p
-        assert precision is not None
-        return precision
+        return lc.fit_pooled_precision(model, per_task, **fit)
     tokens = sum(int((b["labels"] != -100).sum()) for bs in per_task.values() for b in bs)
     num = 32
     while True:  # the fewest sequences (doubling) that reach the token count
