@@ -79,7 +79,8 @@ def source_precision(
     """The precision the penalty uses, fitted at the adapter's init on one of two sources.
 
     ``source="facts"``: each source sub-domain's facts (answers supervised), one precision per
-    sub-domain, pooled (:func:`lalora_curv.fit_pooled_precision`). ``source="self-generated"``: unconditional samples of the base model
+    sub-domain, pooled (:func:`lalora_curv.fit_pooled_precision`).
+    ``source="self-generated"``: unconditional samples of the base model
     (:func:`lalora_curv.self_generated_batches`, up to 32 tokens) until at least ``tokens``
     supervised tokens (default: as many as the facts hold), no source data used.
     """

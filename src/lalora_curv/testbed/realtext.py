@@ -374,8 +374,8 @@ def source_precision(
     """The curvature precision of ``model``'s adapter at its init.
 
     Fitted on ``fit_texts`` seeded training texts per source task
-    (:func:`lalora_curv.fit_pooled_precision`: one precision per task, pooled), or on as many supervised tokens of the model's own samples
-    (``source="self-generated"``).
+    (:func:`lalora_curv.fit_pooled_precision`: one precision per task, pooled), or on as many
+    supervised tokens of the model's own samples (``source="self-generated"``).
     """
     fit = dict(
         structure=structure,

@@ -227,8 +227,9 @@ def crossing(
 def run_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
     """Per configuration: its runs' checkpoint curves, one per seed (:func:`crossing`'s input).
 
-    Each curve is ``(step, target, source_mean)`` by increasing step. ``"test"``: on the test split; ``"val"``: on the validation split, ``None`` for a run
-    whose records do not all carry one.
+    Each curve is ``(step, target, source_mean)`` by increasing step. ``"test"``: on the test
+    split; ``"val"``: on the validation split, ``None`` for a run whose records do not all
+    carry one.
     """
     by_run: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
